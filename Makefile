@@ -1,0 +1,70 @@
+# rpra: `make run` chats with the default models, `make test` runs the test suite.
+# Both install everything they need on a fresh machine (`make setup`).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RPRA := $(VENV)/bin/rpra
+
+LLAMA_VERSION := 0.3.36
+# llama.cpp's native build segfaults on AVX-512/AMX VMs (../shared/FIELD-NOTES.md); these flags
+# run everywhere x86-64 with AVX2. Override for other hardware, e.g.
+#   make setup LLAMA_CMAKE_ARGS="-DGGML_METAL=on"      (Apple silicon)
+#   make setup LLAMA_CMAKE_ARGS="-DGGML_CUDA=on"       (NVIDIA)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF
+# pip's wheel cache ignores CMAKE_ARGS, so the built wheel is kept under a name made of the flags.
+FLAGS_ID := $(shell echo '$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-10)
+WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/rpra-build/llama-$(FLAGS_ID)
+INSTALLED := $(VENV)/.installed-$(FLAGS_ID)
+
+DEVICE_MODEL ?= smollm2-135m-instruct
+REMOTE_MODEL ?= qwen2.5-coder-1.5b-instruct
+# make run reads the demo prompts when standard input is not a terminal (e.g. in CI).
+PROMPTS ?= examples/demo-prompts.txt
+PYTEST_ARGS ?=
+
+.PHONY: setup models run test test-fast bench clean
+
+setup: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "Building llama-cpp-python $(LLAMA_VERSION) with CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' (about 5 minutes on 2 cores)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --quiet --no-deps --no-cache-dir -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION); \
+	fi
+	$(PY) -m pip install --quiet --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	$(PY) -m pip install --quiet --find-links $(WHEELS) -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+models: setup
+	$(RPRA) models pull $(DEVICE_MODEL)
+	$(RPRA) models pull $(REMOTE_MODEL)
+
+# Chat with the device model; deferred turns go to RPRA_REMOTE_URL if set, else to the larger
+# model served on 127.0.0.1 for the duration of the chat.
+run: setup
+	$(RPRA) models pull $(DEVICE_MODEL)
+	@chat="$(RPRA) chat $(CHAT_ARGS)"; \
+	if [ -z "$$RPRA_REMOTE_URL" ]; then \
+	  $(RPRA) models pull $(REMOTE_MODEL) || exit 1; \
+	  chat="$(RPRA) serve-remote --model $(REMOTE_MODEL) --port 0 -- $$chat"; \
+	fi; \
+	if [ -t 0 ]; then $$chat; else $$chat < $(PROMPTS); fi
+
+test: setup
+	$(RPRA) models pull $(DEVICE_MODEL)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no model runs): under a minute.
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(RPRA) models pull $(DEVICE_MODEL)
+	$(PY) benchmarks/latency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

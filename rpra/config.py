@@ -1,0 +1,191 @@
+"""Configuration: defaults < TOML file < ``RPRA_*`` environment variables < command-line flags.
+
+One dataclass declares every setting with its help text; the loader fills it layer by layer and
+remembers where each value came from, so ``rpra config show`` can explain itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rpra.errors import ConfigError
+
+Mode = Literal["auto", "local-only", "remote-only"]
+Protocol = Literal["pa", "rpra"]
+RouteOn = Literal["expected", "p_pass"]
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Settings:
+    """Every knob of the runtime. Field names are the TOML keys; ``RPRA_<NAME>`` the env vars."""
+
+    # The device model
+    model: str = _opt("smollm2-135m-instruct", "Device model: a registered name, a .gguf path or a URL.")
+    adapter: str | None = _opt(None, "LoRA adapter (GGUF) applied to the device model.")
+    n_ctx: int = _opt(2048, "Context window of the device model, in tokens.")
+    n_threads: int | None = _opt(None, "CPU threads for llama.cpp (default: llama.cpp's choice).")
+    n_batch: int = _opt(256, "Prompt tokens evaluated per llama.cpp batch.")
+    # The RPRA turn
+    # PA by default: SmolLM2-135M's short "first thought" is mostly noise and made its answers
+    # worse (docs/architecture.md); RPRA is for models that can reason, or fine-tuned ones.
+    protocol: Protocol = _opt("pa", "pa: predict right after the prompt; rpra: reason briefly, then predict.")
+    reason_tokens: int = _opt(48, "Token budget of the short reasoning before the prediction (rpra).")
+    max_tokens: int = _opt(384, "Most tokens in an answer.")
+    temperature: float = _opt(0.2, "Sampling temperature of answers (0 = greedy).")
+    repeat_penalty: float = _opt(1.1, "Penalty on repeating recent tokens (1 = none); small models loop without it.")
+    seed: int = _opt(0, "Sampling seed, for reproducible answers.")
+    scale_max: int = _opt(10, "The judge scale is 1..scale_max.")
+    pass_mark: int = _opt(7, "A judged score at or above this counts as a pass (for P(pass)).")
+    # The controller
+    mode: Mode = _opt("auto", "auto: defer on a low prediction; local-only; remote-only.")
+    route_on: RouteOn = _opt("expected", "Threshold the expected score or P(score >= pass_mark).")
+    threshold: float = _opt(5.0, "Defer when the routed quantity is below this.")
+    # The remote model
+    remote_url: str | None = _opt(None, "Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1.")
+    remote_model: str = _opt("default", "Model name sent to the remote endpoint.")
+    remote_api_key: str | None = _opt(None, "API key for the remote endpoint (sent as a Bearer token).")
+    remote_timeout: float = _opt(60.0, "Seconds to wait for the remote's next byte before giving up.")
+    remote_retries: int = _opt(2, "Retries (with exponential backoff) when the remote fails before answering.")
+    send_reasoning: bool = _opt(False, "Send the local model's reasoning along with a deferred request.")
+    # Storage
+    log: bool = _opt(True, "Log every turn to the SQLite store under RPRA_HOME.")
+
+    # Where each value came from: "default", "file <path>", "env RPRA_X" or "flag".
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that would only fail later, far from their cause."""
+        choices = {"mode": Mode, "protocol": Protocol, "route_on": RouteOn}
+        for name, literal in choices.items():
+            allowed = typing.get_args(literal)
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
+        if self.scale_max < 2:
+            raise ConfigError(f"scale_max must be at least 2; got {self.scale_max}.")
+        if not 1 <= self.pass_mark <= self.scale_max:
+            raise ConfigError(f"pass_mark must lie on the scale 1..{self.scale_max}; got {self.pass_mark}.")
+        if self.route_on == "p_pass" and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(
+                f"With route_on = p_pass the threshold is a probability in [0, 1]; got {self.threshold}."
+            )
+        for name in ("n_ctx", "max_tokens", "n_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive; got {getattr(self, name)}.")
+        if self.reason_tokens < 0 or self.remote_retries < 0:
+            raise ConfigError("reason_tokens and remote_retries cannot be negative.")
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Settings) if f.name != "sources"]
+
+
+def setting_help(name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(Settings) if f.name == name)
+
+
+def home() -> Path:
+    """RPRA_HOME: models, logs and the default config file live here."""
+    if env := os.environ.get("RPRA_HOME"):
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("rpra", appauthor=False))
+
+
+def default_config_path() -> Path:
+    return Path(os.environ["RPRA_CONFIG"]).expanduser() if "RPRA_CONFIG" in os.environ else home() / "config.toml"
+
+
+def _convert(name: str, raw: Any, origin: str) -> Any:
+    """Coerce a TOML, env or flag value to the declared type of setting ``name``."""
+    hint = typing.get_type_hints(Settings)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    base = args[0] if optional and args else hint
+    if typing.get_origin(base) is Literal:
+        base = str
+    if raw is None or (optional and isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{name} cannot be empty ({origin}).")
+    try:
+        if base is bool:
+            if isinstance(raw, bool):
+                return raw
+            value = str(raw).strip().lower()
+            if value in ("1", "true", "yes", "on"):
+                return True
+            if value in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if base is int and isinstance(raw, float):
+            raise ValueError(raw)
+        return base(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be of type {base.__name__}; got {raw!r} ({origin}).") from None
+
+
+def load_settings(config_path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the effective settings: defaults, then the TOML file, then RPRA_* env vars, then ``overrides``.
+
+    ``overrides`` are the command-line flags; ``None`` values mean "flag not given" and are skipped.
+    """
+    names = setting_names()
+    values: dict[str, Any] = {}
+    sources = {name: "default" for name in names}
+
+    path = Path(config_path).expanduser() if config_path else default_config_path()
+    if config_path and not path.exists():
+        raise ConfigError(f"Config file {path} does not exist.")
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from None
+        for key, raw in data.items():
+            if key not in names:
+                raise ConfigError(f"Unknown setting {key!r} in {path}. Known: {', '.join(names)}.")
+            values[key] = _convert(key, raw, f"file {path}")
+            sources[key] = f"file {path}"
+
+    for name in names:
+        env = f"RPRA_{name.upper()}"
+        if env in os.environ:
+            values[name] = _convert(name, os.environ[env], f"env {env}")
+            sources[name] = f"env {env}"
+
+    for name, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if name not in names:
+            raise ConfigError(f"Unknown setting {name!r}. Known: {', '.join(names)}.")
+        values[name] = _convert(name, raw, "flag")
+        sources[name] = "flag"
+
+    settings = Settings(**values)
+    settings.sources = sources
+    return settings
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    """Parse ``--set key=value`` flags."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE; got {pair!r}.")
+        out[key.strip().replace("-", "_")] = value
+    return out

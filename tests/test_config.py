@@ -1,0 +1,71 @@
+import pytest
+
+from rpra.config import load_settings, parse_assignments
+from rpra.errors import ConfigError
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_defaults_when_nothing_is_set(isolated_home):
+    s = load_settings()
+    assert s.model == "smollm2-135m-instruct" and s.mode == "auto" and s.threshold == 5.0
+    assert set(s.sources.values()) == {"default"}
+
+
+def test_flag_beats_env_beats_file(tmp_path, monkeypatch):
+    cfg = write(tmp_path / "c.toml", 'threshold = 4.0\nmode = "local-only"\nmax_tokens = 100\n')
+    monkeypatch.setenv("RPRA_THRESHOLD", "6.5")
+    monkeypatch.setenv("RPRA_MODE", "remote-only")
+    s = load_settings(cfg, {"threshold": "7", "mode": None})
+    assert s.threshold == 7.0 and s.sources["threshold"] == "flag"
+    assert s.mode == "remote-only" and s.sources["mode"] == "env RPRA_MODE"  # a None flag is "not given"
+    assert s.max_tokens == 100 and s.sources["max_tokens"] == f"file {cfg}"
+
+
+def test_default_config_file_lives_in_rpra_home(isolated_home):
+    isolated_home.mkdir(parents=True)
+    write(isolated_home / "config.toml", "n_ctx = 4096\n")
+    s = load_settings()
+    assert s.n_ctx == 4096 and s.sources["n_ctx"].startswith("file ")
+
+
+def test_env_values_are_typed(monkeypatch):
+    monkeypatch.setenv("RPRA_SEND_REASONING", "yes")
+    monkeypatch.setenv("RPRA_N_THREADS", "none")
+    monkeypatch.setenv("RPRA_REMOTE_RETRIES", "5")
+    s = load_settings()
+    assert s.send_reasoning is True and s.n_threads is None and s.remote_retries == 5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"threshold": "high"}, "threshold must be of type float"),
+        ({"mode": "sometimes"}, "mode must be one of auto, local-only, remote-only"),
+        ({"route_on": "p_pass", "threshold": "5"}, "a probability in [0, 1]"),
+        ({"pass_mark": "11"}, "pass_mark must lie on the scale 1..10"),
+        ({"max_tokens": "1.5"}, "max_tokens must be of type int"),
+        ({"colour": "blue"}, "Unknown setting 'colour'"),
+    ],
+)
+def test_bad_values_get_clear_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        load_settings(None, overrides)
+
+
+def test_bad_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path / "bad.toml", "threshold = = 3"))
+    with pytest.raises(ConfigError, match="Unknown setting 'tresh'"):
+        load_settings(write(tmp_path / "typo.toml", "tresh = 3"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_set_flags_parse_key_value_pairs():
+    assert parse_assignments(["threshold=6", "remote-url=http://x/v1"]) == {"threshold": "6", "remote_url": "http://x/v1"}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_assignments(["threshold"])
