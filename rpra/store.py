@@ -1,0 +1,269 @@
+"""The log store: every turn, written to SQLite as it happens.
+
+A turn is inserted as ``running`` and committed *before* any model runs, then updated when it
+finishes or fails. A crash mid-turn therefore leaves a visible ``running`` row and never costs an
+earlier turn. The schema grows by numbered migrations (as in simonw/llm): each is applied once, in
+order, and the version lives in ``PRAGMA user_version`` so it changes in the same transaction as
+the tables it describes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rpra.errors import RpraError
+
+# (number, statements). Append only: a released migration is never edited, because databases
+# already at that version would never see the change.
+MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
+    (
+        1,
+        (
+            """CREATE TABLE conversations (
+                id TEXT PRIMARY KEY,
+                created_at TEXT NOT NULL,
+                title TEXT,
+                source TEXT NOT NULL
+            )""",
+            """CREATE TABLE turns (
+                id INTEGER PRIMARY KEY,
+                conversation_id TEXT NOT NULL REFERENCES conversations(id),
+                created_at TEXT NOT NULL,
+                status TEXT NOT NULL CHECK (status IN ('running', 'done', 'error')),
+                messages_json TEXT NOT NULL,
+                prompt TEXT NOT NULL,
+                model TEXT NOT NULL,
+                protocol TEXT NOT NULL,
+                predictor TEXT NOT NULL,
+                prediction_json TEXT,
+                expected REAL,
+                p_pass REAL,
+                mode TEXT NOT NULL,
+                route TEXT,
+                reason TEXT,
+                answered_by TEXT,
+                fallback INTEGER NOT NULL DEFAULT 0,
+                remote_error TEXT,
+                reasoning TEXT,
+                answer TEXT,
+                sent_remote_json TEXT,
+                decision_ms REAL,
+                local_ms REAL,
+                remote_ms REAL,
+                total_ms REAL,
+                prompt_tokens INTEGER,
+                local_tokens INTEGER,
+                remote_tokens INTEGER,
+                error TEXT
+            )""",
+            "CREATE INDEX turns_created_at ON turns(created_at)",
+            "CREATE INDEX turns_conversation_id ON turns(conversation_id)",
+        ),
+    ),
+]
+
+# Set once by start_turn; finish_turn may not rewrite a turn's identity.
+_FIXED = frozenset({"id", "conversation_id", "created_at"})
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class LogStore:
+    """A SQLite file of conversations and turns, safe to share between threads and processes.
+
+    Threads: one connection guarded by a lock. A turn writes two tiny rows, so serialising them
+    inside a process costs microseconds and rules out "database is locked" between our own
+    threads; one connection per call would buy parallel reads nobody needs for the price of
+    reopening the file on every write. Processes (a CLI next to a server): WAL lets readers
+    proceed during a write, and the busy timeout makes a writer wait its turn instead of failing.
+    """
+
+    def __init__(self, path: Path | str, *, timeout: float = 10.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # isolation_level=None: autocommit. Each INSERT/UPDATE is durable when execute() returns;
+        # the only multi-statement transaction (migrations) is opened explicitly.
+        self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        try:
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+            self._columns = {row["name"] for row in self._db.execute("PRAGMA table_info(turns)")}
+        except BaseException as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise RpraError(
+                    f"Cannot open the log database {self.path}: {exc}. If it is damaged or not an rpra "
+                    "log, move it aside (a new one will be started), or turn logging off with RPRA_LOG=0."
+                ) from exc
+            raise
+
+    @classmethod
+    def default(cls) -> LogStore:
+        """The store at ``RPRA_HOME/logs.db``."""
+        from rpra.config import home
+
+        return cls(home() / "logs.db")
+
+    def _migrate(self) -> None:
+        latest = max(number for number, _ in MIGRATIONS)
+        # IMMEDIATE takes the write lock before reading the version, so two processes opening a
+        # fresh file at once cannot both apply migration 1.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > latest:
+                raise RpraError(
+                    f"The log database {self.path} has schema version {version}, written by a newer rpra "
+                    f"(this one knows up to {latest}). Upgrade rpra, or set RPRA_HOME to another directory."
+                )
+            for number, statements in MIGRATIONS:
+                if number > version:
+                    for statement in statements:
+                        self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {int(number)}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _execute(self, sql: str, params: tuple | list = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, params)
+
+    def _rows(self, sql: str, params: tuple | list = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return [_decode(row) for row in rows]
+
+    def new_conversation(self, *, source: str, title: str | None = None) -> str:
+        """Start a conversation (``source``: 'chat', 'ask', 'serve', ...) and return its id."""
+        conversation_id = uuid.uuid4().hex
+        self._execute(
+            "INSERT INTO conversations (id, created_at, title, source) VALUES (?, ?, ?, ?)",
+            (conversation_id, _now(), title, source),
+        )
+        return conversation_id
+
+    def start_turn(
+        self,
+        conversation_id: str,
+        *,
+        prompt: str,
+        messages: list[dict],
+        model: str,
+        protocol: str,
+        predictor: str,
+        mode: str,
+    ) -> int:
+        """Record a turn as 'running', committed at once, and return its id for finish_turn/fail_turn."""
+        try:
+            cursor = self._execute(
+                "INSERT INTO turns (conversation_id, created_at, status, messages_json, prompt, model,"
+                " protocol, predictor, mode) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                (conversation_id, _now(), json.dumps(messages, ensure_ascii=False), prompt, model, protocol,
+                 predictor, mode),
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(
+                f"No conversation {conversation_id!r} in {self.path}; create one with new_conversation()."
+            ) from None
+        return cursor.lastrowid
+
+    def finish_turn(self, turn_id: int, **fields: Any) -> None:
+        """Fill in a turn's results; ``status`` becomes 'done' unless given.
+
+        Keys are column names. Values for ``*_json`` columns are JSON-encoded (read back decoded).
+        """
+        fields.setdefault("status", "done")
+        unknown = sorted(set(fields) - self._columns)
+        if unknown:
+            raise ValueError(f"Unknown turn field(s) {', '.join(unknown)}. Known: {', '.join(sorted(self._columns))}.")
+        fixed = sorted(set(fields) & _FIXED)
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot be changed once a turn has started.")
+        values = []
+        for name, value in fields.items():
+            if name.endswith("_json"):
+                value = None if value is None else json.dumps(value, ensure_ascii=False)
+            elif isinstance(value, (dict, list, tuple)):
+                raise ValueError(f"{name} takes a single value; only *_json fields take structured data.")
+            values.append(value)
+        assignments = ", ".join(f"{name} = ?" for name in fields)  # names checked against the schema above
+        try:
+            cursor = self._execute(f"UPDATE turns SET {assignments} WHERE id = ?", (*values, turn_id))
+        except sqlite3.IntegrityError as exc:  # e.g. a status other than running/done/error
+            raise ValueError(f"Turn {turn_id} rejected {sorted(fields)}: {exc}.") from None
+        if cursor.rowcount == 0:
+            raise ValueError(f"No turn {turn_id} in {self.path}.")
+
+    def fail_turn(self, turn_id: int, error: str) -> None:
+        """Mark a turn as failed, keeping whatever it had recorded."""
+        self.finish_turn(turn_id, status="error", error=error)
+
+    def turns(
+        self,
+        *,
+        query: str | None = None,
+        conversation: str | None = None,
+        route: str | None = None,
+        limit: int = 20,
+    ) -> list[dict[str, Any]]:
+        """The latest turns, newest first. ``query`` matches prompt or answer, case-insensitively."""
+        where, params = [], []
+        if query:
+            # Escape LIKE's wildcards so a search for "100%" means the text "100%".
+            pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where.append("(prompt LIKE ? ESCAPE '\\' OR answer LIKE ? ESCAPE '\\')")
+            params += [pattern, pattern]
+        if conversation:
+            where.append("conversation_id = ?")
+            params.append(conversation)
+        if route:
+            where.append("route = ?")
+            params.append(route)
+        sql = "SELECT * FROM turns" + (" WHERE " + " AND ".join(where) if where else "")
+        # Ids grow with time and, unlike timestamps, never tie.
+        return self._rows(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
+
+    def get_turn(self, turn_id: int) -> dict[str, Any] | None:
+        """One turn by id, or None."""
+        rows = self._rows("SELECT * FROM turns WHERE id = ?", (turn_id,))
+        return rows[0] if rows else None
+
+    def conversations(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest conversations, newest first, each with its ``turn_count``."""
+        return self._rows(
+            "SELECT c.*, COUNT(t.id) AS turn_count FROM conversations c"
+            " LEFT JOIN turns t ON t.conversation_id = c.id"
+            " GROUP BY c.id ORDER BY c.created_at DESC, c.rowid DESC LIMIT ?",
+            (limit,),
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> LogStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        key: json.loads(row[key]) if key.endswith("_json") and row[key] is not None else row[key]
+        for key in row.keys()
+    }
