@@ -1,0 +1,73 @@
+"""The controller: a pure function from (prediction, policy) to a routing decision.
+
+No I/O and no model here, so it can be tested exhaustively and reused by the benchmark, which
+replays recorded predictions through the same code the runtime runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rpra.config import Mode, RouteOn
+from rpra.prediction import Prediction
+
+Route = Literal["local", "remote"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where a request goes, and why."""
+
+    route: Route
+    mode: Mode
+    reason: str
+    score: float | None = None  # the routed quantity (expected score or P(pass)), if predicted
+    threshold: float | None = None
+    route_on: RouteOn | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "route": self.route,
+            "mode": self.mode,
+            "reason": self.reason,
+            "score": None if self.score is None else round(self.score, 4),
+            "threshold": self.threshold,
+            "route_on": self.route_on,
+        }
+
+
+@dataclass(frozen=True)
+class Controller:
+    """Threshold routing (as in RouteLLM): defer when the predicted quality is below ``threshold``."""
+
+    threshold: float = 5.0
+    route_on: RouteOn = "expected"
+    mode: Mode = "auto"
+
+    def needs_prediction(self, mode: Mode | None = None) -> bool:
+        """remote-only skips the local model entirely; the other modes predict (local-only to log it)."""
+        return (mode or self.mode) != "remote-only"
+
+    def decide(self, prediction: Prediction | None, mode: Mode | None = None) -> Decision:
+        """Route one request. ``mode`` overrides the controller's mode for this request only."""
+        mode = mode or self.mode
+        if mode == "remote-only":
+            return Decision("remote", mode, "mode remote-only")
+        if prediction is None:
+            if mode == "local-only":
+                return Decision("local", mode, "mode local-only")
+            raise ValueError("mode auto needs a prediction")
+        score = prediction.expected if self.route_on == "expected" else prediction.p_pass
+        shown = _show(score, self.route_on, prediction.scale_max)
+        limit = _show(self.threshold, self.route_on, prediction.scale_max)
+        common = dict(mode=mode, score=score, threshold=self.threshold, route_on=self.route_on)
+        if mode == "local-only":
+            return Decision("local", reason=f"mode local-only (predicted {shown})", **common)
+        if score < self.threshold:
+            return Decision("remote", reason=f"predicted {shown} < {limit}", **common)
+        return Decision("local", reason=f"predicted {shown} >= {limit}", **common)
+
+
+def _show(value: float, route_on: RouteOn, scale_max: int) -> str:
+    return f"{value:.1f}/{scale_max}" if route_on == "expected" else f"P(pass) {value:.2f}"

@@ -1,0 +1,284 @@
+"""The device model through llama.cpp. This is the only module that imports ``llama_cpp``.
+
+One request is one sequence in one llama.cpp context: the prompt is prefilled once, the score
+slot is read from the logits at its position, and the answer (if the model answers locally)
+continues from the same KV cache. A new request reuses the longest prefix it shares with what the
+cache already holds (the system prompt, earlier turns of the conversation), so that is not
+prefilled again either.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rpra.errors import CorruptModelError, ModelError, PromptTooLongError
+from rpra.slot import ScoreSlot
+
+# llama-cpp-python's default sampling chain; temperature and repeat penalty are settings.
+_SAMPLING = dict(top_k=40, top_p=0.95, min_p=0.05)
+
+
+@dataclass
+class Generated:
+    """Bookkeeping of one ``LocalSession.generate`` call, filled in as tokens stream."""
+
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str = "stop"  # "stop" (end of turn or a stop string), "length" or "context"
+
+
+class LocalModel:
+    """A GGUF model loaded once; requests take turns on it (``lock``) and each opens a session."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        name: str | None = None,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_batch: int = 256,
+        adapter: Path | str | None = None,
+        seed: int = 0,
+    ):
+        from rpra.models import check_gguf
+
+        path = Path(path)
+        check_gguf(path)
+        if adapter is not None:
+            check_gguf(Path(adapter))
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(path),
+                lora_path=str(adapter) if adapter else None,
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                n_batch=n_batch,
+                seed=seed,
+                verbose=False,
+            )
+        except ValueError as exc:
+            raise CorruptModelError(
+                f"llama.cpp could not load {path}{f' with adapter {adapter}' if adapter else ''} ({exc}). "
+                "The file is probably truncated or corrupt: re-download it with `rpra models pull NAME --force`."
+            ) from None
+        self._lib = llama_cpp
+        self.path = path
+        self.name = name or path.stem
+        self.adapter = Path(adapter) if adapter else None
+        self.seed = seed
+        # Requests share one context, so they must not interleave. A plain Lock, not an RLock: a
+        # streaming turn may be resumed (and release it) on another thread than the one that took it.
+        self.lock = threading.Lock()
+        model = self._llm._model
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelError(f"{path} has no chat template in its metadata; rpra needs an instruction-tuned chat model.")
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(model.token_eos()),
+            bos_token=model.token_get_text(model.token_bos()),
+        )
+        self._vocab = model.vocab
+        self._bos = model.token_bos() if model.add_bos_token() else None
+
+    @property
+    def n_ctx(self) -> int:
+        return self._llm.n_ctx()
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of plain text. Special-token syntax in ``text`` stays plain text."""
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._llm.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """Render the model's chat template with a generation prompt, tokenized injection-safely.
+
+        Message contents are tokenized with ``special=False`` and the template's own text with
+        ``special=True``: a user who types ``<|im_end|><|im_start|>assistant`` gets those
+        characters, not the control tokens, and so cannot forge turns or the score slot.
+        """
+        marker = uuid.uuid4().hex
+        placeholders = [f"\ue000{marker}{i}\ue001" for i in range(len(messages))]
+        shadow = [{**m, "content": p} for m, p in zip(messages, placeholders)]
+        rendered = self._formatter(messages=shadow).prompt
+        parts = re.split(f"\ue000{marker}(\\d+)\ue001", rendered)
+        if [int(i) for i in parts[1::2]] != list(range(len(messages))):
+            raise ModelError("The model's chat template rewrites message contents; rpra cannot render it safely.")
+        tokens: list[int] = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                tokens += self._llm.tokenize(part.encode("utf-8"), add_bos=False, special=True)
+            else:
+                tokens += self.tokenize(messages[int(part)]["content"])
+        if self._bos is not None and tokens[:1] != [self._bos]:
+            tokens.insert(0, self._bos)
+        return tokens
+
+    def session(self, prompt: Sequence[int], *, reserve: int = 0) -> LocalSession:
+        """Prefill ``prompt`` (reusing the cached prefix) and return a session positioned after it.
+
+        The caller holds ``lock`` for as long as it uses the session. ``reserve`` is the number of
+        tokens that must still fit after the prompt (reasoning and the score slot).
+        """
+        if len(prompt) + reserve > self.n_ctx:
+            raise PromptTooLongError(
+                f"The prompt is {len(prompt)} tokens and the turn needs {reserve} more, but the device model's "
+                f"context holds {self.n_ctx}. Shorten the prompt, raise n_ctx (--set n_ctx=...), "
+                "or send it to the remote model (--mode remote-only)."
+            )
+        return LocalSession(self, list(prompt))
+
+    # -- internals used by LocalSession -------------------------------------------------------
+
+    def _prefill(self, tokens: list[int]) -> int:
+        """Make the KV cache hold exactly ``tokens`` with fresh logits; return how many were reused."""
+        llm = self._llm
+        cached = llm.input_ids[: llm.n_tokens]
+        reuse = 0
+        for a, b in zip(cached, tokens):
+            if a != b:
+                break
+            reuse += 1
+        # The last token is always evaluated again: we need its logits, and llama.cpp only keeps
+        # the logits of the last token of the last batch.
+        reuse = min(reuse, len(tokens) - 1)
+        if llm._is_recurrent or llm._is_hybrid:
+            reuse = 0  # their state cannot be rolled back to an arbitrary position
+        if reuse == 0:
+            llm.reset()
+        llm.n_tokens = reuse
+        llm.eval(tokens[reuse:])
+        return reuse
+
+    def _logits(self) -> np.ndarray:
+        ptr = self._lib.llama_get_logits_ith(self._llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self._llm.n_vocab(),)).copy()
+
+    def _is_end(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+
+class LocalSession:
+    """One request's sequence. ``tokens`` is everything the request has put in context so far."""
+
+    def __init__(self, model: LocalModel, prompt: list[int]):
+        self.model = model
+        self.prompt_tokens = len(prompt)
+        self.reused_tokens = model._prefill(prompt)
+        self.tokens = prompt
+        # The last sampled token of a generate() is evaluated lazily, together with whatever comes
+        # next, so stopping a generation never costs a wasted decode.
+        self._pending: list[int] = []
+
+    def _flush(self, extra: Sequence[int] = ()) -> None:
+        todo = self._pending + list(extra)
+        self._pending = []
+        if not todo:
+            return
+        llm = self.model._llm
+        if llm.n_tokens + len(todo) > self.model.n_ctx:
+            raise PromptTooLongError(f"The turn outgrew the device model's context ({self.model.n_ctx} tokens).")
+        llm.eval(todo)
+        self.tokens += list(extra)
+
+    def extend(self, text: str) -> None:
+        """Put runtime-written text (not generated) into the context."""
+        self._flush(self.model.tokenize(text))
+
+    def score(self, slot: ScoreSlot) -> list[float]:
+        """Read the slot's grammar-constrained log-probabilities at the current position.
+
+        Branches of the label trie are evaluated and rolled back; the context ends where it began.
+        """
+        self._flush()
+        llm = self.model._llm
+        base = llm.n_tokens
+        root = self.model._logits()
+
+        def next_logits(path: Sequence[int]) -> np.ndarray:
+            if not path:
+                return root
+            llm.n_tokens = base + len(path) - 1  # roll back to the parent; eval drops the rest
+            llm.eval([path[-1]])
+            return self.model._logits()
+
+        logprobs = slot.logprobs(next_logits)
+        llm.n_tokens = base
+        return logprobs
+
+    def commit(self, tokens: Sequence[int]) -> None:
+        """Put chosen tokens (e.g. the score written into the slot) into the context."""
+        self._flush(tokens)
+
+    def generate(
+        self,
+        max_tokens: int,
+        *,
+        temperature: float,
+        repeat_penalty: float = 1.0,
+        stop: str | None = None,
+        out: Generated | None = None,
+    ) -> Iterator[str]:
+        """Sample up to ``max_tokens`` tokens, yielding text as it becomes valid UTF-8.
+
+        Stops at the model's end-of-turn token, at ``stop`` (which is not yielded), or when the
+        context is full. ``out`` receives the full text, token count and finish reason.
+        """
+        out = out if out is not None else Generated()
+        model, llm = self.model, self.model._llm
+        # The same sampler chain llama-cpp-python's own generate() builds (pinned version).
+        sampler = llm._init_sampler(temp=temperature, repeat_penalty=repeat_penalty, **_SAMPLING)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        held = ""  # text withheld while it could still be the start of ``stop``
+        out.finish_reason = "length"
+        for _ in range(max_tokens):
+            self._flush()
+            if llm.n_tokens >= model.n_ctx:
+                out.finish_reason = "context"
+                break
+            token = sampler.sample(llm._ctx, -1)
+            if model._is_end(token):
+                out.finish_reason = "stop"
+                break
+            self._pending = [token]
+            self.tokens.append(token)
+            out.tokens += 1
+            held += decoder.decode(llm.detokenize([token]))
+            if stop and stop in held:
+                before = held[: held.index(stop)]
+                out.text += before
+                if before:
+                    yield before
+                out.finish_reason = "stop"
+                return
+            keep = _partial_suffix(held, stop) if stop else 0
+            ready, held = held[: len(held) - keep], held[len(held) - keep :]
+            if ready:
+                out.text += ready
+                yield ready
+        held += decoder.decode(b"", final=True)
+        if held:
+            out.text += held
+            yield held
+
+
+def _partial_suffix(text: str, stop: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

@@ -1,0 +1,52 @@
+"""Predictors: how the device model's expected judge score is obtained.
+
+A predictor contributes the instructions placed before the conversation and turns the model's
+state at the score slot into a ``Prediction``. The controller sees only the ``Prediction``, so the
+report-card and fine-tuned predictors plug in without touching it:
+
+- zero-shot (here): instructions only; the slot's token probabilities are the prediction.
+- report card: the same, with a card of the model's strengths and weaknesses in the instructions.
+- fine-tuned: the zero-shot prompt on a model carrying a LoRA adapter (``Settings.adapter``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from rpra import prompts
+from rpra.config import Protocol
+from rpra.prediction import Prediction
+from rpra.slot import ScoreSlot
+
+if TYPE_CHECKING:
+    from rpra.local import LocalModel, LocalSession
+
+
+class Predictor(ABC):
+    """Predicts the score a judge would give the device model's answer to the current request."""
+
+    name: str
+
+    def system_prompt(self, protocol: Protocol, scale_max: int) -> str:
+        """Instructions placed before the conversation (a stable prefix: cached across requests)."""
+        return prompts.system_prompt(protocol, scale_max)
+
+    @abstractmethod
+    def predict(self, session: LocalSession, slot: ScoreSlot, *, pass_mark: int) -> Prediction:
+        """Predict, with ``session`` positioned right after the slot's opening text."""
+
+
+class ZeroShotPredictor(Predictor):
+    """The prompt alone: read the constrained score distribution at the slot."""
+
+    name = "zero-shot"
+
+    def predict(self, session: LocalSession, slot: ScoreSlot, *, pass_mark: int) -> Prediction:
+        return Prediction.from_logprobs(session.score(slot), pass_mark, self.name)
+
+
+def make_slot(model: LocalModel, scale_max: int) -> ScoreSlot:
+    """The score slot for ``model``'s tokenizer: labels "1".."N", closed by the slot's closing text."""
+    close = model.tokenize(prompts.SLOT_CLOSE)
+    return ScoreSlot([model.tokenize(str(score)) for score in range(1, scale_max + 1)], close[0])

