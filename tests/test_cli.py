@@ -1,0 +1,133 @@
+"""The `rpra` command as a user runs it: the installed console script, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rpra.store import LogStore
+
+RPRA = shutil.which("rpra", path=str(Path(sys.executable).parent)) or "rpra"
+DEAD_REMOTE = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+
+
+@pytest.fixture
+def env(isolated_home, model_path) -> dict:
+    """Greedy, short answers from the real device model, in an isolated RPRA_HOME."""
+    return {
+        **os.environ,
+        "RPRA_MODEL": str(model_path),
+        "RPRA_TEMPERATURE": "0",
+        "RPRA_MAX_TOKENS": "16",
+        "RPRA_N_CTX": "1024",
+        "RPRA_N_THREADS": "2",
+    }
+
+
+def rpra(*args: str, env: dict, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([RPRA, *args], input=stdin, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_chat_through_a_pipe_streams_turns_with_verdicts_and_switches_modes(env, remote_server, isolated_home):
+    env |= {"RPRA_REMOTE_URL": remote_server.url, "RPRA_REMOTE_MODEL": "stand-in", "RPRA_THRESHOLD": "0"}
+    run = rpra("chat", env=env, stdin="What is the capital of France?\n/remote\nName a color.\n/local\nThanks!\n")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    verdicts = [line for line in lines if line.startswith("[")]
+    assert len(verdicts) == 3
+    assert verdicts[0].startswith("[local · predicted ") and ">= 0.0/10" in verdicts[0]
+    assert verdicts[1].startswith("[remote · mode remote-only")
+    assert verdicts[2].startswith("[local · mode local-only (predicted ")
+    assert "> Name a color." in lines and "mode: remote-only" in lines
+    turns = LogStore(isolated_home / "logs.db").turns()
+    assert [t["route"] for t in reversed(turns)] == ["local", "remote", "local"]
+    assert len({t["conversation_id"] for t in turns}) == 1 and all(t["status"] == "done" for t in turns)
+    assert turns[1]["answered_by"] == "remote:stand-in"
+
+
+@pytest.mark.slow
+def test_chat_defers_a_low_prediction_and_says_why(env, remote_server):
+    env |= {"RPRA_REMOTE_URL": remote_server.url, "RPRA_REMOTE_MODEL": "stand-in"}
+    run = rpra("chat", "--threshold", "11", env=env, stdin="Prove the Riemann hypothesis.\n")
+    (verdict,) = [line for line in run.stdout.splitlines() if line.startswith("[")]
+    assert verdict.startswith("[deferred · predicted ") and "< 11.0/10" in verdict
+
+
+@pytest.mark.slow
+def test_ask_json_reports_distribution_decision_timings_and_tokens(env):
+    run = rpra("ask", "What is 2 + 2?", "--json", "--mode", "local-only", env=env)
+    assert run.returncode == 0, run.stderr
+    turn = json.loads(run.stdout)
+    assert set(turn["prediction"]["distribution"]) == {str(i) for i in range(1, 11)}
+    assert sum(turn["prediction"]["distribution"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert turn["decision"]["route"] == "local" and turn["decision"]["mode"] == "local-only"
+    assert turn["answered_by"] == "local" and turn["answer"]
+    assert {"decision", "total", "local_answer"} <= set(turn["timings_ms"])
+    assert turn["tokens"]["prompt"] > 0 and turn["tokens"]["local_answer"] > 0
+
+
+@pytest.mark.slow
+def test_ask_with_the_remote_down_prints_a_flagged_local_answer(env):
+    env |= {"RPRA_REMOTE_URL": DEAD_REMOTE, "RPRA_REMOTE_RETRIES": "0"}
+    run = rpra("ask", "Hello", "--threshold", "11", env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip()  # the local answer
+    assert "remote failed" in run.stderr and "local (remote failed" in run.stderr
+
+
+@pytest.mark.slow
+def test_logs_lists_and_searches_turns(env):
+    rpra("ask", "What is the capital of Peru?", "--mode", "local-only", env=env)
+    rpra("ask", "Name a bird.", "--mode", "local-only", env=env)
+    every = json.loads(rpra("logs", "--json", env=env).stdout)
+    assert [t["prompt"] for t in every] == ["Name a bird.", "What is the capital of Peru?"]
+    found = json.loads(rpra("logs", "--query", "peru", "--json", env=env).stdout)
+    assert [t["prompt"] for t in found] == ["What is the capital of Peru?"]
+    table = rpra("logs", env=env).stdout
+    assert "Name a bird." in table and "local" in table
+
+
+@pytest.mark.slow
+def test_serve_remote_runs_a_command_against_the_stand_in_and_stops(env, model_path):
+    run = rpra(
+        "serve-remote", "--model", str(model_path), "--port", "0", "--n-ctx", "1024",
+        "--", RPRA, "ask", "Hi", "--json", "--mode", "remote-only", env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    turn = json.loads(run.stdout)
+    assert turn["answered_by"] == "remote" and turn["answer"]
+    assert turn["sent_remote"] == [{"role": "user", "content": "Hi"}]
+
+
+def test_config_show_reports_values_and_their_sources(tmp_path, isolated_home):
+    cfg = tmp_path / "rpra.toml"
+    cfg.write_text("threshold = 4.0\nmax_tokens = 99\n")
+    env = {**os.environ, "RPRA_THRESHOLD": "6", "RPRA_REMOTE_API_KEY": "sk-secret"}
+    run = rpra("config", "show", "--json", "--config", str(cfg), "--set", "mode=local-only", env=env)
+    rows = {r["name"]: r for r in json.loads(run.stdout)["settings"]}
+    assert rows["threshold"]["value"] == 6.0 and rows["threshold"]["source"] == "env RPRA_THRESHOLD"
+    assert rows["max_tokens"]["value"] == 99 and rows["max_tokens"]["source"] == f"file {cfg}"
+    assert rows["mode"]["value"] == "local-only" and rows["mode"]["source"] == "flag"
+    assert rows["remote_api_key"]["value"] == "***" and "sk-secret" not in run.stdout
+
+
+def test_errors_are_one_clear_line_not_a_traceback(isolated_home):
+    run = rpra("models", "path", "smollm2-135m-instruct", env=dict(os.environ))
+    assert run.returncode == 1
+    assert run.stderr.startswith("error:") and "rpra models pull smollm2-135m-instruct" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_help_explains_the_commands():
+    run = rpra("--help", env=dict(os.environ))
+    for command in ("ask", "chat", "models", "serve-remote", "logs", "config"):
+        assert command in run.stdout
+    chat_help = rpra("chat", "--help", env=dict(os.environ)).stdout
+    assert "verdict" in chat_help and "--threshold" in chat_help and "--set" in chat_help
