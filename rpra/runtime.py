@@ -197,9 +197,12 @@ class Runtime:
                 raise ConfigError("This runtime has no local model; use mode remote-only.")
             self.local.lock.acquire()
             try:
-                session = self._open_session(messages, result)
-                result.reasoning = self._reason(session, result) if s.protocol == "rpra" else ""
-                session.extend(prompts.SLOT_OPEN[s.protocol])
+                if s.protocol == "rpra":
+                    session = self._open_session(messages, result, opening=prompts.REASONING_OPEN)
+                    result.reasoning = self._reason(session, result)
+                    session.extend(prompts.SLOT_OPEN["rpra"])  # evaluated with the last reasoning token
+                else:
+                    session = self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
                 result.prediction = self.predictor.predict(session, self._slot, pass_mark=s.pass_mark)
                 result.decision = self.controller.decide(result.prediction, mode)
             except PromptTooLongError as exc:
@@ -224,8 +227,13 @@ class Runtime:
             yield from self._answer_remotely(messages, session, result)
         result.timings_ms["total"] = _ms(start)
 
-    def _open_session(self, messages: list[dict], result: TurnResult) -> LocalSession:
-        """Prefill the conversation, leaving out its oldest messages if it outgrows the context."""
+    def _open_session(self, messages: list[dict], result: TurnResult, *, opening: str) -> LocalSession:
+        """Prefill the conversation and the assistant turn's ``opening`` text in one batch.
+
+        Runtime-written text goes into the prompt's batch rather than a decode of its own: a small
+        decode costs about as much as a generated token. The oldest messages are left out if the
+        conversation outgrows the context.
+        """
         system = {"role": "system", "content": self.predictor.system_prompt(self.settings.protocol, self.settings.scale_max)}
         reserve = _SLOT_TOKENS + (self.settings.reason_tokens if self.settings.protocol == "rpra" else 0)
         convo = _merge_system(system, messages)
@@ -236,7 +244,7 @@ class Runtime:
             convo = [convo[0], *convo[2:]]  # keep our system prompt, drop the oldest message
             result.dropped_messages += 1
         started = time.perf_counter()
-        session = self.local.session(tokens, reserve=reserve)
+        session = self.local.session(tokens + self.local.tokenize(opening), reserve=reserve)
         result.timings_ms["prefill"] = _ms(started)
         result.tokens["prompt"] = session.prompt_tokens
         result.tokens["prompt_reused"] = session.reused_tokens
@@ -244,7 +252,6 @@ class Runtime:
 
     def _reason(self, session: LocalSession, result: TurnResult) -> str:
         """The short, bounded reasoning before the prediction (RPRA): one line at most."""
-        session.extend(prompts.REASONING_OPEN)
         out = Generated()
         for _ in session.generate(self.settings.reason_tokens, temperature=self.settings.temperature, stop="\n", out=out, repeat_penalty=self.settings.repeat_penalty):
             pass
@@ -297,9 +304,12 @@ class Runtime:
         result.remote_error = str(error)
         if self.local is None:
             raise error
-        yield Notice(f"remote failed ({error}); answering locally")
         with self.local.lock:
-            session = self._resume_session(messages, session, result)
+            try:
+                session = self._resume_session(messages, session, result)
+            except PromptTooLongError as exc:
+                raise RemoteError(f"{error} No local fallback either: {exc}") from exc
+            yield Notice(f"remote failed ({error}); answering locally")
             yield from self._answer_locally(session, result)
 
     def _resume_session(self, messages: list[dict], session: LocalSession | None, result: TurnResult) -> LocalSession:
@@ -310,17 +320,22 @@ class Runtime:
         """
         if session is not None:
             return self.local.session(session.tokens)
-        session = self._open_session(messages, result)  # remote-only mode: no prediction was made
-        session.extend(prompts.SLOT_OPEN[self.settings.protocol])
-        return session
+        # remote-only mode: no prediction was made, so answer in the PA layout without one.
+        return self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
 
 
 def _check_messages(messages: list[dict]) -> None:
     if not messages:
         raise InputError("The conversation is empty: send at least one user message.")
     for i, m in enumerate(messages):
-        if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
             raise InputError(f"Message {i} needs a role (system, user or assistant) and text content.")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(
+                f"Message {i} is not valid text (character {exc.start} cannot be encoded as UTF-8); send UTF-8 text."
+            ) from None
     if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise InputError("The prompt is empty: the last message must be a non-blank user message.")
 
