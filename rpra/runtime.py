@@ -264,8 +264,13 @@ class Runtime:
         score = result.prediction.mode if result.prediction else s.scale_max
         session.commit(self.local.tokenize(str(score)) + self.local.tokenize(prompts.SLOT_CLOSE + prompts.ANSWER_OPEN))
         out = Generated()
+        started_text = False
         for piece in session.generate(s.max_tokens, temperature=s.temperature, repeat_penalty=s.repeat_penalty, out=out):
-            yield Text(piece, "local")
+            if not started_text:  # the answer follows "\n"; models often lead with a space
+                piece = piece.lstrip()
+                started_text = bool(piece)
+            if piece:
+                yield Text(piece, "local")
         result.answer = out.text.strip()
         result.answered_by = "local"
         result.finish_reason = out.finish_reason
