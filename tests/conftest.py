@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rpra import config
+from tests.http_fixtures import StubServer
 
 # Where `make test` pulled the device model, before any test redirects RPRA_HOME.
 _MODELS_HOME = config.home()
@@ -53,6 +54,20 @@ def remote_server(model_path):
     server.start(timeout=120)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def serve():
+    """Start real misbehaving HTTP servers (tests/http_fixtures.py) by behaviour by behaviour; all are stopped at the end of the test."""
+    servers: list[StubServer] = []
+
+    def start(behaviour: str, **options) -> StubServer:
+        servers.append(StubServer(behaviour, **options).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 def greedy_settings(**overrides):

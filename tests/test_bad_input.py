@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import greedy_settings
-from tests.http_fixtures import StubServer
 
 from rpra.config import Settings
 from rpra.errors import CorruptModelError, InputError, ModelNotFoundError, PromptTooLongError, RpraError
@@ -31,20 +30,6 @@ from rpra.store import LogStore
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # About 3,000 words: three times the test model's 1,024-token context.
 LONG_PROMPT = [{"role": "user", "content": "Summarise this. " + "The quick brown fox jumps over the lazy dog. " * 330}]
-
-
-@pytest.fixture
-def serve():
-    """Start stub servers by behaviour; all are stopped at the end of the test."""
-    servers: list[StubServer] = []
-
-    def start(behaviour: str, **options) -> StubServer:
-        servers.append(StubServer(behaviour, **options).start())
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def fast_remote(url: str) -> RemoteModel:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from tests.http_fixtures import PROMPT_TOKENS, StubServer
+from tests.http_fixtures import PROMPT_TOKENS
 
 from rpra.config import Settings
 from rpra.errors import ConfigError, RemoteError
@@ -18,20 +16,6 @@ from rpra.remote_server import RemoteServer, run_with_server
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 KEY = "sk-test-1234567890abcdef"
-
-
-@pytest.fixture
-def serve():
-    """Start stub servers by behaviour; all are stopped at the end of the test."""
-    servers: list[StubServer] = []
-
-    def start(behaviour: str, **options) -> StubServer:
-        servers.append(StubServer(behaviour, **options).start())
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def fast(url: str, **options) -> RemoteModel:
