@@ -169,3 +169,16 @@ def test_an_abandoned_turn_is_logged_and_frees_the_model(local_model, tmp_path):
     local_model.lock.release()
     (row,) = store.turns()
     assert row["status"] == "error" and row["error"] == "interrupted"
+
+
+def test_a_deferred_turn_frees_the_local_model_while_the_remote_answers(local_model, remote_server):
+    remote = RemoteModel(remote_server.url, model="stand-in")
+    runtime = Runtime(greedy_settings(threshold=11.0), local=local_model, remote=remote)
+    free_during_remote = []
+    for event in runtime.turn(QUESTION):
+        if isinstance(event, Text) and event.source == "remote":
+            free = local_model.lock.acquire(blocking=False)
+            free_during_remote.append(free)
+            if free:
+                local_model.lock.release()
+    assert free_during_remote and all(free_during_remote)
