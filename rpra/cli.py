@@ -166,7 +166,8 @@ def chat(
                         result = event.result
                         out.print()
                         out.print(f"[dim]\\[{escape(_verdict_line(result))}][/]")
-                        messages.append({"role": "assistant", "content": result.answer})
+                        rating = result.prediction.mode if result.prediction else None
+                        messages.append({"role": "assistant", "content": result.answer, "rating": rating})
             except RpraError as exc:
                 messages.pop()  # the failed message does not stay in the conversation
                 out.print(f"[red]error:[/] {escape(str(exc))}")

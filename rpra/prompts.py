@@ -39,6 +39,16 @@ def system_prompt(protocol: Protocol, scale_max: int, *, report_card: str | None
     return text
 
 
+def past_answer(answer: str, score: int) -> str:
+    """An earlier assistant turn as the device model sees it in the conversation.
+
+    Earlier answers are shown in the same layout the instructions ask for: without it, SmolLM2-135M
+    imitated the mismatch and answered follow-ups with rating fragments ("N: 7 / Rating: [N]" in
+    4 of 8 follow-ups; 0 of 8 with the layout; docs/architecture.md).
+    """
+    return f"{SLOT_OPEN['pa']}{score}{SLOT_CLOSE}{ANSWER_OPEN}{answer}"
+
+
 def turn_pieces(protocol: Protocol, *, score: int, answer: str, reasoning: str = "") -> list[str]:
     """The assistant turn as the runtime evaluates it, piece by piece (for building training data)."""
     head = [REASONING_OPEN, reasoning] if protocol == "rpra" else []

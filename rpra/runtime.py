@@ -236,7 +236,7 @@ class Runtime:
         """
         system = {"role": "system", "content": self.predictor.system_prompt(self.settings.protocol, self.settings.scale_max)}
         reserve = _SLOT_TOKENS + (self.settings.reason_tokens if self.settings.protocol == "rpra" else 0)
-        convo = _merge_system(system, messages)
+        convo = _merge_system(system, [self._as_seen_locally(m) for m in messages])
         while True:
             tokens = self.local.chat_tokens(convo)
             if len(tokens) + reserve <= self.local.n_ctx or len(convo) <= 2:
@@ -249,6 +249,17 @@ class Runtime:
         result.tokens["prompt"] = session.prompt_tokens
         result.tokens["prompt_reused"] = session.reused_tokens
         return session
+
+    def _as_seen_locally(self, message: dict) -> dict:
+        """Earlier assistant turns in the turn layout, with the score the runtime wrote then.
+
+        A turn without a recorded ``rating`` (e.g. history from another client) gets the scale's
+        midpoint: some rating keeps the layout consistent, and the midpoint anchors the least.
+        """
+        if message["role"] != "assistant":
+            return {"role": message["role"], "content": message["content"]}
+        score = message.get("rating") or (self.settings.scale_max + 1) // 2
+        return {"role": "assistant", "content": prompts.past_answer(message["content"], score)}
 
     def _reason(self, session: LocalSession, result: TurnResult) -> str:
         """The short, bounded reasoning before the prediction (RPRA): one line at most."""
@@ -279,7 +290,7 @@ class Runtime:
 
     def _answer_remotely(self, messages: list[dict], session: LocalSession | None, result: TurnResult) -> Iterator[Event]:
         s = self.settings
-        sent = [dict(m) for m in messages]
+        sent = [{"role": m["role"], "content": m["content"]} for m in messages]  # nothing else leaves
         if s.send_reasoning and result.reasoning:
             sent.append({"role": "system", "content": f"An on-device assistant's first thoughts (may be wrong): {result.reasoning}"})
         started = time.perf_counter()
@@ -335,6 +346,9 @@ def _check_messages(messages: list[dict]) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
             raise InputError(f"Message {i} needs a role (system, user or assistant) and text content.")
+        rating = m.get("rating")
+        if rating is not None and (m["role"] != "assistant" or not isinstance(rating, int) or rating < 1):
+            raise InputError(f"Message {i}: 'rating' is the score of an earlier assistant turn, a positive integer.")
         try:
             m["content"].encode("utf-8")
         except UnicodeEncodeError as exc:

@@ -128,12 +128,26 @@ def test_nothing_is_prefilled_twice_within_a_request(local_model):
 def test_next_request_reuses_the_cached_prefix(local_model):
     runtime = Runtime(greedy_settings(threshold=0.0), local=local_model)
     first = runtime.ask(QUESTION)
-    follow_up = [*QUESTION, {"role": "assistant", "content": first.answer}, {"role": "user", "content": "And of Italy?"}]
-    second = runtime.ask(follow_up)
-    # The whole first conversation (system prompt, question, assistant header) is reused; only the
-    # slot's opening text, where the two turns part ways, is evaluated again.
-    opening = len(local_model.tokenize(prompts.SLOT_OPEN["pa"]))
-    assert second.tokens["prompt_reused"] >= first.tokens["prompt"] - opening
+    answer = {"role": "assistant", "content": first.answer, "rating": first.prediction.mode}
+    second = runtime.ask([*QUESTION, answer, {"role": "user", "content": "And of Italy?"}])
+    # The earlier answer is shown in the turn layout with the score written then, so the cache is
+    # reused through the whole first prompt and its slot ("N]]\n"), not just up to the slot.
+    assert second.tokens["prompt_reused"] >= first.tokens["prompt"] + 2
+
+
+def test_only_role_and_content_leave_the_device(local_model, remote_server):
+    remote = RemoteModel(remote_server.url, model="stand-in")
+    runtime = Runtime(greedy_settings(threshold=11.0), local=local_model, remote=remote)
+    history = [*QUESTION, {"role": "assistant", "content": "Paris.", "rating": 8}, {"role": "user", "content": "Sure?"}]
+    r = runtime.ask(history)
+    assert r.sent_remote == [{"role": m["role"], "content": m["content"]} for m in history]
+
+
+def test_earlier_answers_are_shown_to_the_device_model_in_the_turn_layout(local_model):
+    runtime = Runtime(greedy_settings(), local=local_model)
+    seen = runtime._as_seen_locally({"role": "assistant", "content": "Paris.", "rating": 8})
+    assert seen == {"role": "assistant", "content": "Rating: [[8]]\nParis."}
+    assert runtime._as_seen_locally({"role": "assistant", "content": "Paris."})["content"] == "Rating: [[5]]\nParis."
 
 
 def test_user_text_cannot_forge_control_tokens_or_the_slot(local_model):
