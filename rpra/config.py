@@ -19,6 +19,7 @@ from rpra.errors import ConfigError
 Mode = Literal["auto", "local-only", "remote-only"]
 Protocol = Literal["pa", "rpra"]
 RouteOn = Literal["expected", "p_pass"]
+PredictorName = Literal["zero-shot", "report-card"]
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -44,6 +45,8 @@ class Settings:
     temperature: float = _opt(0.2, "Sampling temperature of answers (0 = greedy).")
     repeat_penalty: float = _opt(1.1, "Penalty on repeating recent tokens (1 = none); small models loop without it.")
     seed: int = _opt(0, "Sampling seed, for reproducible answers.")
+    predictor: PredictorName = _opt("zero-shot", "zero-shot: the prompt alone; report-card: with the card in report_card.")
+    report_card: str | None = _opt(None, "Report card file (markdown) for the report-card predictor.")
     scale_max: int = _opt(10, "The judge scale is 1..scale_max.")
     pass_mark: int = _opt(7, "A judged score at or above this counts as a pass (for P(pass)).")
     # The controller
@@ -68,7 +71,7 @@ class Settings:
 
     def validate(self) -> None:
         """Raise ConfigError for values that would only fail later, far from their cause."""
-        choices = {"mode": Mode, "protocol": Protocol, "route_on": RouteOn}
+        choices = {"mode": Mode, "protocol": Protocol, "route_on": RouteOn, "predictor": PredictorName}
         for name, literal in choices.items():
             allowed = typing.get_args(literal)
             if getattr(self, name) not in allowed:
@@ -84,6 +87,8 @@ class Settings:
         for name in ("n_ctx", "max_tokens", "n_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive; got {getattr(self, name)}.")
+        if self.predictor == "report-card" and not self.report_card:
+            raise ConfigError("The report-card predictor needs a card: set report_card (see `rpra report-card build`).")
         if self.reason_tokens < 0 or self.remote_retries < 0:
             raise ConfigError("reason_tokens and remote_retries cannot be negative.")
 

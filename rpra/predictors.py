@@ -46,6 +46,25 @@ class ZeroShotPredictor(Predictor):
         return Prediction.from_logprobs(session.score(slot), pass_mark, self.name)
 
 
+class ReportCardPredictor(ZeroShotPredictor):
+    """Zero-shot reading of the slot, with a report card of the model in its instructions.
+
+    The card sits in the system prompt, the prefix every request shares, so llama.cpp evaluates it
+    once and reuses its KV cache across requests (LocalModel's prefix reuse): a long card costs
+    prefill once, not per request.
+    """
+
+    name = "report-card"
+
+    def __init__(self, card: str):
+        if not card.strip():
+            raise ValueError("A report card needs some text.")
+        self.card = card
+
+    def system_prompt(self, protocol: Protocol, scale_max: int) -> str:
+        return prompts.system_prompt(protocol, scale_max, report_card=self.card)
+
+
 def make_slot(model: LocalModel, scale_max: int) -> ScoreSlot:
     """The score slot for ``model``'s tokenizer: labels "1".."N", closed by the slot's closing text."""
     close = model.tokenize(prompts.SLOT_CLOSE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 from rpra import prompts
@@ -19,7 +20,7 @@ from rpra.controller import Controller, Decision
 from rpra.errors import ConfigError, InputError, PromptTooLongError, RemoteError
 from rpra.local import Generated, LocalModel, LocalSession
 from rpra.prediction import Prediction
-from rpra.predictors import Predictor, ZeroShotPredictor, make_slot
+from rpra.predictors import Predictor, ReportCardPredictor, ZeroShotPredictor, make_slot
 from rpra.remote import RemoteModel
 from rpra.store import LogStore
 
@@ -136,7 +137,7 @@ class Runtime:
             )
         remote = RemoteModel.from_settings(settings) if settings.remote_url else None
         store = LogStore.default() if settings.log else None
-        return cls(settings, local=local, remote=remote, store=store)
+        return cls(settings, local=local, remote=remote, predictor=predictor_from_settings(settings), store=store)
 
     def close(self) -> None:
         if self.remote:
@@ -338,6 +339,19 @@ class Runtime:
             return self.local.session(session.tokens)
         # remote-only mode: no prediction was made, so answer in the PA layout without one.
         return self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
+
+
+def predictor_from_settings(settings: Settings) -> Predictor:
+    """The predictor the settings name; a report card is read from its file."""
+    if settings.predictor == "report-card":
+        path = Path(settings.report_card).expanduser()
+        try:
+            return ReportCardPredictor(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"Cannot read the report card {path}: {exc.strerror}. Build one with `rpra report-card build`.") from None
+        except ValueError:
+            raise ConfigError(f"The report card {path} is empty. Rebuild it with `rpra report-card build`.") from None
+    return ZeroShotPredictor()
 
 
 def _check_messages(messages: list[dict]) -> None:

@@ -196,3 +196,20 @@ def test_a_deferred_turn_frees_the_local_model_while_the_remote_answers(local_mo
             if free:
                 local_model.lock.release()
     assert free_during_remote and all(free_during_remote)
+
+
+def test_report_card_predictor_puts_the_card_in_the_shared_prefix(local_model, tmp_path):
+    from rpra.config import load_settings
+    from rpra.runtime import predictor_from_settings
+
+    card = tmp_path / "card.md"
+    card.write_text("Strong: capitals and simple facts. Weak: arithmetic with several digits.")
+    predictor = predictor_from_settings(load_settings(None, {"predictor": "report-card", "report_card": str(card)}))
+    assert predictor.name == "report-card" and "arithmetic with several digits" in predictor.system_prompt("pa", 10)
+    runtime = Runtime(greedy_settings(threshold=0.0), local=local_model, predictor=predictor)
+    first = runtime.ask(QUESTION)
+    second = runtime.ask([{"role": "user", "content": "What is 123 * 456?"}])
+    # The card (in the system prompt) is evaluated once: the second request reuses it from the cache.
+    card_tokens = len(local_model.tokenize(card.read_text()))
+    assert second.tokens["prompt_reused"] > card_tokens
+    assert first.prediction.predictor == second.prediction.predictor == "report-card"
