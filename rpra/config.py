@@ -7,6 +7,7 @@ remembers where each value came from, so ``rpra config show`` can explain itself
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import typing
@@ -183,6 +184,25 @@ def load_settings(config_path: Path | str | None = None, overrides: dict[str, An
     settings = Settings(**values)
     settings.sources = sources
     return settings
+
+
+def write_settings(path: Path | str, values: dict[str, Any]) -> Path:
+    """Set ``values`` in a TOML config file, keeping its other settings (e.g. `rpra calibrate`)."""
+    path = Path(path).expanduser()
+    data = tomllib.loads(path.read_text()) if path.exists() else {}
+    for name, value in values.items():
+        if name not in setting_names():
+            raise ConfigError(f"Unknown setting {name!r}.")
+        _convert(name, value, "write")  # validate before touching the file
+        data[name] = value
+    # Settings are flat scalars, so TOML is one `key = value` line each; JSON's string escapes
+    # are valid TOML basic-string escapes.
+    lines = [f"{k} = {str(v).lower() if isinstance(v, bool) else json.dumps(v)}" for k, v in data.items() if v is not None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".toml.part")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, str]:

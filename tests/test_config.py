@@ -69,3 +69,16 @@ def test_set_flags_parse_key_value_pairs():
     assert parse_assignments(["threshold=6", "remote-url=http://x/v1"]) == {"threshold": "6", "remote_url": "http://x/v1"}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_assignments(["threshold"])
+
+
+def test_write_settings_updates_one_key_and_keeps_the_rest(tmp_path):
+    from rpra.config import write_settings
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('mode = "local-only"\nmax_tokens = 99\n')
+    write_settings(cfg, {"threshold": 4.25, "remote_url": 'http://x/"v1"', "send_reasoning": True})
+    s = load_settings(cfg)
+    assert (s.threshold, s.mode, s.max_tokens, s.remote_url, s.send_reasoning) == (4.25, "local-only", 99, 'http://x/"v1"', True)
+    with pytest.raises(ConfigError):
+        write_settings(cfg, {"threshold": "high"})
+    assert load_settings(cfg).threshold == 4.25  # a bad value leaves the file as it was
