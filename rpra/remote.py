@@ -170,8 +170,27 @@ class RemoteModel:
         self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None
     ) -> str:
         """The whole answer in one piece (``stream: false``). Raises RemoteError."""
+        return _message_text(self.chat_completion(messages, max_tokens=max_tokens, temperature=temperature))
+
+    def chat_completion(
+        self,
+        messages: list[dict],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict:
+        """The server's whole JSON response to one non-streaming call, for callers that need more
+        than the text (``logprobs``, say). ``extra`` adds fields to the request body (``logprobs``,
+        ``top_logprobs``, llama.cpp's ``grammar``). The response is checked to hold
+        ``choices[0].message``; ``last_usage`` and ``last_finish_reason`` are set as for
+        ``complete``. Raises RemoteError."""
         url = f"{self.base_url}/chat/completions"
         body = self._body(messages, max_tokens, temperature, stream=False)
+        clash = sorted(set(extra or {}) & {"model", "messages", "stream"})
+        if clash:
+            raise ValueError(f"extra cannot set {', '.join(clash)}: the client sets them itself.")
+        body.update(extra or {})
         attempt = 0
         while True:
             self.last_usage, self.last_finish_reason = None, None
@@ -248,7 +267,7 @@ class RemoteModel:
         """The text deltas of a server-sent-events answer; sets the ``last_*`` fields."""
         if response.headers.get("content-type", "").startswith("application/json"):
             # Some servers ignore ``stream: true`` and answer in one piece.
-            yield self._read_completion(response, url)
+            yield _message_text(self._read_completion(response, url))
             return
         done = False
         for payload in self._sse_data(response, url):
@@ -287,7 +306,8 @@ class RemoteModel:
             elif field not in ("event", "id", "retry"):
                 raise self._not_openai(url, line)
 
-    def _read_completion(self, response: httpx.Response, url: str) -> str:
+    def _read_completion(self, response: httpx.Response, url: str) -> dict:
+        """The JSON of a one-piece answer, checked to hold ``choices[0].message``; sets the ``last_*`` fields."""
         response.read()  # a no-op unless the body is still streaming
         data = self._json(response.text, url)
         try:
@@ -296,11 +316,13 @@ class RemoteModel:
             self.last_finish_reason = choice.get("finish_reason")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise self._not_openai(url, response.text) from None
+        if not isinstance(content, str):
+            raise self._not_openai(url, response.text)
         if data.get("usage"):
             self.last_usage = self._usage(data["usage"], url)
         else:
             self.last_usage = Usage(None, (len(content) + 3) // 4, estimated=True)
-        return content
+        return data
 
     def _json(self, text: str, url: str) -> dict:
         try:
@@ -330,6 +352,11 @@ class RemoteModel:
         if self._api_key:
             message = message.replace(self._api_key, "[redacted]")
         return RemoteError(message)
+
+
+def _message_text(data: dict) -> str:
+    """The answer's text in a response that ``_read_completion`` accepted."""
+    return data["choices"][0]["message"].get("content") or ""
 
 
 def _read_some(response: httpx.Response, limit: int = 4096) -> str:
