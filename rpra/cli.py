@@ -26,8 +26,12 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List, download and locate models.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+bench_app = typer.Typer(help="The deferral benchmark: how much quality is kept for how many remote calls.", no_args_is_help=True)
+card_app = typer.Typer(help="Report cards: the larger model's summary of the device model's strengths and weaknesses.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
+app.add_typer(card_app, name="report-card")
 
 # soft_wrap: never break lines (error messages hold commands to copy; scripts parse verdicts)
 out = Console(highlight=False, soft_wrap=True)
@@ -327,6 +331,179 @@ def config_show(
     for row in rows:
         table.add_row(row["name"], escape(repr(row["value"])), row["source"])
     out.print(table)
+
+
+# -- evaluation (the `bench` extra; benchmarks/ imports rpra, and is imported only here) ---------
+
+SuiteOpt = Annotated[str, typer.Option(help="mmlu, commonsenseqa, openbookqa, mtbench, arithmetic, gsm or rpra-mix.")]
+LimitOpt = Annotated[Optional[int], typer.Option(help="Items from the split (default: all).")]
+JudgeOpt = Annotated[Optional[str], typer.Option("--judge-url", help="OpenAI-compatible judge (default: the remote model).")]
+GrammarOpt = Annotated[Optional[bool], typer.Option("--judge-grammar/--no-judge-grammar",
+                       help="Force the judge's reply format with a GBNF grammar (llama-cpp-python servers only). Default: on for the stand-in.")]  # fmt: skip
+
+
+def _bench():
+    try:
+        import benchmarks.bench as bench
+    except ImportError as exc:
+        raise RpraError(f"The benchmark needs the bench extra ({exc.name} is missing): pip install 'rpra[bench]'.") from None
+    return bench
+
+
+@app.command()
+def collect(
+    suite: SuiteOpt = "rpra-mix",
+    split: Annotated[str, typer.Option(help="calibration, train or test.")] = "test",
+    limit: LimitOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the suite's sampling and splits.")] = 0,
+    judge_url: JudgeOpt = None,
+    judge_grammar: GrammarOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run items through the device model, the remote and the judge; resumable, every call cached."""
+    bench = _bench()
+    records, out_dir = bench.run_collect(_settings(config, set_), suite=suite, which=split, limit=limit, seed=seed,
+                                         judge_url=judge_url, judge_grammar=judge_grammar)  # fmt: skip
+    err.print(f"{len(records)} records in {out_dir}")
+
+
+@bench_app.command("run")
+def bench_run(
+    suite: SuiteOpt = "rpra-mix",
+    split: Annotated[str, typer.Option(help="The split to evaluate on.")] = "test",
+    limit: LimitOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of sampling, splits and bootstrap.")] = 0,
+    quality: Annotated[str, typer.Option(help="llm (judge scores) or exact (verifiers, items with gold answers).")] = "llm",
+    judge_url: JudgeOpt = None,
+    judge_grammar: GrammarOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Collect what is missing, then evaluate every predictor and baseline (table, JSON, plot, report)."""
+    bench = _bench()
+    settings = _settings(config, set_)
+    records, out_dir = bench.run_collect(settings, suite=suite, which=split, limit=limit, seed=seed,
+                                         judge_url=judge_url, judge_grammar=judge_grammar)  # fmt: skip
+    _bench_report(bench, settings, records, out_dir, quality=quality, seed=seed, json_out=json_out)
+
+
+@bench_app.command("report")
+def bench_report(
+    suite: SuiteOpt = "rpra-mix",
+    split: Annotated[str, typer.Option(help="The split to evaluate on.")] = "test",
+    quality: Annotated[str, typer.Option(help="llm or exact.")] = "llm",
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate an existing collection (no remote or judge calls)."""
+    bench = _bench()
+    settings = _settings(config, set_)
+    out_dir = bench.collection_dir(settings, suite, split)
+    _bench_report(bench, settings, bench.load_collection(out_dir), out_dir, quality=quality, seed=seed, json_out=json_out)
+
+
+def _bench_report(bench, settings, records, out_dir: Path, *, quality: str, seed: int, json_out: bool) -> None:
+    from benchmarks.judge import agreement
+    from benchmarks.report import COLUMNS, evaluate, table_rows, write_reports
+    from benchmarks.report_cards import latest_card
+
+    card = latest_card(settings.model)
+    if card is not None:
+        bench.add_card_predictions(records, settings, card.text)
+    else:
+        err.print("[dim]no report card for this model yet (`rpra report-card build`): evaluating zero-shot only[/]")
+    results = evaluate(records, quality=quality, pass_mark=settings.pass_mark, threshold=settings.threshold, seed=seed)
+    pairs = [(r[f"judge_{side}"]["score"], r[f"exact_{side}"]) for r in records for side in ("local", "remote")
+             if r.get(f"exact_{side}") is not None and r[f"judge_{side}"]["score"] is not None]  # fmt: skip
+    agree = agreement([p[0] for p in pairs], [p[1] for p in pairs], settings.pass_mark) if pairs else None
+    paths = write_reports(results, out_dir / f"report-{quality}", agreement=agree)
+    if json_out:
+        print(json.dumps({"results": results, "agreement": agree, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
+        return
+    table = Table("router", *[c for c, _ in COLUMNS], title=f"{results['items']} items · quality: {quality} judge")
+    for row in table_rows(results):
+        table.add_row(*row)
+    out.print(table)
+    if agree:
+        out.print(f"LLM judge vs exact verifiers: {agree['accuracy']:.1%} agreement on {agree['n']} answers (κ {agree['kappa']:.2f})")
+    out.print(f"[dim]report {paths['markdown']} · plot {paths['plot']} · json {paths['json']}[/]")
+
+
+@card_app.command("build")
+def card_build(
+    suite: SuiteOpt = "rpra-mix",
+    limit: Annotated[int, typer.Option(help="Calibration items to learn from.")] = 48,
+    batch_size: Annotated[int, typer.Option(help="Judged examples per update (PRESS).")] = 8,
+    max_words: Annotated[int, typer.Option(help="Length budget of the card.")] = 250,
+    judge_url: JudgeOpt = None,
+    judge_grammar: GrammarOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a new version of the device model's report card from judged calibration records."""
+    from benchmarks.report_cards import build_card, save_card
+
+    bench = _bench()
+    settings = _settings(config, set_)
+    records, out_dir = bench.run_collect(settings, suite=suite, which="calibration", limit=limit, judge_url=judge_url,
+                                         judge_grammar=judge_grammar)  # fmt: skip
+    with bench.endpoints(settings, judge_url=judge_url) as ep:
+        text, history = build_card(records, ep.remote, batch_size=batch_size, max_words=max_words)
+    card = save_card(text, device_model=settings.model, meta={"suite": suite, "records": len(records), "collection": str(out_dir),
+                                                              "writer": ep.remote_id, "batch_size": batch_size, "updates": len(history)})  # fmt: skip
+    out.print(card.text)
+    err.print(f"[dim]saved {card.path} (version {card.version}, {card.meta['words']} words)[/]")
+
+
+@card_app.command("show")
+def card_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the latest report card of the device model."""
+    from benchmarks.report_cards import latest_card
+
+    settings = _settings(config, set_)
+    card = latest_card(settings.model)
+    if card is None:
+        raise RpraError(f"No report card for {settings.model} yet. Build one with `rpra report-card build`.")
+    out.print(card.text)
+    err.print(f"[dim]{card.path} (version {card.version})[/]")
+
+
+@app.command()
+def calibrate(
+    target_share: Annotated[Optional[float], typer.Option(help="Send this share of requests to the remote (0..1).")] = None,
+    max_fail: Annotated[Optional[float], typer.Option(help="Allow at most this share of failing local answers (0..1).")] = None,
+    suite: SuiteOpt = "rpra-mix",
+    limit: Annotated[int, typer.Option(help="Calibration items.")] = 48,
+    write: Annotated[bool, typer.Option(help="Write the threshold into the config file.")] = True,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Choose the routing threshold on the calibration split and write it to the config file."""
+    import numpy as np
+
+    from benchmarks.calibrate import describe, threshold_for_failure, threshold_for_share
+    from rpra.config import default_config_path, write_settings
+
+    if (target_share is None) == (max_fail is None):
+        raise RpraError("Give exactly one of --target-share or --max-fail.")
+    bench = _bench()
+    settings = _settings(config, set_)
+    records, _ = bench.run_collect(settings, suite=suite, which="calibration", limit=limit)
+    scored = [r for r in records if r["judge_local"]["score"] is not None]
+    key = "expected" if settings.route_on == "expected" else "p_pass"
+    pred = np.array([r[settings.protocol][key] for r in scored])
+    passed = np.array([r["judge_local"]["score"] >= settings.pass_mark for r in scored])
+    t = threshold_for_share(pred, target_share) if target_share is not None else threshold_for_failure(pred, passed, max_fail)
+    result = describe(pred, passed, round(t, 4))
+    out.print(f"threshold {result['threshold']} ({settings.route_on}, {settings.protocol}): remote share {result['remote_share']:.1%}, "
+              f"local answers failing {result['local_fail_rate']:.1%} on {result['items']} calibration items")  # fmt: skip
+    if write:
+        path = write_settings(config or default_config_path(), {"threshold": result["threshold"]})
+        out.print(f"[dim]wrote threshold = {result['threshold']} to {path}[/]")
 
 
 def main() -> None:

@@ -1,0 +1,144 @@
+"""Wiring for `rpra collect`, `rpra bench`, `rpra report-card` and `rpra calibrate`.
+
+Which items, where collections live, which endpoints answer and judge. When no remote is
+configured the stand-in (Qwen2.5-Coder-1.5B via llama-cpp-python's server on 127.0.0.1) is
+started for the duration of the command; its identity in the call cache is its GGUF's sha256,
+so cached calls survive the server's changing port.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from benchmarks.cache import CallCache, cached
+from benchmarks.collect import Collector, collect, file_sha256, predict_only, provenance_for, read_records
+from benchmarks.data import Item, load_suite, split
+from benchmarks.judge import Judge
+from rpra.config import Settings, home
+from rpra.local import LocalModel
+from rpra.models import resolve
+from rpra.predictors import ReportCardPredictor
+from rpra.remote import RemoteModel
+from rpra.runtime import Runtime
+
+STAND_IN = "qwen2.5-coder-1.5b-instruct"
+
+
+@dataclass
+class Endpoints:
+    remote: RemoteModel
+    remote_id: str
+    judge: RemoteModel
+    judge_id: str
+    judge_is_stand_in: bool  # a llama-cpp-python server we started: its GBNF grammar field is safe
+
+
+@contextmanager
+def endpoints(settings: Settings, *, judge_url: str | None = None, judge_model: str = "default") -> Iterator[Endpoints]:
+    """The remote and the judge: configured ones, or the local stand-in started for the duration."""
+    if settings.remote_url:
+        remote = RemoteModel.from_settings(settings)
+        remote_id = f"{remote.base_url}|{remote.model}"
+        server = None
+    else:
+        from rpra.remote_server import RemoteServer
+
+        path = resolve(STAND_IN)
+        server = RemoteServer(path, port=0, n_ctx=4096, n_threads=settings.n_threads, model_alias="stand-in").start()
+        remote = RemoteModel(server.url, model="stand-in", timeout=600.0, retries=1)
+        remote_id = f"gguf:{file_sha256(path)}"
+    try:
+        if judge_url:
+            judge = RemoteModel(judge_url, model=judge_model, api_key=settings.remote_api_key, timeout=600.0)
+            judge_id = f"{judge.base_url}|{judge_model}"
+        else:
+            judge, judge_id = remote, remote_id
+        yield Endpoints(remote, remote_id, judge, judge_id, judge_is_stand_in=server is not None and not judge_url)
+    finally:
+        remote.close()
+        if server is not None:
+            server.stop()
+
+
+def items_for(suite: str, which: str, *, limit: int | None, seed: int = 0) -> list[Item]:
+    """The first ``limit`` items of a split. Splits hash item ids, so an item's split never changes."""
+    pool = load_suite(suite, limit=None if limit is None else max(4 * limit, 40), seed=seed)
+    chosen = split(pool, seed=seed)[which]
+    return chosen if limit is None else chosen[:limit]
+
+
+def collection_dir(settings: Settings, suite: str, which: str) -> Path:
+    """One collection per (device model, suite, split); a larger --limit extends it, nothing is redone."""
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(settings.model).stem)
+    return home() / "collections" / f"{model}--{suite}--{which}"
+
+
+def bench_settings(settings: Settings) -> Settings:
+    """Deterministic device settings for collection: greedy answers, nothing logged."""
+    return replace(settings, temperature=0.0, log=False, mode="local-only", sources={})
+
+
+def open_device(settings: Settings) -> LocalModel:
+    return LocalModel(resolve(settings.model), name=settings.model, n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_batch=settings.n_batch, seed=settings.seed)
+
+
+def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None, seed: int = 0, judge_url: str | None = None,
+                judge_grammar: bool | None = None, remote_max_tokens: int = 256, progress: bool = True) -> tuple[list[dict], Path]:  # fmt: skip
+    """Collect (or extend) the collection for ``suite``/``which``; returns its records and folder.
+
+    ``judge_grammar`` forces the judge's reply format with llama-cpp-python's GBNF extension (only
+    for such servers; a cloud API rejects the field). Default: on for the stand-in we start.
+    """
+    settings = bench_settings(settings)
+    items = items_for(suite, which, limit=limit, seed=seed)
+    local = open_device(settings)
+    cache = CallCache.default()
+    with endpoints(settings, judge_url=judge_url) as ep:
+        collector = Collector(
+            pa=Runtime(replace(settings, protocol="pa"), local=local),
+            rpra=Runtime(replace(settings, protocol="rpra"), local=local),
+            remote=ep.remote,
+            judge=Judge(ep.judge, cache=cache, scale_max=settings.scale_max, model_id=ep.judge_id,
+                        grammar=ep.judge_is_stand_in if judge_grammar is None else judge_grammar),
+            cache=cache,
+            provenance=provenance_for(settings, local, suite=suite, split=which, remote_id=ep.remote_id, judge_id=ep.judge_id),
+            remote_max_tokens=remote_max_tokens,
+        )
+        out = collection_dir(settings, suite, which)
+        records = collect(items, collector, out, progress=progress)
+    wanted = {item.id for item in items}
+    return [r for r in records if r["id"] in wanted], out
+
+
+def add_card_predictions(records: list[dict], settings: Settings, card_text: str, *, field: str = "card_pa") -> list[dict]:
+    """The report-card predictor's PA prediction for each record (device calls only, cached)."""
+    settings = replace(bench_settings(settings), protocol="pa")
+    local = open_device(settings)
+    runtime = Runtime(settings, local=local, predictor=ReportCardPredictor(card_text))
+    cache, sha = CallCache.default(), file_sha256(local.path)
+    system = runtime.predictor.system_prompt("pa", settings.scale_max)
+    for r in records:
+        messages = [{"role": "user", "content": r["prompt"]}]
+        out = cached(cache, "device-predict", sha, {"system": system, "messages": messages},
+                     lambda: _timed_prediction(runtime, messages))  # fmt: skip
+        r[field], r[f"{field}_decision_ms"] = out["prediction"], out["decision_ms"]
+    return records
+
+
+def _timed_prediction(runtime: Runtime, messages: list[dict]) -> dict:
+    import time
+
+    started = time.perf_counter()
+    out = predict_only(runtime, messages)
+    return {"prediction": out["prediction"], "decision_ms": (time.perf_counter() - started) * 1000}
+
+
+def load_collection(path: Path) -> list[dict]:
+    records, _ = read_records(path / "records.jsonl")
+    if not records:
+        raise FileNotFoundError(f"No records in {path}: run `rpra collect` first.")
+    return records

@@ -1,0 +1,227 @@
+"""Collect judged records for the deferral benchmark: one row per item.
+
+For each item: the device model's predictions (PA and RPRA: distribution, expected score,
+P(pass)), its local answer, the remote answer, the judge's verdict on both, the exact verifier's
+score where the item has a gold answer, token counts and timings.
+
+Resumable: every finished record is appended (and fsynced) to ``records.jsonl`` before the next
+item starts; a re-run skips the ids already there. Every model call is also cached by content
+hash (benchmarks/cache.py), so re-running with a new predictor costs no new remote or judge call.
+At the end the records are saved as a ``datasets`` dataset (parquet) with their provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.cache import CallCache, cached
+from benchmarks.data import Item, verify
+from benchmarks.judge import Judge
+from rpra import prompts
+from rpra.config import Settings
+from rpra.local import LocalModel
+from rpra.remote import RemoteModel
+from rpra.runtime import Decided, Runtime
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a collection: enough to tell whether two collections are comparable."""
+
+    suite: str
+    split: str
+    device_model: str
+    device_sha256: str
+    remote_id: str
+    judge_id: str
+    prompts_version: str
+    settings: dict
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def predict_only(runtime: Runtime, messages: list[dict]) -> dict:
+    """The device model's prediction for ``messages`` without answering (stops at the decision)."""
+    events = runtime.turn(messages, mode="local-only")
+    try:
+        for event in events:
+            if isinstance(event, Decided):
+                return {
+                    "prediction": event.prediction.to_dict(),
+                    "reasoning": event.reasoning,
+                }
+    finally:
+        events.close()  # stop here: the turn's generator releases the model
+    raise AssertionError("a local-only turn always decides")
+
+
+def device_record(pa: Runtime, rpra: Runtime, item: Item) -> dict:
+    """PA prediction and the local answer (one turn, as the device runs it), then the RPRA prediction.
+
+    ``pa`` and ``rpra`` share one LocalModel; they differ only in the protocol setting.
+    """
+    messages = [{"role": "user", "content": item.prompt}]
+    result = pa.ask(messages, mode="local-only")
+    started = time.perf_counter()
+    reasoned = predict_only(rpra, messages)
+    return {
+        "pa": result.prediction.to_dict(),
+        "pa_decision_ms": result.timings_ms["decision"],
+        "rpra": reasoned["prediction"],
+        "rpra_reasoning": reasoned["reasoning"],
+        "rpra_decision_ms": (time.perf_counter() - started) * 1000,
+        "local_answer": result.answer,
+        "local_tokens": result.tokens.get("local_answer", 0),
+        "local_ms": result.timings_ms["total"],
+    }
+
+
+def remote_record(remote: RemoteModel, item: Item, max_tokens: int) -> dict:
+    started = time.perf_counter()
+    answer = remote.complete([{"role": "user", "content": item.prompt}], max_tokens=max_tokens, temperature=0.0)
+    usage = remote.last_usage
+    return {
+        "remote_answer": answer.strip(),
+        "remote_tokens": usage.completion_tokens if usage else None,
+        "remote_ms": (time.perf_counter() - started) * 1000,
+    }
+
+
+class Collector:
+    """Runs items through the device model, the remote and the judge, caching every call."""
+
+    def __init__(
+        self,
+        *,
+        pa: Runtime,
+        rpra: Runtime,
+        remote: RemoteModel,
+        judge: Judge,
+        cache: CallCache,
+        provenance: Provenance,
+        remote_max_tokens: int = 256,
+    ):
+        self.pa, self.rpra, self.remote, self.judge, self.cache = pa, rpra, remote, judge, cache
+        self.provenance = provenance
+        self.remote_max_tokens = remote_max_tokens
+
+    def record(self, item: Item) -> dict:
+        p = self.provenance
+        device_key = {"prompt": item.prompt, "prompts": p.prompts_version, "settings": p.settings}
+        device = cached(self.cache, "device", p.device_sha256, device_key, lambda: device_record(self.pa, self.rpra, item))
+        remote_key = {"prompt": item.prompt, "max_tokens": self.remote_max_tokens}
+        remote = cached(self.cache, "remote", p.remote_id, remote_key, lambda: remote_record(self.remote, item, self.remote_max_tokens))
+        judged_local = self.judge.score(item.prompt, device["local_answer"], reference=item.reference)
+        judged_remote = self.judge.score(item.prompt, remote["remote_answer"], reference=item.reference)
+        return {
+            "id": item.id, "suite": item.suite, "category": item.category, "kind": item.kind,
+            "prompt": item.prompt, "reference": item.reference, "gold": item.gold,
+            **device, **remote,
+            "judge_local": judged_local.to_dict(),
+            "judge_remote": judged_remote.to_dict(),
+            "exact_local": verify(item, device["local_answer"]),
+            "exact_remote": verify(item, remote["remote_answer"]),
+        }  # fmt: skip
+
+
+def read_records(path: Path) -> tuple[list[dict], int]:
+    """Records already collected; a torn last line (killed mid-write) is dropped and counted."""
+    if not path.exists():
+        return [], 0
+    records, torn = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            torn += 1
+    return records, torn
+
+
+def collect(items: list[Item], collector: Collector, out_dir: Path, *, progress: bool = True) -> list[dict]:
+    """Collect every item not yet in ``out_dir``; return all records (old and new)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    journal = out_dir / "records.jsonl"
+    records, torn = read_records(journal)
+    if torn:
+        # Rewrite the journal without the torn line so appends start on a clean line.
+        journal.write_text("".join(json.dumps(r) + "\n" for r in records))
+    done = {r["id"] for r in records}
+    todo = [item for item in items if item.id not in done]
+    (out_dir / "provenance.json").write_text(json.dumps(asdict(collector.provenance), indent=2))
+    with open(journal, "a") as f, _progress(len(todo), len(done), progress) as advance:
+        for item in todo:
+            record = collector.record(item)
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            records.append(record)
+            advance()
+    save_dataset(records, out_dir)
+    return records
+
+
+def save_dataset(records: list[dict], out_dir: Path) -> Path:
+    """Write the records as a parquet ``datasets`` dataset (nested fields as JSON strings)."""
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()  # the collection has its own progress bar
+    flat = [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in records]
+    path = out_dir / "records.parquet"
+    tmp = out_dir / "records.parquet.part"
+    Dataset.from_list(flat).to_parquet(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+class _progress:
+    """A rich progress bar with ETA (quiet when disabled)."""
+
+    def __init__(self, total: int, already: int, enabled: bool):
+        self.total, self.already, self.enabled = total, already, enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn(f"collecting ({self.already} already done)"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=Console(stderr=True),  # stdout may carry --json output
+        )  # fmt: skip
+        self._bar.start()
+        task = self._bar.add_task("items", total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bar.stop()
+
+
+def provenance_for(settings: Settings, local: LocalModel, *, suite: str, split: str, remote_id: str, judge_id: str) -> Provenance:
+    keep = ("temperature", "max_tokens", "reason_tokens", "repeat_penalty", "scale_max", "pass_mark", "n_ctx", "seed")
+    return Provenance(
+        suite=suite,
+        split=split,
+        device_model=settings.model,
+        device_sha256=file_sha256(local.path),
+        remote_id=remote_id,
+        judge_id=judge_id,
+        prompts_version=prompts.PROMPT_VERSION,
+        settings={k: getattr(settings, k) for k in keep},
+    )
+

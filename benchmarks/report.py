@@ -1,0 +1,195 @@
+"""Evaluate predictors on collected records: metrics with confidence intervals, plots, reports.
+
+One row per router: each predictor found in the records (zero-shot PA / RPRA, report card, and
+later ones) plus the baselines (always-local, always-remote, random, oracle). Quality is the
+LLM judge's score by default, or the exact verifier's (10 if correct, 1 if not) with
+``quality="exact"`` on the items that have one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import metrics as M
+
+# Record fields holding a prediction dict, and the predictor each stands for.
+PREDICTORS = {"pa": "zero-shot PA", "rpra": "zero-shot RPRA", "card_pa": "report card PA", "sft_pa": "SFT PA", "sft_rpra": "SFT RPRA"}
+
+
+@dataclass
+class Arrays:
+    """The per-item arrays every metric takes (items without a usable score are left out)."""
+
+    local_q: np.ndarray
+    remote_q: np.ndarray
+    passed: np.ndarray
+    judged: np.ndarray
+    kept: list[dict]
+    dropped: int
+
+
+def quality_arrays(records: list[dict], *, quality: str = "llm", pass_mark: int = 7) -> Arrays:
+    """Scores of the local and remote answers; unparseable verdicts are dropped and counted."""
+    kept, local, remote = [], [], []
+    for r in records:
+        if quality == "exact":
+            if r.get("exact_local") is None or r.get("exact_remote") is None:
+                continue
+            lq, rq = (10.0 if r["exact_local"] else 1.0), (10.0 if r["exact_remote"] else 1.0)
+        else:
+            lq, rq = r["judge_local"]["score"], r["judge_remote"]["score"]
+            if lq is None or rq is None:
+                continue
+        kept.append(r)
+        local.append(lq)
+        remote.append(rq)
+    local_q, remote_q = np.asarray(local, float), np.asarray(remote, float)
+    return Arrays(local_q, remote_q, local_q >= pass_mark, np.clip(np.rint(local_q), 1, 10).astype(int), kept, len(records) - len(kept))
+
+
+def _prediction(records: list[dict], field: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pred = np.asarray([r[field]["expected"] for r in records], float)
+    p_pass = np.asarray([r[field]["p_pass"] for r in records], float)
+    label = np.asarray([r[field]["mode"] for r in records], int)
+    return pred, p_pass, label
+
+
+def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, threshold: float = 5.0, n_boot: int = 1000, seed: int = 0) -> dict:
+    """All metrics for every predictor present in ``records`` and for the baselines."""
+    a = quality_arrays(records, quality=quality, pass_mark=pass_mark)
+    n = len(a.kept)
+    if n < 2:
+        raise ValueError(f"Need at least two scored items to evaluate; have {n} ({a.dropped} without a usable score).")
+    lq, rq = a.local_q, a.remote_q
+    rows = {}
+
+    def ci(metric, *arrays):
+        point, lo, hi = M.bootstrap(metric, *arrays, n_boot=n_boot, seed=seed)
+        return {"value": point, "ci": [lo, hi]}
+
+    def router_row(pred: np.ndarray) -> dict:
+        curve = M.deferral_curve(pred, lq, rq)
+        return {
+            "apgr": ci(lambda p, l, r: M.apgr(p, l, r), pred, lq, rq),
+            "cpt50": M.cpt(pred, lq, rq, 0.5),
+            "cpt80": M.cpt(pred, lq, rq, 0.8),
+            "cpt95": M.cpt(pred, lq, rq, 0.95),
+            "auroc": ci(M.auroc, pred, a.passed),
+            "aurc": M.aurc(pred, a.passed),
+            "curve": {"share": curve["share"].tolist(), "quality": curve["quality"].tolist()},
+        }
+
+    for field, name in PREDICTORS.items():
+        if not all(isinstance(r.get(field), dict) for r in a.kept):
+            continue
+        pred, p_pass, label = _prediction(a.kept, field)
+        deferred = pred < threshold
+        row = router_row(pred)
+        row.update({
+            "spearman": ci(M.spearman, pred, lq),
+            "exact_acc": ci(M.exact_accuracy, label, a.judged),
+            "within1_acc": ci(M.within_one_accuracy, label, a.judged),
+            "ece": M.ece(p_pass, a.passed),
+            "brier": M.brier(p_pass, a.passed),
+            "remote_share_at_threshold": float(deferred.mean()),
+            "quality_at_threshold": float(np.where(deferred, rq, lq).mean()),
+        })  # fmt: skip
+        latency = [r.get(f"{field}_decision_ms") for r in a.kept if r.get(f"{field}_decision_ms") is not None]
+        if latency:
+            row["decision_ms_p50"], row["decision_ms_p95"] = np.percentile(latency, [50, 95]).tolist()
+        rows[name] = row
+
+    rows["random"] = router_row(M.random_scores(n, seed))
+    rows["oracle"] = router_row(M.oracle_scores(lq, rq))
+    rows["always-local"] = {"remote_share_at_threshold": 0.0, "quality_at_threshold": float(lq.mean())}
+    rows["always-remote"] = {"remote_share_at_threshold": 1.0, "quality_at_threshold": float(rq.mean())}
+    paths = {
+        "local_ms": [r["local_ms"] for r in a.kept if r.get("local_ms") is not None],
+        "remote_ms": [r["remote_ms"] for r in a.kept if r.get("remote_ms") is not None],
+    }
+    return {
+        "items": n,
+        "dropped_unscored": a.dropped,
+        "quality": quality,
+        "pass_mark": pass_mark,
+        "threshold": threshold,
+        "local_pass_rate": float(a.passed.mean()),
+        "mean_local_quality": float(lq.mean()),
+        "mean_remote_quality": float(rq.mean()),
+        "latency_ms": {k: dict(zip(("p50", "p95"), np.percentile(v, [50, 95]).tolist())) for k, v in paths.items() if v},
+        "routers": rows,
+    }
+
+
+def _fmt(cell) -> str:
+    if cell is None:
+        return "-"
+    if isinstance(cell, dict):
+        lo, hi = cell["ci"]
+        return f"{cell['value']:.3f} [{lo:.2f}, {hi:.2f}]"
+    return f"{cell:.3f}"
+
+
+COLUMNS = [("APGR", "apgr"), ("CPT(50%)", "cpt50"), ("CPT(80%)", "cpt80"), ("AUROC", "auroc"), ("Spearman", "spearman"),
+           ("exact acc", "exact_acc"), ("±1 acc", "within1_acc"), ("ECE", "ece"), ("Brier", "brier"), ("remote share", "remote_share_at_threshold")]  # fmt: skip
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    return [[name, *[_fmt(row.get(key)) for _, key in COLUMNS]] for name, row in results["routers"].items()]
+
+
+def markdown(results: dict, *, plot: str | None = None, agreement: dict | None = None) -> str:
+    """A markdown report: the table, the setup, the judge's agreement with exact verifiers."""
+    head = "| router | " + " | ".join(c for c, _ in COLUMNS) + " |"
+    lines = [
+        "# Deferral benchmark", "",
+        f"{results['items']} items ({results['dropped_unscored']} dropped: no usable score); quality: {results['quality']} judge; "
+        f"pass mark {results['pass_mark']}; remote share at threshold {results['threshold']}.",
+        f"Mean quality: local {results['mean_local_quality']:.2f}, remote {results['mean_remote_quality']:.2f}; "
+        f"local pass rate {results['local_pass_rate']:.1%}. 95% bootstrap intervals in brackets.", "",
+        head, "|" + "---|" * (len(COLUMNS) + 1),
+        *["| " + " | ".join(row) + " |" for row in table_rows(results)],
+    ]  # fmt: skip
+    if agreement:
+        lines += ["", f"LLM judge vs exact verifiers: agreement {agreement['accuracy']:.1%} on {agreement['n']} items (Cohen's κ {agreement['kappa']:.2f})."]
+    if plot:
+        lines += ["", f"![deferral curves]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: dict, path: Path) -> Path:
+    """Quality vs remote-call share for every router, with always-local / always-remote marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, row in results["routers"].items():
+        if "curve" in row:
+            style = {"oracle": "k--", "random": "k:"}.get(name, "-")
+            ax.plot(row["curve"]["share"], row["curve"]["quality"], style, label=f"{name} (APGR {row['apgr']['value']:.2f})")
+    ax.scatter([0, 1], [results["mean_local_quality"], results["mean_remote_quality"]], color="red", zorder=5, label="always local / always remote")
+    ax.set_xlabel("share of requests sent to the remote model")
+    ax.set_ylabel(f"mean quality ({results['quality']} judge, 1-10)")
+    ax.set_title(f"Self-deferral: quality vs remote calls ({results['items']} items)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_reports(results: dict, out_dir: Path, *, agreement: dict | None = None) -> dict[str, Path]:
+    """results.json, deferral.png and report.md in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "plot": out_dir / "deferral.png", "markdown": out_dir / "report.md"}
+    paths["json"].write_text(json.dumps({"results": results, "agreement": agreement}, indent=2))
+    plot_curves(results, paths["plot"])
+    paths["markdown"].write_text(markdown(results, plot=paths["plot"].name, agreement=agreement))
+    return paths

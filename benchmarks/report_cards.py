@@ -1,0 +1,123 @@
+"""Report cards: a natural-language summary of the device model's strengths and weaknesses.
+
+Built progressively (the Report Cards paper's PRESS method): the larger model starts from an empty
+card and, batch by batch of judged calibration records, rewrites it to account for the new
+evidence, organised by topic and kept under a word budget. Saved as versioned markdown files
+under ``RPRA_HOME/report-cards/<device model>/``; the report-card predictor puts the card in the
+device model's instructions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+from rpra.config import home
+
+UPDATE_PROMPT = """You are assessing a small AI assistant. A judge scored its answers from 1 (wrong or useless) to 10 (perfect).
+
+Current report card:
+{card}
+
+New judged examples:
+{examples}
+
+Rewrite the report card so it accounts for all the evidence so far. Organise it by topic (for example: arithmetic, word problems, science and general knowledge, commonsense, coding, open-ended writing). Under each topic give the assistant's strengths and weaknesses as short concrete patterns, and say how well it usually scores there. At most {max_words} words. Reply with the report card only."""
+
+
+class Writer(Protocol):
+    """What writes the card: rpra.remote.RemoteModel, or anything with the same ``complete``."""
+
+    def complete(self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None) -> str: ...
+
+
+@dataclass(frozen=True)
+class Card:
+    text: str
+    version: int
+    path: Path
+    meta: dict
+
+
+def format_examples(records: list[dict], *, answer_chars: int = 300) -> str:
+    """Judged records as the writer sees them: topic, question, answer, score, reference."""
+    blocks = []
+    for r in records:
+        score = r["judge_local"]["score"]
+        lines = [
+            f"- Topic: {r.get('category') or r.get('suite')} ({r.get('suite')})",
+            f"  Question: {_clip(r['prompt'], 400)}",
+            f"  Assistant's answer: {_clip(r['local_answer'], answer_chars)}",
+            f"  Judge's score: {score:.1f}/10" if score is not None else "  Judge's score: unavailable",
+        ]
+        if r.get("reference"):
+            lines.append(f"  Reference answer: {_clip(r['reference'], 200)}")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
+
+
+def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_words: int = 250, progress=None) -> tuple[str, list[str]]:
+    """Progressively write a card over ``records``; returns the card and each intermediate version."""
+    usable = [r for r in records if r["judge_local"]["score"] is not None]
+    if not usable:
+        raise ValueError("No judged records to write a report card from: run `rpra collect --split calibration` first.")
+    card, history = "(empty: no evidence yet)", []
+    for start in range(0, len(usable), batch_size):
+        batch = usable[start : start + batch_size]
+        prompt = UPDATE_PROMPT.format(card=card, examples=format_examples(batch), max_words=max_words)
+        reply = writer.complete([{"role": "user", "content": prompt}], max_tokens=int(max_words * 2), temperature=0.0)
+        card = limit_words(reply.strip(), max_words) or card
+        history.append(card)
+        if progress:
+            progress(len(batch))
+    return card, history
+
+
+def limit_words(text: str, max_words: int) -> str:
+    """Keep the card under the budget, cutting at a line boundary when the writer overshoots."""
+    if len(text.split()) <= max_words:
+        return text
+    kept, count = [], 0
+    for line in text.splitlines():
+        n = len(line.split())
+        if count + n > max_words:
+            break
+        kept.append(line)
+        count += n
+    return "\n".join(kept).strip() or " ".join(text.split()[:max_words])
+
+
+def cards_dir(device_model: str) -> Path:
+    return home() / "report-cards" / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(device_model).name)
+
+
+def save_card(text: str, *, device_model: str, meta: dict) -> Card:
+    """Write ``v<N>.md`` (the card) and ``v<N>.json`` (how it was made) with the next version number."""
+    folder = cards_dir(device_model)
+    folder.mkdir(parents=True, exist_ok=True)
+    version = 1 + max((int(p.stem[1:]) for p in folder.glob("v*.md") if p.stem[1:].isdigit()), default=0)
+    path = folder / f"v{version}.md"
+    meta = {**meta, "version": version, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "words": len(text.split())}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    path.write_text(text.strip() + "\n")
+    return Card(text, version, path, meta)
+
+
+def latest_card(device_model: str) -> Card | None:
+    folder = cards_dir(device_model)
+    versions = sorted((int(p.stem[1:]), p) for p in folder.glob("v*.md") if p.stem[1:].isdigit()) if folder.exists() else []
+    if not versions:
+        return None
+    version, path = versions[-1]
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return Card(path.read_text(), version, path, meta)
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"

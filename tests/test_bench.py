@@ -1,0 +1,130 @@
+"""The deferral benchmark end to end on real parts: SmolLM2 through llama.cpp as the device, a real
+llama-cpp server on 127.0.0.1 as remote and judge (the same small model, for speed: the numbers
+mean nothing here, the mechanics are real)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import replace
+
+import pytest
+
+from benchmarks import bench
+from benchmarks.collect import Collector, read_records
+from rpra.config import Settings
+from tests.test_cli import RPRA
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def settings(model_path, remote_server) -> Settings:
+    return Settings(
+        model=str(model_path), remote_url=remote_server.url, remote_model="stand-in",
+        max_tokens=16, reason_tokens=8, n_ctx=1024, n_threads=2, log=False,
+    )  # fmt: skip
+
+
+def collect(settings, limit, **kw):
+    return bench.run_collect(settings, suite="arithmetic", which="test", limit=limit, remote_max_tokens=16, progress=False,
+                             judge_grammar=True, **kw)  # the test server is llama-cpp-python's: grammar is safe
+
+
+def test_collection_records_everything_the_benchmark_needs(settings):
+    records, out_dir = collect(settings, 2)
+    assert len(records) == 2 and (out_dir / "records.parquet").exists() and (out_dir / "provenance.json").exists()
+    r = records[0]
+    for field in ("pa", "rpra"):
+        assert set(r[field]["distribution"]) == {str(i) for i in range(1, 11)}
+        assert 1 <= r[field]["expected"] <= 10
+    assert r["local_answer"] and r["remote_answer"] and r["gold"] is not None
+    assert r["exact_local"] in (0.0, 1.0) and r["exact_remote"] in (0.0, 1.0)
+    assert r["judge_local"]["method"] in ("logprobs", "parsed", "unparseable")
+    provenance = json.loads((out_dir / "provenance.json").read_text())
+    assert provenance["device_sha256"] and provenance["prompts_version"]
+
+
+def test_an_interrupted_collection_resumes_without_redoing_finished_items(settings, monkeypatch):
+    real_record, calls = Collector.record, []
+
+    def dies_on_third(self, item):
+        calls.append(item.id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C mid-run
+        return real_record(self, item)
+
+    monkeypatch.setattr(Collector, "record", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        collect(settings, 4)
+    journal = bench.collection_dir(settings, "arithmetic", "test") / "records.jsonl"
+    assert len(read_records(journal)[0]) == 2  # the two finished items are on disk
+
+    calls.clear()
+    monkeypatch.setattr(Collector, "record", lambda self, item: (calls.append(item.id), real_record(self, item))[1])
+    records, _ = collect(settings, 4)
+    assert len(records) == 4 and len(calls) == 2  # only the two unfinished items ran
+
+
+def test_a_torn_last_line_is_dropped_and_redone(settings):
+    records, out_dir = collect(settings, 2)
+    journal = out_dir / "records.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed mid-write
+    again, _ = collect(settings, 2)
+    assert [r["id"] for r in again] == [r["id"] for r in records]
+    assert all(json.loads(line) for line in journal.read_text().splitlines())
+
+
+def test_rerunning_costs_no_remote_or_judge_call(settings):
+    records, out_dir = collect(settings, 2)
+    (out_dir / "records.jsonl").unlink()
+    # Same remote identity, but nothing listens there: every call must come from the cache.
+    offline = replace(settings, remote_url="http://127.0.0.1:9/v1", remote_retries=0)
+    monkey_id = f"{settings.remote_url.rstrip('/')}|stand-in"
+    again, _ = _collect_with_remote_id(offline, monkey_id)
+    def scores(rs):
+        return [(r["id"], r["remote_answer"], r["judge_local"]["score"], r["judge_remote"]["score"]) for r in rs]
+
+    assert scores(again) == scores(records)
+    assert all(r["judge_local"]["cached"] and r["judge_remote"]["cached"] for r in again)
+
+
+def _collect_with_remote_id(settings, remote_id):
+    """Collect against a dead URL that the cache knows under the live server's identity."""
+    original = bench.endpoints
+
+    def same_identity(s, **kw):
+        ctx = original(s, **kw)
+
+        class Wrapped:
+            def __enter__(self):
+                ep = ctx.__enter__()
+                ep.remote_id = ep.judge_id = remote_id
+                return ep
+
+            def __exit__(self, *exc):
+                return ctx.__exit__(*exc)
+
+        return Wrapped()
+
+    bench.endpoints = same_identity
+    try:
+        return collect(settings, 2)
+    finally:
+        bench.endpoints = original
+
+
+def test_bench_run_through_the_cli_writes_table_json_plot_and_report(settings, isolated_home):
+    env = {**os.environ, "RPRA_MODEL": settings.model, "RPRA_REMOTE_URL": settings.remote_url, "RPRA_REMOTE_MODEL": "stand-in",
+           "RPRA_MAX_TOKENS": "16", "RPRA_N_CTX": "1024", "RPRA_N_THREADS": "2"}  # fmt: skip
+    run = subprocess.run([RPRA, "bench", "run", "--suite", "arithmetic", "--limit", "4", "--judge-grammar", "--json"], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    routers = out["results"]["routers"]
+    assert {"zero-shot PA", "zero-shot RPRA", "random", "oracle", "always-local", "always-remote"} <= set(routers)
+    assert routers["oracle"]["apgr"]["value"] >= routers["random"]["apgr"]["value"] - 1e-9
+    for path in out["files"].values():
+        assert os.path.getsize(path) > 0
