@@ -23,7 +23,7 @@ REMOTE_MODEL ?= qwen2.5-coder-1.5b-instruct
 PROMPTS ?= examples/demo-prompts.txt
 PYTEST_ARGS ?=
 
-.PHONY: setup models run test test-fast bench clean
+.PHONY: setup models run test test-fast bench bench-deferral clean
 
 setup: $(INSTALLED)
 
@@ -65,6 +65,13 @@ test-fast: setup
 bench: setup
 	$(RPRA) models pull $(DEVICE_MODEL)
 	$(PY) benchmarks/latency.py
+
+# The deferral benchmark on the default models: a report card from calibration items, then
+# every predictor on the rpra-mix test split (resumable: re-run to continue). Hours on 2 cores.
+BENCH_LIMIT ?= 150
+bench-deferral: models
+	$(RPRA) report-card build --limit 32
+	$(RPRA) bench run --limit $(BENCH_LIMIT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
