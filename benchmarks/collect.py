@@ -24,6 +24,7 @@ from benchmarks.data import Item, verify
 from benchmarks.judge import Judge
 from rpra import prompts
 from rpra.config import Settings
+from rpra.errors import InputError
 from rpra.local import LocalModel
 from rpra.remote import RemoteModel
 from rpra.runtime import Decided, Runtime
@@ -161,14 +162,22 @@ def collect(items: list[Item], collector: Collector, out_dir: Path, *, progress:
     done = {r["id"] for r in records}
     todo = [item for item in items if item.id not in done]
     (out_dir / "provenance.json").write_text(json.dumps(asdict(collector.provenance), indent=2))
+    skipped = []
     with open(journal, "a") as f, _progress(len(todo), len(done), progress) as advance:
         for item in todo:
-            record = collector.record(item)
+            try:
+                record = collector.record(item)
+            except InputError as exc:  # e.g. longer than the device's context: cannot be scored
+                skipped.append({"id": item.id, "reason": str(exc)})
+                advance()
+                continue
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
             records.append(record)
             advance()
+    # Skipped items are not in the journal, so a re-run (e.g. with a larger n_ctx) tries them again.
+    (out_dir / "skipped.json").write_text(json.dumps(skipped, indent=2))
     save_dataset(records, out_dir)
     return records
 

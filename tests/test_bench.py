@@ -128,3 +128,21 @@ def test_bench_run_through_the_cli_writes_table_json_plot_and_report(settings, i
     assert routers["oracle"]["apgr"]["value"] >= routers["random"]["apgr"]["value"] - 1e-9
     for path in out["files"].values():
         assert os.path.getsize(path) > 0
+
+
+def test_an_item_the_device_cannot_take_is_skipped_and_reported(settings, monkeypatch):
+    from rpra.errors import PromptTooLongError
+
+    real_record = Collector.record
+
+    def too_long_first(self, item):
+        if item.id == first_id:
+            raise PromptTooLongError("The prompt is 5000 tokens ...")
+        return real_record(self, item)
+
+    first_id = bench.items_for("arithmetic", "test", limit=2)[0].id
+    monkeypatch.setattr(Collector, "record", too_long_first)
+    records, out_dir = collect(settings, 2)
+    assert [r["id"] for r in records] != [] and first_id not in {r["id"] for r in records}
+    (skipped,) = json.loads((out_dir / "skipped.json").read_text())
+    assert skipped["id"] == first_id and "5000 tokens" in skipped["reason"]
