@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchmarks.cache import CallCache, cached
 from benchmarks.collect import Collector, collect, file_sha256, predict_only, provenance_for, read_records
-from benchmarks.data import Item, load_suite, split
+from benchmarks.data import SUITES, DataError, Item, load_file, load_hf, load_suite, split
 from benchmarks.judge import Judge
 from rpra.config import Settings, home
 from rpra.local import LocalModel
@@ -64,17 +64,45 @@ def endpoints(settings: Settings, *, judge_url: str | None = None, judge_model: 
             server.stop()
 
 
+def load_items(suite: str, *, limit: int | None = None, seed: int = 0, report=print) -> list[Item]:
+    """A built-in suite, a user's JSONL/CSV file, or ``hf:NAME[:SPLIT]`` (a Hugging Face dataset).
+
+    Malformed rows in user data are reported (with their line numbers) and skipped.
+    """
+    if suite in SUITES:
+        return load_suite(suite, limit=limit, seed=seed)
+    if suite.startswith("hf:"):
+        name, _, hf_split = suite[3:].partition(":")
+        items, problems = load_hf(name, split=hf_split or "test")
+    elif Path(suite).expanduser().is_file():
+        items, problems = load_file(Path(suite).expanduser())
+    else:
+        raise DataError(f"Unknown suite {suite!r}: use one of {', '.join(SUITES)}, a .jsonl/.csv file, or hf:NAME[:SPLIT].")
+    for problem in problems:
+        report(f"skipped: {problem}")
+    if not items:
+        raise DataError(f"No usable rows in {suite} ({len(problems)} skipped).")
+    return items
+
+
 def items_for(suite: str, which: str, *, limit: int | None, seed: int = 0) -> list[Item]:
     """The first ``limit`` items of a split. Splits hash item ids, so an item's split never changes."""
-    pool = load_suite(suite, limit=None if limit is None else max(4 * limit, 40), seed=seed)
+    pool = load_items(suite, limit=None if limit is None else max(4 * limit, 40), seed=seed, report=_warn)
     chosen = split(pool, seed=seed)[which]
     return chosen if limit is None else chosen[:limit]
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
 
 
 def collection_dir(settings: Settings, suite: str, which: str) -> Path:
     """One collection per (device model, suite, split); a larger --limit extends it, nothing is redone."""
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(settings.model).stem)
-    return home() / "collections" / f"{model}--{suite}--{which}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", suite if suite in SUITES else Path(suite).name)
+    return home() / "collections" / f"{model}--{name}--{which}"
 
 
 def bench_settings(settings: Settings) -> Settings:

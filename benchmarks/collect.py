@@ -61,6 +61,7 @@ def predict_only(runtime: Runtime, messages: list[dict]) -> dict:
                 return {
                     "prediction": event.prediction.to_dict(),
                     "reasoning": event.reasoning,
+                    "reasoning_tokens": event.reasoning_tokens,
                 }
     finally:
         events.close()  # stop here: the turn's generator releases the model
@@ -81,6 +82,7 @@ def device_record(pa: Runtime, rpra: Runtime, item: Item) -> dict:
         "pa_decision_ms": result.timings_ms["decision"],
         "rpra": reasoned["prediction"],
         "rpra_reasoning": reasoned["reasoning"],
+        "rpra_reasoning_tokens": reasoned["reasoning_tokens"],
         "rpra_decision_ms": (time.perf_counter() - started) * 1000,
         "local_answer": result.answer,
         "local_tokens": result.tokens.get("local_answer", 0),

@@ -98,6 +98,10 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
             "remote_share_at_threshold": float(deferred.mean()),
             "quality_at_threshold": float(np.where(deferred, rq, lq).mean()),
         })  # fmt: skip
+        # Tokens the device generates before it can decide: none for PA, the reasoning for RPRA.
+        spent = [r.get(f"{field}_reasoning_tokens", 0 if field.endswith("pa") else None) for r in a.kept]
+        if all(t is not None for t in spent):
+            row["tokens_before_decision"] = float(np.mean(spent))
         latency = [r.get(f"{field}_decision_ms") for r in a.kept if r.get(f"{field}_decision_ms") is not None]
         if latency:
             row["decision_ms_p50"], row["decision_ms_p95"] = np.percentile(latency, [50, 95]).tolist()
@@ -135,7 +139,8 @@ def _fmt(cell) -> str:
 
 
 COLUMNS = [("APGR", "apgr"), ("CPT(50%)", "cpt50"), ("CPT(80%)", "cpt80"), ("AUROC", "auroc"), ("Spearman", "spearman"),
-           ("exact acc", "exact_acc"), ("±1 acc", "within1_acc"), ("ECE", "ece"), ("Brier", "brier"), ("remote share", "remote_share_at_threshold")]  # fmt: skip
+           ("exact acc", "exact_acc"), ("±1 acc", "within1_acc"), ("ECE", "ece"), ("Brier", "brier"), ("remote share", "remote_share_at_threshold"),
+           ("tokens before decision", "tokens_before_decision"), ("decision p50 ms", "decision_ms_p50"), ("decision p95 ms", "decision_ms_p95")]  # fmt: skip
 
 
 def table_rows(results: dict) -> list[list[str]]:

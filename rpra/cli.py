@@ -335,7 +335,8 @@ def config_show(
 
 # -- evaluation (the `bench` extra; benchmarks/ imports rpra, and is imported only here) ---------
 
-SuiteOpt = Annotated[str, typer.Option(help="mmlu, commonsenseqa, openbookqa, mtbench, arithmetic, gsm or rpra-mix.")]
+SuiteOpt = Annotated[str, typer.Option(help="mmlu, commonsenseqa, openbookqa, mtbench, arithmetic, gsm, rpra-mix; "
+                                             "or a .jsonl/.csv file with a prompt column; or hf:NAME[:SPLIT].")]  # fmt: skip
 LimitOpt = Annotated[Optional[int], typer.Option(help="Items from the split (default: all).")]
 JudgeOpt = Annotated[Optional[str], typer.Option("--judge-url", help="OpenAI-compatible judge (default: the remote model).")]
 GrammarOpt = Annotated[Optional[bool], typer.Option("--judge-grammar/--no-judge-grammar",

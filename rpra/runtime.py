@@ -74,6 +74,7 @@ class Decided:
     decision: Decision
     prediction: Prediction | None
     reasoning: str
+    reasoning_tokens: int = 0  # tokens the device generated before deciding (RPRA's reasoning)
 
 
 @dataclass(frozen=True)
@@ -219,12 +220,12 @@ class Runtime:
 
         if result.decision.route == "local":
             try:  # the lock is still held: release it even if the consumer stops listening here
-                yield Decided(result.decision, result.prediction, result.reasoning)
+                yield Decided(result.decision, result.prediction, result.reasoning, result.tokens.get("reasoning", 0))
                 yield from self._answer_locally(session, result)
             finally:
                 self.local.lock.release()
         else:
-            yield Decided(result.decision, result.prediction, result.reasoning)
+            yield Decided(result.decision, result.prediction, result.reasoning, result.tokens.get("reasoning", 0))
             yield from self._answer_remotely(messages, session, result)
         result.timings_ms["total"] = _ms(start)
 

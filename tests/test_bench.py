@@ -119,11 +119,14 @@ def _collect_with_remote_id(settings, remote_id):
 def test_bench_run_through_the_cli_writes_table_json_plot_and_report(settings, isolated_home):
     env = {**os.environ, "RPRA_MODEL": settings.model, "RPRA_REMOTE_URL": settings.remote_url, "RPRA_REMOTE_MODEL": "stand-in",
            "RPRA_MAX_TOKENS": "16", "RPRA_N_CTX": "1024", "RPRA_N_THREADS": "2"}  # fmt: skip
-    run = subprocess.run([RPRA, "bench", "run", "--suite", "arithmetic", "--limit", "4", "--judge-grammar", "--json"], env=env,
+    run = subprocess.run([RPRA, "bench", "run", "--suite", "rpra-mix", "--limit", "6", "--judge-grammar", "--json"], env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     routers = out["results"]["routers"]
+    suites = {r["suite"] for r in bench.load_collection(bench.collection_dir(
+        replace(settings, model=settings.model), "rpra-mix", "test"))}  # fmt: skip
+    assert len(suites) >= 3  # a few items from each of several suites
     assert {"zero-shot PA", "zero-shot RPRA", "random", "oracle", "always-local", "always-remote"} <= set(routers)
     assert routers["oracle"]["apgr"]["value"] >= routers["random"]["apgr"]["value"] - 1e-9
     for path in out["files"].values():
@@ -146,3 +149,16 @@ def test_an_item_the_device_cannot_take_is_skipped_and_reported(settings, monkey
     assert [r["id"] for r in records] != [] and first_id not in {r["id"] for r in records}
     (skipped,) = json.loads((out_dir / "skipped.json").read_text())
     assert skipped["id"] == first_id and "5000 tokens" in skipped["reason"]
+
+
+def test_a_users_file_with_malformed_rows_is_collected_and_the_rows_reported(settings, tmp_path, capsys):
+    data = tmp_path / "mine.jsonl"
+    rows = [{"prompt": f"What is {i} + 1?", "reference": str(i + 1), "gold": str(i + 1)} for i in range(12)]
+    data.write_text("\n".join(json.dumps(r) for r in rows[:6]) + "\n{not json\n" + json.dumps({"reference": "x"}) + "\n"
+                    + "\n".join(json.dumps(r) for r in rows[6:]) + "\n")  # fmt: skip
+    records, out_dir = bench.run_collect(settings, suite=str(data), which="test", limit=2, remote_max_tokens=16,
+                                         progress=False, judge_grammar=True)  # fmt: skip
+    assert len(records) == 2 and all(r["suite"].startswith("file:") for r in records)
+    assert out_dir.name.endswith("mine.jsonl--test")
+    err = capsys.readouterr().err
+    assert "line 7" in err and "line 8" in err

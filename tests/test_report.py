@@ -58,3 +58,13 @@ def test_reports_are_written(tmp_path):
     md = paths["markdown"].read_text()
     assert "| zero-shot PA |" in md and "deferral.png" in md and "agreement 90.0%" in md
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tokens_spent_before_the_decision_are_reported_per_protocol():
+    recs = records(20)
+    for r in recs:
+        r["rpra_reasoning_tokens"] = 8
+    r = evaluate(recs, n_boot=20)["routers"]
+    assert r["zero-shot PA"]["tokens_before_decision"] == 0.0
+    assert r["zero-shot RPRA"]["tokens_before_decision"] == 8.0
+    assert r["zero-shot PA"]["decision_ms_p50"] == 100.0

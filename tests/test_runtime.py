@@ -213,3 +213,12 @@ def test_report_card_predictor_puts_the_card_in_the_shared_prefix(local_model, t
     card_tokens = len(local_model.tokenize(card.read_text()))
     assert second.tokens["prompt_reused"] > card_tokens
     assert first.prediction.predictor == second.prediction.predictor == "report-card"
+
+
+def test_the_decision_reports_the_tokens_generated_before_it(local_model):
+    runtime = Runtime(greedy_settings(threshold=0.0, protocol="rpra", reason_tokens=6), local=local_model)
+    events = list(runtime.turn(QUESTION))
+    decided, result = events[0], events[-1].result
+    assert decided.reasoning_tokens == result.tokens["reasoning"] and 0 < decided.reasoning_tokens <= 6
+    pa = list(Runtime(greedy_settings(threshold=0.0), local=local_model).turn(QUESTION))[0]
+    assert pa.reasoning_tokens == 0
