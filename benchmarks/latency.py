@@ -6,6 +6,9 @@ For each prompt, interleaved (so machine noise hits every variant alike):
   pa_decision_warm  the same with the system prompt already cached (the steady state of a chat
                     or a server: every request shares it, so it is prefilled once)
   rpra_decision     prefill + short reasoning + score slot -> routing decision (RPRA), empty cache
+  card_decision_warm / card_decision_cold
+                    PA decision with a report card in the instructions (the latest card of the
+                    model, or a 250-word stand-in), with the card's prefix cached / not cached
   local_answer      the full local turn through the runtime (PA, local-only), empty cache
   direct            llama-cpp-python called directly on the same model for the same tokens: the
                     prompt the runtime evaluated (system prompt, question, slot, score) prefilled,
@@ -33,7 +36,17 @@ from rpra import prompts
 from rpra.config import Settings
 from rpra.local import LocalModel
 from rpra.models import resolve
+from rpra.predictors import ReportCardPredictor
 from rpra.runtime import Runtime
+
+# Used when the model has no report card yet: about 250 words, the default card budget.
+STAND_IN_CARD = " ".join(
+    ["Arithmetic: usually wrong beyond one-digit sums; states a number without working."] * 4
+    + ["General knowledge: knows famous capitals and colours; invents details about people and dates."] * 4
+    + ["Multiple choice: often picks the last option regardless of the question; rarely explains."] * 4
+    + ["Writing: fluent but generic; loses track after a few sentences; ignores length limits."] * 4
+    + ["Coding: writes plausible Python for one-line tasks; longer functions have bugs."] * 4
+)
 
 # Short factual questions (answers of a few tokens) and requests that draw longer answers.
 PROMPTS = [
@@ -70,6 +83,9 @@ def main(
     local = LocalModel(resolve(model), name=model, n_ctx=settings.n_ctx, n_threads=threads)
     pa = Runtime(settings, local=local)
     rpra = Runtime(Settings(**{**_fields(settings), "protocol": "rpra"}), local=local)
+    card = _card_text(model)
+    carded = Runtime(settings, local=local, predictor=ReportCardPredictor(card))
+    card_system = {"role": "system", "content": carded.predictor.system_prompt("pa", settings.scale_max)}
     rows = []
     total = repeats * len(PROMPTS)
     for round_ in range(repeats):
@@ -83,6 +99,12 @@ def main(
             warm = pa.ask(messages)
             local._llm.reset()
             reasoned = rpra.ask(messages)
+            local._llm.reset()
+            card_cold = carded.ask(messages)
+            with local.lock:  # the card's prefix cached by an earlier request, as in steady state
+                local._llm.reset()
+                local.session(local.chat_tokens([card_system, {"role": "user", "content": "Hello"}]))
+            card_warm = carded.ask(messages)
             # Alternate which of the two compared runs goes first, so order effects cancel out.
             local._llm.reset()
             answer = pa.ask(messages) if round_ % 2 == 0 else None
@@ -99,6 +121,9 @@ def main(
                 "pa_decision_s": answer.timings_ms["decision"] / 1000,
                 "pa_decision_warm_s": warm.timings_ms["decision"] / 1000,
                 "rpra_decision_s": reasoned.timings_ms["decision"] / 1000,
+                "card_decision_warm_s": card_warm.timings_ms["decision"] / 1000,
+                "card_decision_cold_s": card_cold.timings_ms["decision"] / 1000,
+                "card_tokens": len(local.tokenize(card)),
                 "rpra_reasoning_tokens": reasoned.tokens.get("reasoning", 0),
                 "local_answer_s": answer.timings_ms["total"] / 1000,
                 "direct_s": direct,
@@ -108,7 +133,8 @@ def main(
             print(f"[{len(rows)}/{total}] {question[:40]:40s} pa {rows[-1]['pa_decision_s']:.3f}s  "
                   f"answer {rows[-1]['local_answer_s']:.2f}s  direct {direct:.2f}s  ({n} tokens)", file=sys.stderr)
 
-    keys = ("pa_decision_s", "pa_decision_warm_s", "rpra_decision_s", "local_answer_s", "direct_s")
+    keys = ("pa_decision_s", "pa_decision_warm_s", "rpra_decision_s", "card_decision_warm_s", "card_decision_cold_s",
+            "local_answer_s", "direct_s")  # fmt: skip
     med = {k: statistics.median(r[k] for r in rows) for k in keys}
 
     def share(key: str) -> dict:
@@ -130,6 +156,9 @@ def main(
         "rpra_decision_over_local_answer": share("rpra_decision_s"),
         "runtime_overhead_vs_direct": overhead,
         "answer_tokens_median": statistics.median(r["answer_tokens"] for r in rows),
+        "card_tokens": rows[0]["card_tokens"],
+        # What a cached card adds per request, over the zero-shot decision (both warm).
+        "card_added_ms_median": statistics.median((r["card_decision_warm_s"] - r["pa_decision_warm_s"]) * 1000 for r in rows),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
@@ -138,6 +167,9 @@ def main(
     print(f"  PA decision, cold cache          {med['pa_decision_s'] * 1000:8.1f} ms")
     print(f"  PA decision, system prompt warm  {med['pa_decision_warm_s'] * 1000:8.1f} ms")
     print(f"  RPRA decision, cold cache        {med['rpra_decision_s'] * 1000:8.1f} ms")
+    print(f"  card PA decision, card cached    {med['card_decision_warm_s'] * 1000:8.1f} ms   ({summary['card_tokens']}-token card)")
+    print(f"  card PA decision, cold cache     {med['card_decision_cold_s'] * 1000:8.1f} ms")
+    print(f"  a cached card adds               {summary['card_added_ms_median']:8.1f} ms per request (median)")
     print(f"  full local answer (runtime)      {med['local_answer_s'] * 1000:8.1f} ms")
     print(f"  same tokens, llama-cpp direct    {med['direct_s'] * 1000:8.1f} ms")
     print("                                      median   of totals")
@@ -148,6 +180,15 @@ def main(
         print(f"  {label:34s} {summary[key]['median']:7.1%}   {summary[key]['of_totals']:7.1%}")
     print("  targets: PA decision <= 10% of a local answer; overhead <= 5%")
     print(f"results: {out}")
+
+
+def _card_text(model: str) -> str:
+    try:
+        from benchmarks.report_cards import latest_card
+    except ImportError:  # the bench extra is not installed
+        return STAND_IN_CARD
+    card = latest_card(model)
+    return card.text if card else STAND_IN_CARD
 
 
 def _fields(settings: Settings) -> dict:
