@@ -409,7 +409,7 @@ def bench_report(
 
 def _bench_report(bench, settings, records, out_dir: Path, *, quality: str, seed: int, json_out: bool) -> None:
     from benchmarks.judge import agreement
-    from benchmarks.report import COLUMNS, evaluate, table_rows, write_reports
+    from benchmarks.report import TERMINAL_COLUMNS, evaluate, table_rows, write_reports
     from benchmarks.report_cards import latest_card
 
     card = latest_card(settings.model)
@@ -425,8 +425,8 @@ def _bench_report(bench, settings, records, out_dir: Path, *, quality: str, seed
     if json_out:
         print(json.dumps({"results": results, "agreement": agree, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
         return
-    table = Table("router", *[c for c, _ in COLUMNS], title=f"{results['items']} items · quality: {quality} judge")
-    for row in table_rows(results):
+    table = Table("router", *[c for c, _ in TERMINAL_COLUMNS], title=f"{results['items']} items · quality: {quality} judge")
+    for row in table_rows(results, TERMINAL_COLUMNS, short=True):
         table.add_row(*row)
     out.print(table)
     if agree:

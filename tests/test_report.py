@@ -68,3 +68,9 @@ def test_tokens_spent_before_the_decision_are_reported_per_protocol():
     assert r["zero-shot PA"]["tokens_before_decision"] == 0.0
     assert r["zero-shot RPRA"]["tokens_before_decision"] == 8.0
     assert r["zero-shot PA"]["decision_ms_p50"] == 100.0
+
+
+def test_the_random_baseline_is_the_expectation_of_random_deferral():
+    r = evaluate(records(), n_boot=20)["routers"]["random"]
+    assert r["apgr"]["value"] == pytest.approx(0.5)
+    assert r["curve"]["share"] == [0.0, 1.0]
