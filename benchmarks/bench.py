@@ -152,17 +152,9 @@ def add_card_predictions(records: list[dict], settings: Settings, card_text: str
     for r in records:
         messages = [{"role": "user", "content": r["prompt"]}]
         out = cached(cache, "device-predict", sha, {"system": system, "messages": messages},
-                     lambda: _timed_prediction(runtime, messages))  # fmt: skip
+                     lambda: predict_only(runtime, messages))  # fmt: skip
         r[field], r[f"{field}_decision_ms"] = out["prediction"], out["decision_ms"]
     return records
-
-
-def _timed_prediction(runtime: Runtime, messages: list[dict]) -> dict:
-    import time
-
-    started = time.perf_counter()
-    out = predict_only(runtime, messages)
-    return {"prediction": out["prediction"], "decision_ms": (time.perf_counter() - started) * 1000}
 
 
 def load_collection(path: Path) -> list[dict]:

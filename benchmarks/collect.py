@@ -46,6 +46,7 @@ class Provenance:
 
 def predict_only(runtime: Runtime, messages: list[dict]) -> dict:
     """The device model's prediction for ``messages`` without answering (stops at the decision)."""
+    started = time.perf_counter()
     events = runtime.turn(messages, mode="local-only")
     try:
         for event in events:
@@ -54,6 +55,7 @@ def predict_only(runtime: Runtime, messages: list[dict]) -> dict:
                     "prediction": event.prediction.to_dict(),
                     "reasoning": event.reasoning,
                     "reasoning_tokens": event.reasoning_tokens,
+                    "decision_ms": (time.perf_counter() - started) * 1000,
                 }
     finally:
         events.close()  # stop here: the turn's generator releases the model
@@ -67,7 +69,6 @@ def device_record(pa: Runtime, rpra: Runtime, item: Item) -> dict:
     """
     messages = [{"role": "user", "content": item.prompt}]
     result = pa.ask(messages, mode="local-only")
-    started = time.perf_counter()
     reasoned = predict_only(rpra, messages)
     return {
         "pa": result.prediction.to_dict(),
@@ -75,7 +76,7 @@ def device_record(pa: Runtime, rpra: Runtime, item: Item) -> dict:
         "rpra": reasoned["prediction"],
         "rpra_reasoning": reasoned["reasoning"],
         "rpra_reasoning_tokens": reasoned["reasoning_tokens"],
-        "rpra_decision_ms": (time.perf_counter() - started) * 1000,
+        "rpra_decision_ms": reasoned["decision_ms"],
         "local_answer": result.answer,
         "local_tokens": result.tokens.get("local_answer", 0),
         "local_ms": result.timings_ms["total"],
