@@ -480,6 +480,8 @@ def calibrate(
     suite: SuiteOpt = "rpra-mix",
     limit: Annotated[int, typer.Option(help="Calibration items.")] = 48,
     write: Annotated[bool, typer.Option(help="Write the threshold into the config file.")] = True,
+    judge_url: JudgeOpt = None,
+    judge_grammar: GrammarOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -493,11 +495,16 @@ def calibrate(
         raise RpraError("Give exactly one of --target-share or --max-fail.")
     bench = _bench()
     settings = _settings(config, set_)
-    records, _ = bench.run_collect(settings, suite=suite, which="calibration", limit=limit)
-    scored = [r for r in records if r["judge_local"]["score"] is not None]
+    records, _ = bench.run_collect(settings, suite=suite, which="calibration", limit=limit, judge_url=judge_url,
+                                   judge_grammar=judge_grammar)  # fmt: skip
+    # A target share needs only the predictions; a failure limit needs judged local answers too.
+    if max_fail is not None:
+        records = [r for r in records if r["judge_local"]["score"] is not None]
+    if not records:
+        raise RpraError("No calibration records with a judged local answer: check the judge (--judge-url, --judge-grammar).")
     key = "expected" if settings.route_on == "expected" else "p_pass"
-    pred = np.array([r[settings.protocol][key] for r in scored])
-    passed = np.array([r["judge_local"]["score"] >= settings.pass_mark for r in scored])
+    pred = np.array([r[settings.protocol][key] for r in records])
+    passed = np.array([r["judge_local"]["score"] is not None and r["judge_local"]["score"] >= settings.pass_mark for r in records])
     t = threshold_for_share(pred, target_share) if target_share is not None else threshold_for_failure(pred, passed, max_fail)
     result = describe(pred, passed, round(t, 4))
     out.print(f"threshold {result['threshold']} ({settings.route_on}, {settings.protocol}): remote share {result['remote_share']:.1%}, "

@@ -162,3 +162,17 @@ def test_a_users_file_with_malformed_rows_is_collected_and_the_rows_reported(set
     assert out_dir.name.endswith("mine.jsonl--test")
     err = capsys.readouterr().err
     assert "line 7" in err and "line 8" in err
+
+
+def test_calibrate_writes_a_threshold_that_defers_the_target_share(settings, isolated_home):
+    from rpra.config import load_settings
+
+    env = {**os.environ, "RPRA_MODEL": settings.model, "RPRA_REMOTE_URL": settings.remote_url, "RPRA_REMOTE_MODEL": "stand-in",
+           "RPRA_MAX_TOKENS": "16", "RPRA_N_CTX": "1024", "RPRA_N_THREADS": "2"}  # fmt: skip
+    run = subprocess.run([RPRA, "calibrate", "--target-share", "0.5", "--suite", "arithmetic", "--limit", "4", "--judge-grammar"],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    threshold = load_settings().threshold  # read back from $RPRA_HOME/config.toml
+    records = bench.load_collection(bench.collection_dir(settings, "arithmetic", "calibration"))
+    deferred = sum(r["pa"]["expected"] < threshold for r in records)
+    assert "remote share 50.0%" in run.stdout and deferred == len(records) // 2
