@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -77,43 +78,28 @@ def test_a_torn_last_line_is_dropped_and_redone(settings):
     assert all(json.loads(line) for line in journal.read_text().splitlines())
 
 
-def test_rerunning_costs_no_remote_or_judge_call(settings):
+def test_rerunning_costs_no_remote_or_judge_call(settings, monkeypatch):
     records, out_dir = collect(settings, 2)
     (out_dir / "records.jsonl").unlink()
     # Same remote identity, but nothing listens there: every call must come from the cache.
+    live_id = f"{settings.remote_url.rstrip('/')}|stand-in"
     offline = replace(settings, remote_url="http://127.0.0.1:9/v1", remote_retries=0)
-    monkey_id = f"{settings.remote_url.rstrip('/')}|stand-in"
-    again, _ = _collect_with_remote_id(offline, monkey_id)
+    real_endpoints = bench.endpoints
+
+    @contextmanager
+    def same_identity(s, **kw):
+        with real_endpoints(s, **kw) as ep:
+            ep.remote_id = ep.judge_id = live_id
+            yield ep
+
+    monkeypatch.setattr(bench, "endpoints", same_identity)
+    again, _ = collect(offline, 2)
+
     def scores(rs):
         return [(r["id"], r["remote_answer"], r["judge_local"]["score"], r["judge_remote"]["score"]) for r in rs]
 
     assert scores(again) == scores(records)
     assert all(r["judge_local"]["cached"] and r["judge_remote"]["cached"] for r in again)
-
-
-def _collect_with_remote_id(settings, remote_id):
-    """Collect against a dead URL that the cache knows under the live server's identity."""
-    original = bench.endpoints
-
-    def same_identity(s, **kw):
-        ctx = original(s, **kw)
-
-        class Wrapped:
-            def __enter__(self):
-                ep = ctx.__enter__()
-                ep.remote_id = ep.judge_id = remote_id
-                return ep
-
-            def __exit__(self, *exc):
-                return ctx.__exit__(*exc)
-
-        return Wrapped()
-
-    bench.endpoints = same_identity
-    try:
-        return collect(settings, 2)
-    finally:
-        bench.endpoints = original
 
 
 def test_bench_run_through_the_cli_writes_table_json_plot_and_report(settings, isolated_home):

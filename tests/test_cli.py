@@ -131,3 +131,10 @@ def test_help_explains_the_commands():
         assert command in run.stdout
     chat_help = rpra("chat", "--help", env=dict(os.environ)).stdout
     assert "verdict" in chat_help and "--threshold" in chat_help and "--set" in chat_help
+
+
+def test_models_list_shows_the_registry_and_what_is_downloaded(isolated_home):
+    rows = json.loads(rpra("models", "list", "--json", env=dict(os.environ)).stdout)
+    by_name = {r["name"]: r for r in rows}
+    assert {"smollm2-135m-instruct", "qwen2.5-coder-1.5b-instruct"} <= set(by_name)
+    assert not by_name["smollm2-135m-instruct"]["present"]  # a fresh RPRA_HOME has nothing yet
