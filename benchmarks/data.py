@@ -352,7 +352,9 @@ def _read_mtbench() -> tuple[list[Item], list[str]]:
         if not isinstance(qid, int) or not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
             problems.append((line, "no question_id or no turns; skipped"))
             continue
-        reference = human[0] if human else gpt4.get(qid)
+        # Question 133's human reference is an empty string: treat a blank reference as none.
+        human = human if human and isinstance(human[0], str) and human[0].strip() else None
+        reference = human[0] if human else (gpt4.get(qid) or None)
         items.append(Item(
             id=f"mtbench:{qid}", suite="mtbench", prompt=turns[0], reference=reference,
             category=row.get("category"), gold=None, kind="open",
