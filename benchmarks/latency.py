@@ -110,7 +110,7 @@ def main(
             answer = pa.ask(messages) if round_ % 2 == 0 else None
             # The exact tokens the runtime evaluated before answering, then as many answer tokens.
             prefix = local.chat_tokens([system, *messages]) + local.tokenize(prompts.SLOT_OPEN["pa"])
-            prefix += local.tokenize(str(warm.prediction.mode)) + local.tokenize(prompts.SLOT_CLOSE + prompts.ANSWER_OPEN)
+            prefix += local.tokenize(str(warm.prediction.mode)) + local.tokenize(prompts.SCORE_CLOSE)
             n = max(warm.tokens["local_answer"], 1)
             direct = direct_llama(local, prefix, n)
             if answer is None:

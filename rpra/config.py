@@ -20,7 +20,7 @@ from rpra.errors import ConfigError
 Mode = Literal["auto", "local-only", "remote-only"]
 Protocol = Literal["pa", "rpra"]
 RouteOn = Literal["expected", "p_pass"]
-PredictorName = Literal["zero-shot", "report-card"]
+PredictorName = Literal["zero-shot", "report-card", "fine-tuned", "probe"]
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -33,7 +33,7 @@ class Settings:
 
     # The device model
     model: str = _opt("smollm2-135m-instruct", "Device model: a registered name, a .gguf path or a URL.")
-    adapter: str | None = _opt(None, "LoRA adapter (GGUF) applied to the device model.")
+    adapter: str | None = _opt(None, "LoRA adapter applied to the device model: a name from `rpra train list` or a .gguf path.")
     n_ctx: int = _opt(2048, "Context window of the device model, in tokens.")
     n_threads: int | None = _opt(None, "CPU threads for llama.cpp (default: llama.cpp's choice).")
     n_batch: int = _opt(256, "Prompt tokens evaluated per llama.cpp batch.")
@@ -46,8 +46,13 @@ class Settings:
     temperature: float = _opt(0.2, "Sampling temperature of answers (0 = greedy).")
     repeat_penalty: float = _opt(1.1, "Penalty on repeating recent tokens (1 = none); small models loop without it.")
     seed: int = _opt(0, "Sampling seed, for reproducible answers.")
-    predictor: PredictorName = _opt("zero-shot", "zero-shot: the prompt alone; report-card: with the card in report_card.")
+    predictor: PredictorName = _opt(
+        "zero-shot",
+        "zero-shot: the prompt alone; report-card: with the card in report_card; fine-tuned: the model with "
+        "its adapter (set adapter); probe: a regression on the model's hidden state (see probe).",
+    )
     report_card: str | None = _opt(None, "Report card file (markdown) for the report-card predictor.")
+    probe: str | None = _opt(None, "Probe file (.npz) for the probe predictor (default: next to the model, from `rpra train probe`).")
     scale_max: int = _opt(10, "The judge scale is 1..scale_max.")
     pass_mark: int = _opt(7, "A judged score at or above this counts as a pass (for P(pass)).")
     # The controller
@@ -90,6 +95,10 @@ class Settings:
                 raise ConfigError(f"{name} must be positive; got {getattr(self, name)}.")
         if self.predictor == "report-card" and not self.report_card:
             raise ConfigError("The report-card predictor needs a card: set report_card (see `rpra report-card build`).")
+        if self.predictor == "fine-tuned" and not self.adapter:
+            raise ConfigError("The fine-tuned predictor needs an adapter: set adapter (see `rpra train sft` and `rpra train list`).")
+        if self.predictor == "probe" and self.protocol != "pa":
+            raise ConfigError("The probe predicts before any generated token: use it with protocol = pa.")
         if self.reason_tokens < 0 or self.remote_retries < 0:
             raise ConfigError("reason_tokens and remote_retries cannot be negative.")
 

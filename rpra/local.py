@@ -97,6 +97,18 @@ class LocalModel:
     def n_ctx(self) -> int:
         return self._llm.n_ctx()
 
+    @property
+    def n_embd(self) -> int:
+        """Width of the model's hidden state (what ``LocalSession.hidden_state`` returns)."""
+        return self._lib.llama_model_n_embd(self._llm.model)
+
+    @property
+    def end_of_turn(self) -> int:
+        """The token that ends an assistant turn (end-of-turn if the vocabulary has one, else end-of-sequence)."""
+        model = self._llm._model
+        eot = model.token_eot()
+        return eot if eot >= 0 else model.token_eos()
+
     def tokenize(self, text: str) -> list[int]:
         """Tokens of plain text. Special-token syntax in ``text`` stays plain text."""
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
@@ -219,6 +231,29 @@ class LocalSession:
         logprobs = slot.logprobs(next_logits)
         llm.n_tokens = base
         return logprobs
+
+    def hidden_state(self) -> np.ndarray:
+        """The model's final hidden state (after the output norm) at the current position.
+
+        llama.cpp only outputs hidden states for tokens evaluated while embeddings are on, and
+        turning them on for a whole prompt batch makes it output every position. So the last token
+        is evaluated once more, alone, with embeddings on: one single-token decode. The context is
+        unchanged; that position's logits are now the single-token decode's, which differ from the
+        batched prefill's by rounding only (up to ~0.1 in log-probability, measured on SmolLM2).
+        """
+        self._flush()
+        llm, lib = self.model._llm, self.model._lib
+        last = self.tokens[-1]
+        llm.n_tokens -= 1
+        lib.llama_set_embeddings(llm.ctx, True)
+        try:
+            llm.eval([last])
+            ptr = lib.llama_get_embeddings_ith(llm.ctx, -1)
+            if not ptr:
+                raise ModelError("llama.cpp returned no hidden state for this model.")
+            return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).copy()
+        finally:
+            lib.llama_set_embeddings(llm.ctx, False)
 
     def commit(self, tokens: Sequence[int]) -> None:
         """Put chosen tokens (e.g. the score written into the slot) into the context."""

@@ -7,6 +7,7 @@ report-card and fine-tuned predictors plug in without touching it:
 - zero-shot (here): instructions only; the slot's token probabilities are the prediction.
 - report card: the same, with a card of the model's strengths and weaknesses in the instructions.
 - fine-tuned: the zero-shot prompt on a model carrying a LoRA adapter (``Settings.adapter``).
+- probe: a regression on the model's hidden state at the slot (``rpra.probe``), PA only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from rpra import prompts
 from rpra.config import Protocol
 from rpra.prediction import Prediction
+from rpra.probe import Probe
 from rpra.slot import ScoreSlot
 
 if TYPE_CHECKING:
@@ -63,6 +65,25 @@ class ReportCardPredictor(ZeroShotPredictor):
 
     def system_prompt(self, protocol: Protocol, scale_max: int) -> str:
         return prompts.system_prompt(protocol, scale_max, report_card=self.card)
+
+
+class FineTunedPredictor(ZeroShotPredictor):
+    """The zero-shot reading, on a device model that carries a LoRA adapter trained to predict its
+    judge score (``rpra train sft``). The adapter lives in the model, so only the name differs."""
+
+    name = "fine-tuned"
+
+
+class ProbePredictor(Predictor):
+    """A ridge regression on the hidden state at the PA slot, fitted to judge scores (``rpra train probe``)."""
+
+    name = "probe"
+
+    def __init__(self, probe: Probe):
+        self.probe = probe
+
+    def predict(self, session: LocalSession, slot: ScoreSlot, *, pass_mark: int) -> Prediction:
+        return self.probe.prediction(session.hidden_state(), pass_mark)
 
 
 def make_slot(model: LocalModel, scale_max: int) -> ScoreSlot:

@@ -21,6 +21,7 @@ REASONING_OPEN = "Thinking: "
 SLOT_OPEN = {"pa": "Rating: [[", "rpra": "\nRating: [["}
 SLOT_CLOSE = "]]"
 ANSWER_OPEN = "\n"
+SCORE_CLOSE = SLOT_CLOSE + ANSWER_OPEN  # written after the score as one piece
 
 
 def system_prompt(protocol: Protocol, scale_max: int, *, report_card: str | None = None) -> str:
@@ -49,7 +50,18 @@ def past_answer(answer: str, score: int) -> str:
     return f"{SLOT_OPEN['pa']}{score}{SLOT_CLOSE}{ANSWER_OPEN}{answer}"
 
 
-def turn_pieces(protocol: Protocol, *, score: int, answer: str, reasoning: str = "") -> list[str]:
-    """The assistant turn as the runtime evaluates it, piece by piece (for building training data)."""
-    head = [REASONING_OPEN, reasoning] if protocol == "rpra" else []
-    return [*head, SLOT_OPEN[protocol], str(score), SLOT_CLOSE, ANSWER_OPEN, answer]
+def turn_pieces(
+    protocol: Protocol, *, score: int, answer: str, reasoning: str = "", reasoning_ended_line: bool = True
+) -> list[tuple[str, str]]:
+    """The assistant turn as the runtime puts it into context: ``(kind, text)`` pieces, each
+    tokenized on its own, exactly where the runtime tokenizes (for building training data).
+
+    ``kind`` is "fixed" (runtime-written), "reasoning", "score" or "answer". The runtime stops the
+    RPRA thought at a newline and keeps the token holding it in context before writing
+    ``SLOT_OPEN["rpra"]``, so a thought that ended its line (``reasoning_ended_line``) is followed by
+    a blank line; one cut by the token budget is not.
+    """
+    head: list[tuple[str, str]] = []
+    if protocol == "rpra":
+        head = [("fixed", REASONING_OPEN), ("reasoning", reasoning + ("\n" if reasoning_ended_line else ""))]
+    return [*head, ("fixed", SLOT_OPEN[protocol]), ("score", str(score)), ("fixed", SCORE_CLOSE), ("answer", answer)]

@@ -20,7 +20,7 @@ from rpra.controller import Controller, Decision
 from rpra.errors import ConfigError, InputError, PromptTooLongError, RemoteError
 from rpra.local import Generated, LocalModel, LocalSession
 from rpra.prediction import Prediction
-from rpra.predictors import Predictor, ReportCardPredictor, ZeroShotPredictor, make_slot
+from rpra.predictors import FineTunedPredictor, Predictor, ProbePredictor, ReportCardPredictor, ZeroShotPredictor, make_slot
 from rpra.remote import RemoteModel
 from rpra.store import LogStore
 
@@ -123,6 +123,7 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings, *, need_local: bool = True) -> Runtime:
         """Load what ``settings`` name: the device model (unless not needed), the remote, the log."""
+        from rpra.adapters import resolve_adapter
         from rpra.models import resolve
 
         local = None
@@ -133,7 +134,7 @@ class Runtime:
                 n_ctx=settings.n_ctx,
                 n_threads=settings.n_threads,
                 n_batch=settings.n_batch,
-                adapter=resolve(settings.adapter) if settings.adapter else None,
+                adapter=resolve_adapter(settings.adapter, model=resolve(settings.model)) if settings.adapter else None,
                 seed=settings.seed,
             )
         remote = RemoteModel.from_settings(settings) if settings.remote_url else None
@@ -238,7 +239,7 @@ class Runtime:
         """
         system = {"role": "system", "content": self.predictor.system_prompt(self.settings.protocol, self.settings.scale_max)}
         reserve = _SLOT_TOKENS + (self.settings.reason_tokens if self.settings.protocol == "rpra" else 0)
-        convo = _merge_system(system, [self._as_seen_locally(m) for m in messages])
+        convo = merge_system(system, [self._as_seen_locally(m) for m in messages])
         while True:
             tokens = self.local.chat_tokens(convo)
             if len(tokens) + reserve <= self.local.n_ctx or len(convo) <= 2:
@@ -275,7 +276,7 @@ class Runtime:
         s = self.settings
         started = time.perf_counter()
         score = result.prediction.mode if result.prediction else s.scale_max
-        session.commit(self.local.tokenize(str(score)) + self.local.tokenize(prompts.SLOT_CLOSE + prompts.ANSWER_OPEN))
+        session.commit(self.local.tokenize(str(score)) + self.local.tokenize(prompts.SCORE_CLOSE))
         out = Generated()
         started_text = False
         for piece in session.generate(s.max_tokens, temperature=s.temperature, repeat_penalty=s.repeat_penalty, out=out):
@@ -343,7 +344,7 @@ class Runtime:
 
 
 def predictor_from_settings(settings: Settings) -> Predictor:
-    """The predictor the settings name; a report card is read from its file."""
+    """The predictor the settings name; a report card or a probe is read from its file."""
     if settings.predictor == "report-card":
         path = Path(settings.report_card).expanduser()
         try:
@@ -352,6 +353,13 @@ def predictor_from_settings(settings: Settings) -> Predictor:
             raise ConfigError(f"Cannot read the report card {path}: {exc.strerror}. Build one with `rpra report-card build`.") from None
         except ValueError:
             raise ConfigError(f"The report card {path} is empty. Rebuild it with `rpra report-card build`.") from None
+    if settings.predictor == "probe":
+        from rpra.models import resolve
+        from rpra.probe import Probe, default_probe_path
+
+        return ProbePredictor(Probe.load(settings.probe or default_probe_path(resolve(settings.model))))
+    if settings.predictor == "fine-tuned" or settings.adapter:
+        return FineTunedPredictor()
     return ZeroShotPredictor()
 
 
@@ -374,7 +382,7 @@ def _check_messages(messages: list[dict]) -> None:
         raise InputError("The prompt is empty: the last message must be a non-blank user message.")
 
 
-def _merge_system(system: dict, messages: list[dict]) -> list[dict]:
+def merge_system(system: dict, messages: list[dict]) -> list[dict]:
     """Our instructions first; a user's own system messages are kept after them."""
     if messages and messages[0]["role"] == "system":
         merged = {"role": "system", "content": f"{system['content']}\n\n{messages[0]['content']}"}
