@@ -8,6 +8,7 @@ so cached calls survive the server's changing port.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from benchmarks.judge import Judge
 from rpra.config import Settings, home
 from rpra.local import LocalModel
 from rpra.models import file_sha256, resolve
-from rpra.predictors import ReportCardPredictor
+from rpra.predictors import Predictor, ProbePredictor, ReportCardPredictor, ZeroShotPredictor
 from rpra.remote import RemoteModel
 from rpra.runtime import Runtime
 
@@ -48,7 +49,8 @@ def endpoints(settings: Settings, *, judge_url: str | None = None, judge_model: 
         from rpra.remote_server import RemoteServer
 
         path = resolve(STAND_IN)
-        server = RemoteServer(path, port=0, n_ctx=4096, n_threads=settings.n_threads, model_alias="stand-in").start()
+        # llama-cpp-python's server defaults to half the cores; the stand-in has the machine to itself.
+        server = RemoteServer(path, port=0, n_ctx=4096, n_threads=settings.n_threads or os.cpu_count(), model_alias="stand-in").start()
         remote = RemoteModel(server.url, model="stand-in", timeout=600.0, retries=1)
         remote_id = f"gguf:{file_sha256(path)}"
     try:
@@ -110,12 +112,14 @@ def bench_settings(settings: Settings) -> Settings:
     return replace(settings, temperature=0.0, log=False, mode="local-only", sources={})
 
 
-def open_device(settings: Settings) -> LocalModel:
-    return LocalModel(resolve(settings.model), name=settings.model, n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_batch=settings.n_batch, seed=settings.seed)
+def open_device(settings: Settings, *, adapter: Path | None = None) -> LocalModel:
+    return LocalModel(resolve(settings.model), name=settings.model, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
+                      n_batch=settings.n_batch, seed=settings.seed, adapter=adapter)  # fmt: skip
 
 
 def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None, seed: int = 0, judge_url: str | None = None,
-                judge_grammar: bool | None = None, remote_max_tokens: int = 256, progress: bool = True) -> tuple[list[dict], Path]:  # fmt: skip
+                judge_grammar: bool | None = None, remote_max_tokens: int = 256, progress: bool = True,
+                remote_answers: bool = True) -> tuple[list[dict], Path]:  # fmt: skip
     """Collect (or extend) the collection for ``suite``/``which``; returns its records and folder.
 
     ``judge_grammar`` forces the judge's reply format with llama-cpp-python's GBNF extension (only
@@ -129,7 +133,7 @@ def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None
         collector = Collector(
             pa=Runtime(replace(settings, protocol="pa"), local=local),
             rpra=Runtime(replace(settings, protocol="rpra"), local=local),
-            remote=ep.remote,
+            remote=ep.remote if remote_answers else None,
             judge=Judge(ep.judge, cache=cache, scale_max=settings.scale_max, model_id=ep.judge_id,
                         grammar=ep.judge_is_stand_in if judge_grammar is None else judge_grammar),
             cache=cache,
@@ -142,19 +146,40 @@ def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None
     return [r for r in records if r["id"] in wanted], out
 
 
-def add_card_predictions(records: list[dict], settings: Settings, card_text: str, *, field: str = "card_pa") -> list[dict]:
-    """The report-card predictor's PA prediction for each record (device calls only, cached)."""
-    settings = replace(bench_settings(settings), protocol="pa")
-    local = open_device(settings)
-    runtime = Runtime(settings, local=local, predictor=ReportCardPredictor(card_text))
+def add_predictions(records: list[dict], settings: Settings, *, field: str, predictor: Predictor | None = None,
+                    adapter: Path | None = None, protocol: str = "pa", progress: bool = True) -> list[dict]:  # fmt: skip
+    """One more predictor's predictions for each record, as ``record[field]`` (device calls only, cached).
+
+    The cache key holds what shapes the prediction: the instructions, the prompt, the adapter's
+    and the probe's file hashes, and for RPRA the reasoning settings.
+    """
+    settings = replace(bench_settings(settings), protocol=protocol)
+    local = open_device(settings, adapter=adapter)
+    runtime = Runtime(settings, local=local, predictor=predictor or ZeroShotPredictor())
     cache, sha = CallCache.default(), file_sha256(local.path)
-    system = runtime.predictor.system_prompt("pa", settings.scale_max)
-    for r in records:
+    system = runtime.predictor.system_prompt(protocol, settings.scale_max)
+    identity: dict = {}
+    if adapter is not None:
+        identity["adapter"] = file_sha256(adapter)
+    if isinstance(predictor, ProbePredictor):
+        identity["probe"] = predictor.probe.meta.get("sha256") or repr(predictor.probe.weights[:8].tolist())
+    if protocol == "rpra":
+        identity["rpra"] = {"reason_tokens": settings.reason_tokens, "temperature": settings.temperature, "repeat_penalty": settings.repeat_penalty}
+    from rich.progress import track
+
+    for r in track(records, description=f"predicting: {field}", disable=not progress, transient=True):
         messages = [{"role": "user", "content": r["prompt"]}]
-        out = cached(cache, "device-predict", sha, {"system": system, "messages": messages},
+        out = cached(cache, "device-predict", sha, {"system": system, "messages": messages, **identity},
                      lambda: predict_only(runtime, messages))  # fmt: skip
         r[field], r[f"{field}_decision_ms"] = out["prediction"], out["decision_ms"]
+        if protocol == "rpra":
+            r[f"{field}_reasoning_tokens"] = out["reasoning_tokens"]
     return records
+
+
+def add_card_predictions(records: list[dict], settings: Settings, card_text: str, *, field: str = "card_pa") -> list[dict]:
+    """The report-card predictor's PA prediction for each record (device calls only, cached)."""
+    return add_predictions(records, settings, field=field, predictor=ReportCardPredictor(card_text))
 
 
 def load_collection(path: Path) -> list[dict]:

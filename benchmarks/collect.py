@@ -95,14 +95,17 @@ def remote_record(remote: RemoteModel, item: Item, max_tokens: int) -> dict:
 
 
 class Collector:
-    """Runs items through the device model, the remote and the judge, caching every call."""
+    """Runs items through the device model, the remote and the judge, caching every call.
+
+    Without a ``remote`` only the device side is collected and judged (enough to train on).
+    """
 
     def __init__(
         self,
         *,
         pa: Runtime,
         rpra: Runtime,
-        remote: RemoteModel,
+        remote: RemoteModel | None,
         judge: Judge,
         cache: CallCache,
         provenance: Provenance,
@@ -116,18 +119,20 @@ class Collector:
         p = self.provenance
         device_key = {"prompt": item.prompt, "prompts": p.prompts_version, "settings": p.settings}
         device = cached(self.cache, "device", p.device_sha256, device_key, lambda: device_record(self.pa, self.rpra, item))
-        remote_key = {"prompt": item.prompt, "max_tokens": self.remote_max_tokens}
-        remote = cached(self.cache, "remote", p.remote_id, remote_key, lambda: remote_record(self.remote, item, self.remote_max_tokens))
         judged_local = self.judge.score(item.prompt, device["local_answer"], reference=item.reference)
-        judged_remote = self.judge.score(item.prompt, remote["remote_answer"], reference=item.reference)
+        remote, judged_remote = {"remote_answer": None, "remote_tokens": None, "remote_ms": None}, None
+        if self.remote is not None:
+            remote_key = {"prompt": item.prompt, "max_tokens": self.remote_max_tokens}
+            remote = cached(self.cache, "remote", p.remote_id, remote_key, lambda: remote_record(self.remote, item, self.remote_max_tokens))
+            judged_remote = self.judge.score(item.prompt, remote["remote_answer"], reference=item.reference).to_dict()
         return {
             "id": item.id, "suite": item.suite, "category": item.category, "kind": item.kind,
             "prompt": item.prompt, "reference": item.reference, "gold": item.gold,
             **device, **remote,
             "judge_local": judged_local.to_dict(),
-            "judge_remote": judged_remote.to_dict(),
+            "judge_remote": judged_remote,
             "exact_local": verify(item, device["local_answer"]),
-            "exact_remote": verify(item, remote["remote_answer"]),
+            "exact_remote": None if remote["remote_answer"] is None else verify(item, remote["remote_answer"]),
         }  # fmt: skip
 
 

@@ -17,7 +17,8 @@ import numpy as np
 from benchmarks import metrics as M
 
 # Record fields holding a prediction dict, and the predictor each stands for.
-PREDICTORS = {"pa": "zero-shot PA", "rpra": "zero-shot RPRA", "card_pa": "report card PA", "sft_pa": "SFT PA", "sft_rpra": "SFT RPRA"}
+PREDICTORS = {"pa": "zero-shot PA", "rpra": "zero-shot RPRA", "card_pa": "report card PA", "sft_pa": "SFT PA", "sft_rpra": "SFT RPRA",
+              "probe_pa": "probe (PA slot)"}
 
 
 @dataclass
@@ -41,6 +42,8 @@ def quality_arrays(records: list[dict], *, quality: str = "llm", pass_mark: int 
                 continue
             lq, rq = (10.0 if r["exact_local"] else 1.0), (10.0 if r["exact_remote"] else 1.0)
         else:
+            if r.get("judge_remote") is None:  # collected with --no-remote: nothing to compare against
+                continue
             lq, rq = r["judge_local"]["score"], r["judge_remote"]["score"]
             if lq is None or rq is None:
                 continue
