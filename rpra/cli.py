@@ -32,6 +32,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 app.add_typer(card_app, name="report-card")
+train_app = typer.Typer(help="Fine-tuned predictors: a LoRA adapter (SFT) and an activation probe, trained on judged records.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 
 # soft_wrap: never break lines (error messages hold commands to copy; scripts parse verdicts)
 out = Console(highlight=False, soft_wrap=True)
@@ -44,7 +46,7 @@ ProtocolOpt = Annotated[Optional[str], typer.Option("--protocol", "-p", help="pa
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Device model: registered name, .gguf path or URL.")]
 ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", "-t", help="Defer below this predicted score.")]
 RemoteOpt = Annotated[Optional[str], typer.Option("--remote-url", help="OpenAI-compatible base URL of the remote model.")]
-AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter (GGUF) for the device model.")]
+AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter for the device model: a name from `rpra train list` or a .gguf path.")]
 
 
 def _settings(config: Path | None, sets: list[str] | None, **flags):
@@ -359,13 +361,14 @@ def collect(
     seed: Annotated[int, typer.Option(help="Seed of the suite's sampling and splits.")] = 0,
     judge_url: JudgeOpt = None,
     judge_grammar: GrammarOpt = None,
+    remote: Annotated[bool, typer.Option("--remote/--no-remote", help="Also collect and judge the remote's answers (not needed to train).")] = True,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Run items through the device model, the remote and the judge; resumable, every call cached."""
     bench = _bench()
     records, out_dir = bench.run_collect(_settings(config, set_), suite=suite, which=split, limit=limit, seed=seed,
-                                         judge_url=judge_url, judge_grammar=judge_grammar)  # fmt: skip
+                                         judge_url=judge_url, judge_grammar=judge_grammar, remote_answers=remote)  # fmt: skip
     err.print(f"{len(records)} records in {out_dir}")
 
 
@@ -416,7 +419,8 @@ def _bench_report(bench, settings, records, out_dir: Path, *, quality: str, seed
     if card is not None:
         bench.add_card_predictions(records, settings, card.text)
     else:
-        err.print("[dim]no report card for this model yet (`rpra report-card build`): evaluating zero-shot only[/]")
+        err.print("[dim]no report card for this model yet (`rpra report-card build`): no report-card predictor[/]")
+    _add_trained_predictions(bench, settings, records)
     results = evaluate(records, quality=quality, pass_mark=settings.pass_mark, threshold=settings.threshold, seed=seed)
     pairs = [(r[f"judge_{side}"]["score"], r[f"exact_{side}"]) for r in records for side in ("local", "remote")
              if r.get(f"exact_{side}") is not None and r[f"judge_{side}"]["score"] is not None]  # fmt: skip
@@ -432,6 +436,32 @@ def _bench_report(bench, settings, records, out_dir: Path, *, quality: str, seed
     if agree:
         out.print(f"LLM judge vs exact verifiers: {agree['accuracy']:.1%} agreement on {agree['n']} answers (κ {agree['kappa']:.2f})")
     out.print(f"[dim]report {paths['markdown']} · plot {paths['plot']} · json {paths['json']}[/]")
+
+
+def _add_trained_predictions(bench, settings, records) -> None:
+    """SFT (PA and RPRA) with the configured or newest adapter of the model, and its probe, if there are any."""
+    from rpra.adapters import list_adapters, resolve_adapter
+    from rpra.models import file_sha256, resolve
+    from rpra.predictors import FineTunedPredictor, ProbePredictor
+    from rpra.probe import Probe, default_probe_path
+
+    model = resolve(settings.model)
+    sha = file_sha256(model)
+    adapter = resolve_adapter(settings.adapter, model=model) if settings.adapter else next(
+        (a.path for a in list_adapters() if a.meta.get("base_sha256") == sha), None)  # fmt: skip
+    if adapter is not None:
+        err.print(f"[dim]SFT predictor: adapter {adapter}[/]")
+        for protocol in ("pa", "rpra"):
+            bench.add_predictions(records, settings, field=f"sft_{protocol}", predictor=FineTunedPredictor(), adapter=adapter, protocol=protocol)
+    else:
+        err.print("[dim]no adapter for this model yet (`rpra train sft`): no SFT predictor[/]")
+    probe_path = Path(settings.probe).expanduser() if settings.probe else default_probe_path(model)
+    if probe_path.exists():
+        probe = Probe.load(probe_path)
+        probe.meta["sha256"] = file_sha256(probe_path)
+        bench.add_predictions(records, settings, field="probe_pa", predictor=ProbePredictor(probe))
+    else:
+        err.print("[dim]no probe for this model yet (`rpra train probe`): no probe predictor[/]")
 
 
 @card_app.command("build")
@@ -512,6 +542,141 @@ def calibrate(
     if write:
         path = write_settings(config or default_config_path(), {"threshold": result["threshold"]})
         out.print(f"[dim]wrote threshold = {result['threshold']} to {path}[/]")
+
+
+def _training():
+    """The training modules; they need the train extra (torch, transformers, peft, trl)."""
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        import trl  # noqa: F401
+    except ImportError as exc:
+        raise RpraError(f"Training needs the train extra ({exc.name} is missing): pip install 'rpra[train]'.") from None
+
+
+def _train_sft(config: Optional[Path], flags: dict) -> None:
+    from training.config import load_config
+
+    cfg = load_config(config, flags)
+    _training()
+    from training.sft import train_sft
+
+    meta = train_sft(cfg, log=lambda line: err.print(f"[dim]{escape(line)}[/]"))
+    out.print(json.dumps(meta, indent=2))
+
+
+def _register_train_sft() -> None:
+    from training.config import command_from_config
+
+    doc = (
+        "Train a LoRA adapter that makes the device model predict its own judge score (peft + trl on CPU).\n\n"
+        "Trains on the collected, judged train split (`rpra collect --split train --no-remote`), in the runtime's own "
+        "turn layout; resumes an interrupted run from its last checkpoint; exports a GGUF LoRA that `--adapter NAME` loads. "
+        "Settings come from --config FILE (YAML) and the flags below, flags winning."
+    )
+    train_app.command("sft")(command_from_config(_train_sft, doc))
+
+
+_register_train_sft()
+
+
+@train_app.command("list")
+def train_list(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Trained adapters (newest first) and the probes next to pulled models."""
+    from rpra.adapters import list_adapters
+    from rpra.models import list_models
+    from rpra.probe import Probe, default_probe_path
+
+    adapters = [{"name": a.name, "path": str(a.path), **{k: a.meta.get(k) for k in ("base_model", "created", "records", "steps", "train_loss", "eval_loss", "train_wall_s", "gguf_bytes")}}
+                for a in list_adapters()]  # fmt: skip
+    probes = []
+    for m in list_models():
+        path = default_probe_path(Path(m["path"])) if m.get("path") else None
+        if path and path.exists():
+            meta = Probe.load(path).meta
+            probes.append({"model": m["name"], "path": str(path), **{k: meta.get(k) for k in ("examples", "cv_rmse", "mean_baseline_rmse", "cv_spearman", "created")}})
+    if json_out:
+        print(json.dumps({"adapters": adapters, "probes": probes}, indent=2))
+        return
+    table = Table("adapter", "base", "records", "steps", "train loss", "eval loss", "wall s", "GGUF MB", "created")
+    for a in adapters:
+        fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
+        table.add_row(a["name"], str(a["base_model"]), str(a["records"]), str(a["steps"]), fmt(a["train_loss"]), fmt(a["eval_loss"]),
+                      fmt(a["train_wall_s"], "{:.0f}"), fmt(a["gguf_bytes"] and a["gguf_bytes"] / 1e6, "{:.1f}"), str(a["created"]))  # fmt: skip
+    out.print(table if adapters else "[dim]no adapters yet: `rpra train sft`[/]")
+    for p in probes:
+        out.print(f"probe for {p['model']}: {p['path']} ({p['examples']} examples, CV RMSE {p['cv_rmse']:.2f} vs {p['mean_baseline_rmse']:.2f} "
+                  f"for the mean, CV Spearman {p['cv_spearman']:.2f})")  # fmt: skip
+
+
+@train_app.command("export")
+def train_export(
+    name: Annotated[str, typer.Argument(help="Adapter name (see `rpra train list`).")],
+    merge: Annotated[bool, typer.Option(help="Also write a standalone GGUF with the LoRA merged in.")] = False,
+    quant: Annotated[str, typer.Option(help="Quantisation of the merged GGUF: f16, q8_0, q4_0, q4_1, q4_k_m, q5_k_m.")] = "q8_0",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Merged GGUF path (default: in the adapter's folder).")] = None,
+) -> None:
+    """(Re)convert an adapter to a GGUF LoRA, and optionally merge it into a standalone quantised model."""
+    import json as _json
+
+    from rpra.adapters import adapters_dir
+    from rpra.models import resolve
+
+    folder = adapters_dir() / name
+    if not (folder / "peft").exists() or not (folder / "meta.json").exists():
+        raise RpraError(f"No trained adapter {name!r} in {adapters_dir()} (see `rpra train list`).")
+    _training()
+    from training.export import merge_to_gguf
+    from training.sft import export_adapter
+
+    meta = _json.loads((folder / "meta.json").read_text())
+    base = resolve(meta["base_model"])
+    export_adapter(folder, base, meta, log=lambda line: err.print(f"[dim]{escape(line)}[/]"))
+    if merge:
+        target = output or folder / f"{base.stem}+{name}.{quant}.gguf"
+        merged = merge_to_gguf(base, folder / "peft", target, quant=quant)
+        out.print(f"merged model: {merged} ({merged.stat().st_size / 1e6:.1f} MB); run it with --model {merged}")
+
+
+@train_app.command("probe")
+def train_probe(
+    suite: SuiteOpt = "rpra-mix",
+    split: Annotated[str, typer.Option(help="Collection split to fit on (not the test split).")] = "train",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for choosing the ridge strength.")] = 5,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Probe file (default: next to the model).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fit the activation probe: a ridge regression from the hidden state at the PA slot to the judge score."""
+    from rpra.models import file_sha256, resolve
+    from rpra.probe import default_probe_path
+    from training.probe import fit_probe, slot_states
+
+    if split == "test":
+        raise RpraError("Fitting on the test split would make its benchmark meaningless; use --split train.")
+    bench = _bench()
+    settings = bench.bench_settings(_settings(config, set_))
+    folder = bench.collection_dir(settings, suite, split)
+    if not (folder / "records.jsonl").exists():
+        raise RpraError(f"No collected {split} split in {folder}: `rpra collect --suite {suite} --split {split} --no-remote` first.")
+    records = [r for r in bench.load_collection(folder) if r["judge_local"]["score"] is not None]
+    local = bench.open_device(settings)
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("reading hidden states", total=len(records))
+        x = slot_states(local, [r["prompt"] for r in records], settings, progress=lambda: bar.advance(task))
+    y = [r["judge_local"]["score"] for r in records]
+    import numpy as np
+
+    model_path = resolve(settings.model)
+    probe, report = fit_probe(x, np.asarray(y, float), scale_max=settings.scale_max, folds=folds,
+                              meta={"model": settings.model, "model_sha256": file_sha256(model_path), "collection": str(folder)})  # fmt: skip
+    path = probe.save(output or default_probe_path(model_path))
+    out.print(f"probe: {path} ({path.stat().st_size / 1e3:.0f} kB) · {report['examples']} examples · ridge alpha {report['alpha']:g} · "
+              f"CV RMSE {report['cv_rmse']:.2f} (always-the-mean: {report['mean_baseline_rmse']:.2f}) · CV Spearman {report['cv_spearman']:.2f}")  # fmt: skip
+    out.print("[dim]use it with --set predictor=probe[/]")
 
 
 def main() -> None:

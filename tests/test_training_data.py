@@ -1,0 +1,249 @@
+"""The SFT data is the runtime's own turn; the training config; the probe; adapters by name.
+
+None of these need the training stack (torch): they run on the device runtime alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rpra import prompts
+from rpra.adapters import list_adapters, resolve_adapter
+from rpra.errors import ConfigError
+from rpra.predictors import ProbePredictor, ZeroShotPredictor
+from rpra.probe import Probe
+from rpra.runtime import Runtime
+from tests.conftest import greedy_settings
+from training.config import SFTConfig, load_config
+from training.data import IGNORE, build_examples, hold_out, target_score, turn_example
+from training.probe import fit_probe, slot_states
+
+PROMPT = "What is the capital of France?"
+
+
+def _context(local) -> list[int]:
+    """The tokens llama.cpp holds for the last request."""
+    return list(local._llm.input_ids[: local._llm.n_tokens])
+
+
+@pytest.mark.slow
+def test_pa_training_example_is_token_for_token_the_runtime_turn(local_model):
+    settings = greedy_settings(protocol="pa")
+    result = Runtime(settings, local=local_model).ask([{"role": "user", "content": PROMPT}], mode="local-only")
+    held = _context(local_model)
+    system = ZeroShotPredictor().system_prompt("pa", settings.scale_max)
+    example = turn_example(local_model, system, PROMPT, "pa", score=result.prediction.mode, answer=result.answer)
+    # Up to the end of the slot the runtime writes every token itself: identical ids.
+    upto = len(local_model.chat_tokens([{"role": "system", "content": system}, {"role": "user", "content": PROMPT}]))
+    upto += sum(len(local_model.tokenize(t)) for t in (prompts.SLOT_OPEN["pa"], str(result.prediction.mode), prompts.SCORE_CLOSE))
+    assert example["input_ids"][:upto] == held[:upto]
+    # The answer was sampled token by token; retokenised, it is the same text.
+    answer_ids = [t for t, label in zip(example["input_ids"], example["labels"]) if label == IGNORE][upto:-1]
+    assert local_model.detokenize(example["input_ids"][upto:-1]).strip() == local_model.detokenize(held[upto:]).strip()
+    assert answer_ids  # the answer is in the sequence, without loss
+
+
+@pytest.mark.slow
+def test_rpra_training_example_is_the_runtime_turn_as_text(local_model):
+    settings = greedy_settings(protocol="rpra", reason_tokens=24)
+    result = Runtime(settings, local=local_model).ask([{"role": "user", "content": PROMPT}], mode="local-only")
+    held = local_model.detokenize(_context(local_model))
+    system = ZeroShotPredictor().system_prompt("rpra", settings.scale_max)
+    example = turn_example(local_model, system, PROMPT, "rpra", score=result.prediction.mode, answer=result.answer,
+                           reasoning=result.reasoning, reasoning_ended_line=result.tokens["reasoning"] < 24)  # fmt: skip
+    text = local_model.detokenize(example["input_ids"][:-1])
+    # The runtime's thought keeps its own spacing; compare up to the end of the slot, whitespace-normalised.
+    cut = lambda s: " ".join(s[: s.index(prompts.SLOT_CLOSE) + 2].split())  # noqa: E731
+    assert cut(text) == cut(held)
+    assert "Thinking: " in text and f"Rating: [[{result.prediction.mode}]]" in text
+
+
+@pytest.mark.slow
+def test_labels_cover_only_the_score_unless_the_answer_is_asked_for(local_model):
+    system = ZeroShotPredictor().system_prompt("pa", 10)
+    only = turn_example(local_model, system, PROMPT, "pa", score=7, answer="Paris.")
+    assert [t for t in only["labels"] if t != IGNORE] == local_model.tokenize("7")
+    both = turn_example(local_model, system, PROMPT, "pa", score=10, answer="Paris.", loss_on="prediction+answer")
+    learned = [t for t in both["labels"] if t != IGNORE]
+    assert learned == local_model.tokenize("10") + local_model.tokenize("Paris.") + [local_model.end_of_turn]
+    assert len(only["input_ids"]) == len(only["labels"])
+
+
+def _record(i: int, score: float | None, **extra) -> dict:
+    return {"id": f"t:{i}", "prompt": f"What is {i} + {i}?", "local_answer": str(2 * i), "judge_local": {"score": score},
+            "exact_local": 1.0 if i % 2 else 0.0, "rpra_reasoning": "Adding.", "rpra_reasoning_tokens": 3, **extra}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_build_examples_reports_what_it_leaves_out(local_model):
+    records = [_record(1, 6.6), _record(2, None), _record(3, 2.2, prompt="long " * 900)]
+    built = build_examples(records, local_model, protocols=["pa", "rpra"], system_prompt=lambda p: "Be brief.", loss_on="prediction",
+                           target="llm", scale_max=10, reason_tokens=48, max_length=256)  # fmt: skip
+    assert [(e["id"], e["protocol"], e["score"]) for e in built.examples] == [("t:1", "pa", 7), ("t:1", "rpra", 7)]
+    assert built.skipped == {"no score": 1, "longer than max_length (256)": 2}
+
+
+def test_target_scores():
+    assert target_score(_record(1, 9.6), target="llm", scale_max=10) == 10
+    assert target_score(_record(1, 0.2), target="llm", scale_max=10) == 1
+    assert target_score(_record(1, None), target="llm", scale_max=10) is None
+    assert target_score(_record(1, 3.0), target="exact", scale_max=10) == 10
+    assert target_score(_record(2, 3.0), target="exact", scale_max=10) == 1
+
+
+def test_hold_out_keeps_both_protocols_of_a_record_together():
+    examples = [{"id": f"r{i}", "protocol": p} for i in range(20) for p in ("pa", "rpra")]
+    train, held = hold_out(examples, 0.25, seed=0)
+    assert len(held) == 10 and len(train) == 30
+    assert not {e["id"] for e in train} & {e["id"] for e in held}
+    assert hold_out(examples, 0.25, seed=0) == (train, held)
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def test_config_flags_beat_the_yaml_file(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("name: mine\nlora_r: 8\nlearning_rate: 1.0e-3\nprotocols: pa\n")
+    cfg = load_config(path, {"lora_r": 4, "epochs": None})
+    assert (cfg.name, cfg.lora_r, cfg.learning_rate, cfg.protocol_list, cfg.epochs) == ("mine", 4, 1e-3, ["pa"], 3.0)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lora_rank: 8\n", "Unknown training settings: lora_rank"),
+        ("lora_r: many\n", "lora_r must be a int"),
+        ("split: test\n", "Training on the test split"),
+        ("protocols: pa,cot\n", "protocols must list pa and/or rpra"),
+        ("batch_size: 6\nmicro_batch_size: 4\n", "must be a multiple"),
+        ("- a list\n", "must be a mapping"),
+        ("name: [unclosed\n", "not valid YAML"),
+        ("export: maybe\n", "export must be true or false"),
+    ],
+)
+def test_bad_training_configs_are_clear_errors(tmp_path, text, message):
+    path = tmp_path / "train.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, {})
+
+
+def test_fingerprint_ignores_what_does_not_shape_the_weights():
+    assert SFTConfig(name="a", threads=1).fingerprint() == SFTConfig(name="b", threads=2, export=False).fingerprint()
+    assert SFTConfig(lora_r=8).fingerprint() != SFTConfig(lora_r=16).fingerprint()
+
+
+def test_train_sft_help_lists_every_setting(tmp_path):
+    from typer.testing import CliRunner
+
+    from rpra.cli import app
+
+    result = CliRunner().invoke(app, ["train", "sft", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in ("--config", "--lora-r", "--learning-rate", "--loss-on", "--no-export", "--max-steps"):
+        assert flag in result.output
+
+
+# --- probe ------------------------------------------------------------------------------------
+
+
+def test_probe_fit_recovers_a_linear_signal_and_finds_none_in_noise():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 40))
+    y = np.clip(5 + 1.5 * x[:, 0] - x[:, 1] + rng.normal(scale=0.5, size=120), 1, 10)
+    probe, report = fit_probe(x, y, scale_max=10)
+    assert report["cv_spearman"] > 0.8 and report["cv_rmse"] < 0.6 * report["mean_baseline_rmse"]
+    _, noise = fit_probe(x, rng.permutation(y), scale_max=10)
+    assert abs(noise["cv_spearman"]) < 0.3 and noise["cv_rmse"] > 0.9 * noise["mean_baseline_rmse"]
+
+
+def test_probe_prediction_is_a_distribution_centred_on_its_score(tmp_path):
+    probe = Probe(np.zeros(3), np.ones(3), np.array([1.0, 0.0, 0.0]), bias=5.0, sigma=0.8, scale_max=10)
+    p = probe.prediction(np.array([1.5, 9.0, 9.0]), pass_mark=7)
+    assert p.predictor == "probe" and abs(sum(p.probs) - 1) < 1e-9
+    assert abs(p.expected - 6.5) < 0.05 and p.mode in (6, 7)
+    assert probe.prediction(np.array([40.0, 0, 0]), pass_mark=7).probs[-1] > 0.99  # far off the scale: all at 10
+    loaded = Probe.load(probe.save(tmp_path / "m.probe.npz"))
+    assert loaded.prediction(np.array([1.5, 9.0, 9.0]), 7) == p
+
+
+def test_probe_file_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="No probe at"):
+        Probe.load(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="not a readable rpra probe"):
+        Probe.load(tmp_path / "junk.npz")
+    probe = Probe(np.zeros(3), np.ones(3), np.ones(3), 5.0, 1.0, 10)
+    with pytest.raises(ConfigError, match="fitted on another model"):
+        probe.score(np.zeros(4))
+
+
+@pytest.mark.slow
+def test_reading_the_hidden_state_changes_nothing_the_runtime_does_next(local_model):
+    from rpra.predictors import make_slot
+
+    slot = make_slot(local_model, 10)
+    tokens = local_model.chat_tokens([{"role": "user", "content": PROMPT}]) + local_model.tokenize("Rating: [[")
+    with local_model.lock:
+        session = local_model.session(tokens)
+        before = session.score(slot)
+        h = session.hidden_state()
+        after = session.score(slot)
+        assert h.shape == (local_model.n_embd,) and np.isfinite(h).all() and np.linalg.norm(h) > 0
+        # Batched and single-token kernels round differently (measured: up to ~0.1): same ranking.
+        np.testing.assert_allclose(before, after, atol=0.2)
+        assert np.argmax(before) == np.argmax(after) and session.tokens == tokens
+        again = local_model.session(tokens)  # the cache still holds exactly the prompt
+        assert again.reused_tokens == len(tokens) - 1
+        np.testing.assert_allclose(again.hidden_state(), h, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_fitted_probe_routes_real_turns(local_model, tmp_path):
+    settings = greedy_settings(protocol="pa")
+    prompts_ = [f"What is {a} times {b}?" for a, b in [(2, 3), (17, 23), (5, 5), (123, 456), (9, 8), (71, 13)]] + [
+        "Name a colour.", "Write a haiku about rain.", "Who wrote Hamlet?", "Explain entropy in one line.",
+    ]  # fmt: skip
+    x = slot_states(local_model, prompts_, settings)
+    assert x.shape == (10, local_model.n_embd)
+    y = np.array([8, 3, 8, 2, 8, 3, 7, 5, 6, 4], float)
+    probe, _ = fit_probe(x, y, scale_max=10, folds=2)
+    runtime = Runtime(settings, local=local_model, predictor=ProbePredictor(Probe.load(probe.save(tmp_path / "p.npz"))))
+    result = runtime.ask([{"role": "user", "content": prompts_[0]}], mode="local-only")
+    assert result.prediction.predictor == "probe"
+    # The runtime's prediction is the probe applied to the very state slot_states read.
+    assert abs(result.prediction.expected - probe.prediction(x[0], settings.pass_mark).expected) < 1e-3
+    assert result.answer
+
+
+# --- adapters by name -------------------------------------------------------------------------
+
+
+def _fake_adapter(home: Path, name: str, base_sha: str, created: str) -> Path:
+    folder = home / "adapters" / name
+    folder.mkdir(parents=True)
+    (folder / "adapter.gguf").write_bytes(b"GGUF")
+    (folder / "meta.json").write_text(json.dumps({"base_sha256": base_sha, "base_model": "m", "created": created}))
+    return folder / "adapter.gguf"
+
+
+def test_adapters_resolve_by_name_and_refuse_another_base(isolated_home, model_path):
+    from rpra.models import file_sha256
+
+    good = _fake_adapter(isolated_home, "mine", file_sha256(model_path), "2026-11-02")
+    _fake_adapter(isolated_home, "other", "0" * 64, "2026-11-01")
+    (isolated_home / "adapters" / "unfinished").mkdir()
+    assert [a.name for a in list_adapters()] == ["mine", "other"]
+    assert resolve_adapter("mine", model=model_path) == good
+    assert resolve_adapter(str(good)) == good
+    with pytest.raises(ConfigError, match="trained on another base model"):
+        resolve_adapter("other", model=model_path)
+    with pytest.raises(ConfigError, match="No adapter named 'nope'. Adapters: mine, other"):
+        resolve_adapter("nope")
+    with pytest.raises(ConfigError, match="No adapter file"):
+        resolve_adapter(str(isolated_home / "gone.gguf"))

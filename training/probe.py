@@ -1,0 +1,102 @@
+"""``rpra train probe``: fit the activation probe (``rpra.probe``) on the collected train split.
+
+Features are read through the runtime itself: a PA turn is opened exactly as the device opens it
+and the probe predictor's own ``LocalSession.hidden_state`` call reads the state at the slot, so
+the fitted probe sees at run time what it saw here. The fit is a ridge regression of the judge
+score on standardised features, its strength chosen by k-fold cross-validation; the
+cross-validated residual spread becomes the probe's ``sigma``. numpy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Callable
+
+import numpy as np
+
+from benchmarks.metrics import spearman
+from rpra.config import Settings
+from rpra.local import LocalModel, LocalSession
+from rpra.prediction import Prediction
+from rpra.predictors import ZeroShotPredictor
+from rpra.probe import Probe
+from rpra.runtime import Decided, Runtime
+from rpra.slot import ScoreSlot
+
+ALPHAS = (1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0)
+
+
+class _ReadState(ZeroShotPredictor):
+    """The zero-shot predictor, also keeping the hidden state at the slot (as ProbePredictor reads it)."""
+
+    def __init__(self) -> None:
+        self.state: np.ndarray | None = None
+
+    def predict(self, session: LocalSession, slot: ScoreSlot, *, pass_mark: int) -> Prediction:
+        self.state = session.hidden_state()
+        return super().predict(session, slot, pass_mark=pass_mark)
+
+
+def slot_states(local: LocalModel, prompts: list[str], settings: Settings, *, progress: Callable[[], None] = lambda: None) -> np.ndarray:
+    """The hidden state at the PA slot for each prompt, read through the runtime's own turn."""
+    reader = _ReadState()
+    runtime = Runtime(replace(settings, protocol="pa", mode="local-only", log=False), local=local, predictor=reader)
+    states = []
+    for prompt in prompts:
+        events = runtime.turn([{"role": "user", "content": prompt}], mode="local-only")
+        try:
+            next(e for e in events if isinstance(e, Decided))
+        finally:
+            events.close()  # stop at the decision: no answer is generated
+        states.append(reader.state)
+        progress()
+    return np.stack(states)
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """Ridge on centred data (x already standardised): weights and intercept."""
+    xm, ym = x.mean(0), y.mean()
+    xc = x - xm
+    # The dual form: features (hundreds) outnumber examples here.
+    coef = xc.T @ np.linalg.solve(xc @ xc.T + alpha * np.eye(len(x)), y - ym)
+    return coef, float(ym - xm @ coef)
+
+
+def cross_validate(x: np.ndarray, y: np.ndarray, alpha: float, *, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Out-of-fold predictions for every example."""
+    order = np.random.default_rng(seed).permutation(len(y))
+    pred = np.empty(len(y))
+    for fold in np.array_split(order, folds):
+        train = np.setdiff1d(order, fold)
+        mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+        coef, bias = _ridge((x[train] - mean) / std, y[train], alpha)
+        pred[fold] = (x[fold] - mean) / std @ coef + bias
+    return pred
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, *, scale_max: int, folds: int = 5, seed: int = 0, meta: dict | None = None) -> tuple[Probe, dict]:
+    """Choose alpha by cross-validated error, refit on everything; returns the probe and its CV report."""
+    if len(y) < 2 * folds:
+        raise ValueError(f"Need at least {2 * folds} judged records to fit and cross-validate a probe; have {len(y)}.")
+    scores = {}
+    for alpha in ALPHAS:
+        pred = cross_validate(x, y, alpha, folds=folds, seed=seed)
+        scores[alpha] = float(np.sqrt(np.mean((pred - y) ** 2)))
+    best = min(scores, key=scores.get)
+    oof = cross_validate(x, y, best, folds=folds, seed=seed)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    coef, bias = _ridge((x - mean) / std, y, best)
+    baseline = float(np.sqrt(np.mean((y - y.mean()) ** 2)))  # always predicting the mean score
+    report = {
+        "alpha": best,
+        "cv_rmse": scores[best],
+        "cv_rmse_by_alpha": {str(a): round(v, 4) for a, v in scores.items()},
+        "mean_baseline_rmse": baseline,
+        "cv_spearman": float(spearman(oof, y)),
+        "examples": int(len(y)),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    probe = Probe(mean, std, coef, bias, sigma=scores[best], scale_max=scale_max, meta={**(meta or {}), **report})
+    return probe, report
+
