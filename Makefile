@@ -15,6 +15,11 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AM
 # pip's wheel cache ignores CMAKE_ARGS, so the built wheel is kept under a name made of the flags.
 FLAGS_ID := $(shell echo '$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-10)
 WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/rpra-build/llama-$(FLAGS_ID)
+# The sdist is kept too: the wheel is built from it, and `rpra train` takes llama.cpp's LoRA and
+# model converters out of it (they must match the llama.cpp the runtime runs).
+SDIST_DIR := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/rpra-build/sdist
+SDIST := $(SDIST_DIR)/llama_cpp_python-$(LLAMA_VERSION).tar.gz
+SDIST_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 INSTALLED := $(VENV)/.installed-$(FLAGS_ID)
 
 DEVICE_MODEL ?= smollm2-135m-instruct
@@ -23,16 +28,19 @@ REMOTE_MODEL ?= qwen2.5-coder-1.5b-instruct
 PROMPTS ?= examples/demo-prompts.txt
 PYTEST_ARGS ?=
 
-.PHONY: setup models run test test-fast bench bench-deferral clean
+.PHONY: setup models run test test-fast bench bench-deferral train clean
 
 setup: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@test -f $(SDIST) || { mkdir -p $(SDIST_DIR) && \
+	  $(PY) -m pip download --quiet --no-deps --no-binary :all: -d $(SDIST_DIR) llama-cpp-python==$(LLAMA_VERSION); }
+	@echo "$(SDIST_SHA256)  $(SDIST)" | sha256sum --check --quiet || { echo "$(SDIST) does not match its pinned sha256: delete it and re-run"; exit 1; }
 	@if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
 	  echo "Building llama-cpp-python $(LLAMA_VERSION) with CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' (about 5 minutes on 2 cores)"; \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --quiet --no-deps --no-cache-dir -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION); \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --quiet --no-deps --no-cache-dir -w $(WHEELS) $(SDIST); \
 	fi
 	$(PY) -m pip install --quiet --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(PY) -m pip install --quiet --find-links $(WHEELS) -e '.[dev]'
@@ -72,6 +80,14 @@ BENCH_LIMIT ?= 150
 bench-deferral: models
 	$(RPRA) report-card build --limit 32
 	$(RPRA) bench run --limit $(BENCH_LIMIT)
+
+# The fine-tuned predictors: judged train records (device side only), a LoRA adapter, the probe.
+# Resumable like the benchmark; the adapter lands in $$RPRA_HOME/adapters/sft.
+TRAIN_LIMIT ?= 200
+train: models
+	$(RPRA) collect --split train --limit $(TRAIN_LIMIT) --no-remote
+	$(RPRA) train sft
+	$(RPRA) train probe
 
 clean:
 	rm -rf $(VENV) .pytest_cache
