@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from benchmarks.metrics import spearman
 from rpra.config import Settings
+from rpra.errors import RpraError
 from rpra.local import LocalModel, LocalSession
 from rpra.prediction import Prediction
 from rpra.predictors import ZeroShotPredictor
@@ -78,13 +80,10 @@ def cross_validate(x: np.ndarray, y: np.ndarray, alpha: float, *, folds: int = 5
 def fit_probe(x: np.ndarray, y: np.ndarray, *, scale_max: int, folds: int = 5, seed: int = 0, meta: dict | None = None) -> tuple[Probe, dict]:
     """Choose alpha by cross-validated error, refit on everything; returns the probe and its CV report."""
     if len(y) < 2 * folds:
-        raise ValueError(f"Need at least {2 * folds} judged records to fit and cross-validate a probe; have {len(y)}.")
-    scores = {}
-    for alpha in ALPHAS:
-        pred = cross_validate(x, y, alpha, folds=folds, seed=seed)
-        scores[alpha] = float(np.sqrt(np.mean((pred - y) ** 2)))
+        raise RpraError(f"Need at least {2 * folds} judged records to fit and cross-validate a probe; have {len(y)}.")
+    oof = {alpha: cross_validate(x, y, alpha, folds=folds, seed=seed) for alpha in ALPHAS}
+    scores = {alpha: float(np.sqrt(np.mean((pred - y) ** 2))) for alpha, pred in oof.items()}
     best = min(scores, key=scores.get)
-    oof = cross_validate(x, y, best, folds=folds, seed=seed)
     mean, std = x.mean(0), x.std(0) + 1e-6
     coef, bias = _ridge((x - mean) / std, y, best)
     baseline = float(np.sqrt(np.mean((y - y.mean()) ** 2)))  # always predicting the mean score
@@ -93,10 +92,32 @@ def fit_probe(x: np.ndarray, y: np.ndarray, *, scale_max: int, folds: int = 5, s
         "cv_rmse": scores[best],
         "cv_rmse_by_alpha": {str(a): round(v, 4) for a, v in scores.items()},
         "mean_baseline_rmse": baseline,
-        "cv_spearman": float(spearman(oof, y)),
+        "cv_spearman": float(spearman(oof[best], y)),
         "examples": int(len(y)),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     probe = Probe(mean, std, coef, bias, sigma=scores[best], scale_max=scale_max, meta={**(meta or {}), **report})
     return probe, report
 
+
+
+def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: int = 5, output: Path | None = None,
+                progress: Callable[[int], Callable[[], None]] = lambda total: lambda: None) -> tuple[Path, dict]:  # fmt: skip
+    """Fit the probe on a collected split and save it (by default next to the model).
+
+    ``progress(total)`` returns the callback advanced once per record read.
+    """
+    from benchmarks.bench import bench_settings, open_device
+    from rpra.models import file_sha256, resolve
+    from rpra.probe import default_probe_path
+    from training.data import load_collection
+
+    settings = bench_settings(settings)
+    collection = load_collection(settings.model, suite, split)
+    records = [r for r in collection.records if r["judge_local"]["score"] is not None]
+    x = slot_states(open_device(settings), [r["prompt"] for r in records], settings, progress=progress(len(records)))
+    y = np.asarray([r["judge_local"]["score"] for r in records], float)
+    model_path = resolve(settings.model)
+    meta = {"model": settings.model, "model_sha256": file_sha256(model_path), "collection": str(collection.folder)}
+    probe, report = fit_probe(x, y, scale_max=settings.scale_max, folds=folds, meta=meta)
+    return probe.save(output or default_probe_path(model_path)), report

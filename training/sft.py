@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -27,20 +27,7 @@ from rpra.config import Settings
 from rpra.errors import ConfigError, RpraError
 from rpra.models import file_sha256, resolve
 from training.config import SFTConfig
-from training.data import build_examples, hold_out
-
-
-def load_records(cfg: SFTConfig) -> tuple[list[dict], Path]:
-    """The collected records of ``cfg.suite``/``cfg.split`` for the base model."""
-    from benchmarks.bench import collection_dir, load_collection
-
-    folder = collection_dir(replace(Settings(), model=cfg.model), cfg.suite, cfg.split)
-    if not (folder / "records.jsonl").exists():
-        raise ConfigError(
-            f"No collected {cfg.split} split for {cfg.model} on {cfg.suite} ({folder}). Collect it first: "
-            f"`rpra collect --suite {cfg.suite} --split {cfg.split} --no-remote` (the remote's answers are not needed to train)."
-        )
-    return load_collection(folder), folder
+from training.data import build_examples, hold_out, load_collection
 
 
 def train_sft(cfg: SFTConfig, *, log: Callable[[str], None] = print) -> dict:
@@ -78,17 +65,21 @@ def train_sft(cfg: SFTConfig, *, log: Callable[[str], None] = print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(run))
 
-    records, collection = load_records(cfg)
-    settings = Settings()
+    collection = load_collection(cfg.model, cfg.suite, cfg.split)
+    records = collection.records
+    # The turns are rebuilt with the settings the records were collected with (else the defaults).
+    defaults = Settings()
+    scale_max = collection.settings.get("scale_max", defaults.scale_max)
+    reason_tokens = collection.settings.get("reason_tokens", defaults.reason_tokens)
     local = LocalModel(base, n_ctx=max(cfg.max_length, 512), n_threads=cfg.threads or None)
     predictor = ZeroShotPredictor()
     built = build_examples(
         records, local, protocols=cfg.protocol_list, loss_on=cfg.loss_on, target=cfg.target,
-        system_prompt=lambda protocol: predictor.system_prompt(protocol, settings.scale_max),
-        scale_max=settings.scale_max, reason_tokens=settings.reason_tokens, max_length=cfg.max_length,
+        system_prompt=lambda protocol: predictor.system_prompt(protocol, scale_max),
+        scale_max=scale_max, reason_tokens=reason_tokens, max_length=cfg.max_length,
     )  # fmt: skip
     if not built.examples:
-        raise RpraError(f"No usable training examples in {collection} ({dict(built.skipped) or 'no records'}).")
+        raise RpraError(f"No usable training examples in {collection.folder} ({dict(built.skipped) or 'no records'}).")
     train, held = hold_out(built.examples, cfg.eval_fraction, cfg.seed)
     log(f"{len(records)} records -> {len(train)} training and {len(held)} held-out sequences"
         + (f"; left out: {dict(built.skipped)}" if built.skipped else ""))  # fmt: skip
@@ -149,7 +140,7 @@ def train_sft(cfg: SFTConfig, *, log: Callable[[str], None] = print) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": cfg.model,
         "base_sha256": base_sha,
-        "collection": str(collection),
+        "collection": str(collection.folder),
         "records": len(records),
         "train_sequences": len(train),
         "heldout_sequences": len(held),
