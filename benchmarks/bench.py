@@ -151,7 +151,7 @@ def add_predictions(records: list[dict], settings: Settings, *, field: str, pred
     """One more predictor's predictions for each record, as ``record[field]`` (device calls only, cached).
 
     The cache key holds what shapes the prediction: the instructions, the prompt, the adapter's
-    and the probe's file hashes, and for RPRA the reasoning settings.
+    file hash, the probe's fingerprint, and for RPRA the reasoning settings.
     """
     settings = replace(bench_settings(settings), protocol=protocol)
     local = open_device(settings, adapter=adapter)
@@ -162,7 +162,7 @@ def add_predictions(records: list[dict], settings: Settings, *, field: str, pred
     if adapter is not None:
         identity["adapter"] = file_sha256(adapter)
     if isinstance(predictor, ProbePredictor):
-        identity["probe"] = predictor.probe.meta.get("sha256") or repr(predictor.probe.weights[:8].tolist())
+        identity["probe"] = predictor.probe.fingerprint()
     if protocol == "rpra":
         identity["rpra"] = {"reason_tokens": settings.reason_tokens, "temperature": settings.temperature, "repeat_penalty": settings.repeat_penalty}
     from rich.progress import track

@@ -56,10 +56,11 @@ def resolve_adapter(name_or_path: str, *, model: Path | None = None, root: Path 
     if model is not None:
         from rpra.models import file_sha256
 
-        trained_on = _meta(folder).get("base_sha256")
+        meta = _meta(folder)
+        trained_on = meta.get("base_sha256")
         if trained_on and trained_on != file_sha256(model):
             raise ConfigError(
-                f"Adapter {name_or_path!r} was trained on another base model ({_meta(folder).get('base_model')}, "
+                f"Adapter {name_or_path!r} was trained on another base model ({meta.get('base_model')}, "
                 f"sha256 {trained_on[:12]}…), not {model.name}. Use it with that model, or train one for this model."
             )
     return gguf

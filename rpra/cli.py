@@ -457,9 +457,7 @@ def _add_trained_predictions(bench, settings, records) -> None:
         err.print("[dim]no adapter for this model yet (`rpra train sft`): no SFT predictor[/]")
     probe_path = Path(settings.probe).expanduser() if settings.probe else default_probe_path(model)
     if probe_path.exists():
-        probe = Probe.load(probe_path)
-        probe.meta["sha256"] = file_sha256(probe_path)
-        bench.add_predictions(records, settings, field="probe_pa", predictor=ProbePredictor(probe))
+        bench.add_predictions(records, settings, field="probe_pa", predictor=ProbePredictor(Probe.load(probe_path)))
     else:
         err.print("[dim]no probe for this model yet (`rpra train probe`): no probe predictor[/]")
 
@@ -618,8 +616,6 @@ def train_export(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Merged GGUF path (default: in the adapter's folder).")] = None,
 ) -> None:
     """(Re)convert an adapter to a GGUF LoRA, and optionally merge it into a standalone quantised model."""
-    import json as _json
-
     from rpra.adapters import adapters_dir
     from rpra.models import resolve
 
@@ -630,7 +626,7 @@ def train_export(
     from training.export import merge_to_gguf
     from training.sft import export_adapter
 
-    meta = _json.loads((folder / "meta.json").read_text())
+    meta = json.loads((folder / "meta.json").read_text())
     base = resolve(meta["base_model"])
     export_adapter(folder, base, meta, log=lambda line: err.print(f"[dim]{escape(line)}[/]"))
     if merge:
@@ -649,31 +645,17 @@ def train_probe(
     set_: SetOpt = None,
 ) -> None:
     """Fit the activation probe: a ridge regression from the hidden state at the PA slot to the judge score."""
-    from rpra.models import file_sha256, resolve
-    from rpra.probe import default_probe_path
-    from training.probe import fit_probe, slot_states
-
-    if split == "test":
-        raise RpraError("Fitting on the test split would make its benchmark meaningless; use --split train.")
-    bench = _bench()
-    settings = bench.bench_settings(_settings(config, set_))
-    folder = bench.collection_dir(settings, suite, split)
-    if not (folder / "records.jsonl").exists():
-        raise RpraError(f"No collected {split} split in {folder}: `rpra collect --suite {suite} --split {split} --no-remote` first.")
-    records = [r for r in bench.load_collection(folder) if r["judge_local"]["score"] is not None]
-    local = bench.open_device(settings)
+    _bench()  # the probe reads a benchmark collection
     from rich.progress import Progress
 
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("reading hidden states", total=len(records))
-        x = slot_states(local, [r["prompt"] for r in records], settings, progress=lambda: bar.advance(task))
-    y = [r["judge_local"]["score"] for r in records]
-    import numpy as np
+    from training.probe import train_probe
 
-    model_path = resolve(settings.model)
-    probe, report = fit_probe(x, np.asarray(y, float), scale_max=settings.scale_max, folds=folds,
-                              meta={"model": settings.model, "model_sha256": file_sha256(model_path), "collection": str(folder)})  # fmt: skip
-    path = probe.save(output or default_probe_path(model_path))
+    with Progress(console=err, transient=True) as bar:
+        def progress(total: int):
+            task = bar.add_task("reading hidden states", total=total)
+            return lambda: bar.advance(task)
+
+        path, report = train_probe(_settings(config, set_), suite=suite, split=split, folds=folds, output=output, progress=progress)
     out.print(f"probe: {path} ({path.stat().st_size / 1e3:.0f} kB) · {report['examples']} examples · ridge alpha {report['alpha']:g} · "
               f"CV RMSE {report['cv_rmse']:.2f} (always-the-mean: {report['mean_baseline_rmse']:.2f}) · CV Spearman {report['cv_spearman']:.2f}")  # fmt: skip
     out.print("[dim]use it with --set predictor=probe[/]")

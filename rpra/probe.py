@@ -16,6 +16,7 @@ stack to use it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -40,6 +41,13 @@ class Probe:
     sigma: float
     scale_max: int
     meta: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """A hash of what the probe computes (its arrays and scalars), e.g. for cache keys."""
+        digest = hashlib.sha256()
+        for array in (self.mean, self.std, self.weights, np.array([self.bias, self.sigma, self.scale_max], float)):
+            digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+        return digest.hexdigest()
 
     def score(self, hidden: np.ndarray) -> float:
         """The predicted judge score (unclipped) for one hidden state."""
