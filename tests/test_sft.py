@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -103,10 +104,16 @@ def test_tiny_sft_run_gives_an_adapter_that_llama_cpp_loads_and_that_moves_the_p
     with pytest.raises(ConfigError, match="other settings"):
         train_sft(_tiny(model_path, lora_r=4), log=lambda _: None)
 
-    # --adapter NAME finds it, checked against the base model.
-    from rpra.adapters import resolve_adapter
+    # --adapter NAME finds it, checked against the base model; `rpra train list` shows it.
+    from tests.test_cli import rpra
 
-    assert resolve_adapter("tiny", model=model_path) == gguf
+    env = {**os.environ, "RPRA_MODEL": str(model_path), "RPRA_N_CTX": "1024", "RPRA_MAX_TOKENS": "8"}
+    asked = rpra("ask", "What is 2 + 2?", "--adapter", "tiny", "--mode", "local-only", "--json", env=env)
+    assert asked.returncode == 0, asked.stderr
+    prediction = json.loads(asked.stdout)["prediction"]
+    assert prediction["predictor"] == "fine-tuned" and prediction["distribution"][str(TARGET)] > base_p[TARGET - 1]
+    listed = json.loads(rpra("train", "list", "--json", env=env).stdout)
+    assert [(a["name"], a["steps"], a["gguf_bytes"]) for a in listed["adapters"]] == [("tiny", 4, gguf.stat().st_size)]
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(model_path, isolated_home, monkeypatch):

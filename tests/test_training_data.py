@@ -42,9 +42,9 @@ def test_pa_training_example_is_token_for_token_the_runtime_turn(local_model):
     upto += sum(len(local_model.tokenize(t)) for t in (prompts.SLOT_OPEN["pa"], str(result.prediction.mode), prompts.SCORE_CLOSE))
     assert example["input_ids"][:upto] == held[:upto]
     # The answer was sampled token by token; retokenised, it is the same text.
-    answer_ids = [t for t, label in zip(example["input_ids"], example["labels"]) if label == IGNORE][upto:-1]
     assert local_model.detokenize(example["input_ids"][upto:-1]).strip() == local_model.detokenize(held[upto:]).strip()
-    assert answer_ids  # the answer is in the sequence, without loss
+    # It is in the sequence, without loss (only the score is learned by default).
+    assert len(example["input_ids"]) > upto + 1 and set(example["labels"][upto:]) == {IGNORE}
 
 
 @pytest.mark.slow
@@ -247,3 +247,26 @@ def test_adapters_resolve_by_name_and_refuse_another_base(isolated_home, model_p
         resolve_adapter("nope")
     with pytest.raises(ConfigError, match="No adapter file"):
         resolve_adapter(str(isolated_home / "gone.gguf"))
+
+
+@pytest.mark.slow
+def test_the_probe_commands_as_a_user_runs_them(model_path, isolated_home, tmp_path):
+    """`rpra train probe` on a collected train split, then `rpra ask --set predictor=probe`."""
+    import os
+
+    from tests.test_cli import rpra
+
+    env = {**os.environ, "RPRA_MODEL": str(model_path), "RPRA_N_CTX": "1024", "RPRA_N_THREADS": "2", "RPRA_MAX_TOKENS": "8"}
+    folder = isolated_home / "collections" / "smollm2-135m-instruct--rpra-mix--train"
+    folder.mkdir(parents=True)
+    scores = [8, 3, 8, 2, 8, 3, 7, 5, 6, 4]
+    folder.joinpath("records.jsonl").write_text("".join(json.dumps(_record(i, s)) + "\n" for i, s in enumerate(scores)))
+    probe_file = tmp_path / "smollm2.probe.npz"
+    fit = rpra("train", "probe", "--folds", "2", "--output", str(probe_file), env=env)
+    assert fit.returncode == 0, fit.stderr
+    assert f"probe: {probe_file}" in fit.stdout and "10 examples" in fit.stdout
+    asked = rpra("ask", "What is 2 + 2?", "--mode", "local-only", "--json", "--set", "predictor=probe", "--set", f"probe={probe_file}", env=env)
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["prediction"]["predictor"] == "probe"
+    refused = rpra("train", "probe", "--split", "test", env=env)
+    assert refused.returncode == 1 and "test split" in refused.stderr
