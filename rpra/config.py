@@ -21,6 +21,7 @@ Mode = Literal["auto", "local-only", "remote-only"]
 Protocol = Literal["pa", "rpra"]
 RouteOn = Literal["expected", "p_pass"]
 PredictorName = Literal["zero-shot", "report-card", "fine-tuned", "probe"]
+Privacy = Literal["allow", "ask", "never-defer"]
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -37,6 +38,8 @@ class Settings:
     n_ctx: int = _opt(2048, "Context window of the device model, in tokens.")
     n_threads: int | None = _opt(None, "CPU threads for llama.cpp (default: llama.cpp's choice).")
     n_batch: int = _opt(256, "Prompt tokens evaluated per llama.cpp batch.")
+    use_mmap: bool = _opt(True, "Map the model file into memory (pages load on demand and can be shared) instead of reading it all.")
+    use_mlock: bool = _opt(False, "Lock the model in RAM so the OS never swaps it out (needs a high enough `ulimit -l`).")
     # The RPRA turn
     # PA by default: SmolLM2-135M's short "first thought" is mostly noise and made its answers
     # worse (docs/architecture.md); RPRA is for models that can reason, or fine-tuned ones.
@@ -66,8 +69,27 @@ class Settings:
     remote_timeout: float = _opt(60.0, "Seconds to wait for the remote's next byte before giving up.")
     remote_retries: int = _opt(2, "Retries (with exponential backoff) when the remote fails before answering.")
     send_reasoning: bool = _opt(False, "Send the local model's reasoning along with a deferred request.")
+    # Privacy: what may leave the device
+    privacy: Privacy = _opt(
+        "allow",
+        "allow: defer when the controller says so; ask: the chat asks before each deferral (servers answer "
+        "locally); never-defer: fully offline, nothing is ever sent.",
+    )
+    redact: bool = _opt(True, "Mask e-mail addresses, phone numbers, card and account numbers, IP addresses in deferred requests; restore them in the answer.")
+    phone_region: str = _opt("US", "Country (ISO 3166 code) whose national phone-number format redaction also recognises.")
+    # The server (`rpra serve`)
+    host: str = _opt("127.0.0.1", "Address `rpra serve` binds; anything but loopback requires server_api_key.")
+    port: int = _opt(8080, "Port `rpra serve` listens on (0 picks a free one).")
+    server_api_key: str | None = _opt(None, "Bearer token clients of `rpra serve` must send (required off loopback).")
+    max_queue: int = _opt(8, "Requests that may wait for the local model before `rpra serve` answers 429 busy.")
+    max_request_bytes: int = _opt(1_000_000, "Largest request body `rpra serve` accepts, in bytes (larger: 413).")
     # Storage
     log: bool = _opt(True, "Log every turn to the SQLite store under RPRA_HOME.")
+    profile: str | None = _opt(
+        None,
+        "Device profile: a name from `rpra doctor --profiles` or a TOML path. Its settings lie under the "
+        "config file's, env vars' and flags'.",
+    )
 
     # Where each value came from: "default", "file <path>", "env RPRA_X" or "flag".
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -77,7 +99,7 @@ class Settings:
 
     def validate(self) -> None:
         """Raise ConfigError for values that would only fail later, far from their cause."""
-        choices = {"mode": Mode, "protocol": Protocol, "route_on": RouteOn, "predictor": PredictorName}
+        choices = {"mode": Mode, "protocol": Protocol, "route_on": RouteOn, "predictor": PredictorName, "privacy": Privacy}
         for name, literal in choices.items():
             allowed = typing.get_args(literal)
             if getattr(self, name) not in allowed:
@@ -99,6 +121,12 @@ class Settings:
             raise ConfigError("The fine-tuned predictor needs an adapter: set adapter (see `rpra train sft` and `rpra train list`).")
         if self.predictor == "probe" and self.protocol != "pa":
             raise ConfigError("The probe predicts before any generated token: use it with protocol = pa.")
+        if self.privacy == "never-defer" and self.mode == "remote-only":
+            raise ConfigError("privacy = never-defer keeps everything on the device; it cannot run in mode remote-only.")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535; got {self.port}.")
+        if self.max_queue < 0 or self.max_request_bytes < 1024:
+            raise ConfigError("max_queue cannot be negative and max_request_bytes must be at least 1024.")
         if self.reason_tokens < 0 or self.remote_retries < 0:
             raise ConfigError("reason_tokens and remote_retries cannot be negative.")
 
@@ -153,43 +181,80 @@ def _convert(name: str, raw: Any, origin: str) -> Any:
         raise ConfigError(f"{name} must be of type {base.__name__}; got {raw!r} ({origin}).") from None
 
 
+def profiles_dir() -> Path:
+    """Where the device profiles that ship with rpra live."""
+    return Path(__file__).parent / "profiles"
+
+
+def profile_path(name: str) -> Path:
+    """A profile's TOML file: a shipped profile's name, or a path."""
+    candidate = Path(name).expanduser()
+    if candidate.suffix == ".toml" or candidate.is_file():
+        if not candidate.is_file():
+            raise ConfigError(f"Profile file {candidate} does not exist.")
+        return candidate
+    shipped = profiles_dir() / f"{name}.toml"
+    if not shipped.is_file():
+        known = ", ".join(sorted(p.stem for p in profiles_dir().glob("*.toml")))
+        raise ConfigError(f"No device profile {name!r}. Shipped profiles: {known}; or give a .toml path. `rpra doctor` recommends one.")
+    return shipped
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A flat TOML file of settings, checked against the known names."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}.") from None
+    names = setting_names()
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"Unknown setting {key!r} in {path}. Known: {', '.join(names)}.")
+    return data
+
+
 def load_settings(config_path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Build the effective settings: defaults, then the TOML file, then RPRA_* env vars, then ``overrides``.
+    """Build the effective settings: defaults, then the device profile, then the TOML file, then
+    RPRA_* env vars, then ``overrides``.
 
     ``overrides`` are the command-line flags; ``None`` values mean "flag not given" and are skipped.
+    The profile is named by any of the later layers (the highest wins) and sits under all of them,
+    so a profile tunes the machine and everything the user sets still wins.
     """
     names = setting_names()
-    values: dict[str, Any] = {}
-    sources = {name: "default" for name in names}
+    layers: list[tuple[str, dict[str, Any]]] = []
 
     path = Path(config_path).expanduser() if config_path else default_config_path()
     if config_path and not path.exists():
         raise ConfigError(f"Config file {path} does not exist.")
     if path.exists():
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from None
-        for key, raw in data.items():
-            if key not in names:
-                raise ConfigError(f"Unknown setting {key!r} in {path}. Known: {', '.join(names)}.")
-            values[key] = _convert(key, raw, f"file {path}")
-            sources[key] = f"file {path}"
-
+        layers.append((f"file {path}", read_toml(path, "Config file")))
     for name in names:
         env = f"RPRA_{name.upper()}"
         if env in os.environ:
-            values[name] = _convert(name, os.environ[env], f"env {env}")
-            sources[name] = f"env {env}"
-
-    for name, raw in (overrides or {}).items():
-        if raw is None:
-            continue
+            layers.append((f"env {env}", {name: os.environ[env]}))
+    flags = {name: raw for name, raw in (overrides or {}).items() if raw is not None}
+    for name in flags:
         if name not in names:
             raise ConfigError(f"Unknown setting {name!r}. Known: {', '.join(names)}.")
-        values[name] = _convert(name, raw, "flag")
-        sources[name] = "flag"
+    layers.append(("flag", flags))
 
+    profile = None
+    for origin, layer in layers:
+        if "profile" in layer:
+            profile = _convert("profile", layer["profile"], origin)
+    if profile:
+        where = profile_path(profile)
+        data = read_toml(where, "Profile")
+        data.pop("profile", None)  # a profile cannot name another
+        layers.insert(0, (f"profile {where.stem}", data))
+
+    values: dict[str, Any] = {}
+    sources = {name: "default" for name in names}
+    for origin, layer in layers:
+        for name, raw in layer.items():
+            values[name] = _convert(name, raw, origin)
+            sources[name] = origin
     settings = Settings(**values)
     settings.sources = sources
     return settings

@@ -48,6 +48,8 @@ class LocalModel:
         n_batch: int = 256,
         adapter: Path | str | None = None,
         seed: int = 0,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
     ):
         from rpra.models import check_gguf
 
@@ -66,6 +68,8 @@ class LocalModel:
                 n_threads=n_threads,
                 n_batch=n_batch,
                 seed=seed,
+                use_mmap=use_mmap,
+                use_mlock=use_mlock,
                 verbose=False,
             )
         except ValueError as exc:
@@ -317,3 +321,27 @@ def _partial_suffix(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
+
+
+def system_info() -> dict:
+    """What the installed llama.cpp was built with and can use here (for `rpra doctor`).
+
+    ``features``: llama.cpp's own report, e.g. {"AVX2": "1", "AVX512": "0"}; ``mmap`` / ``mlock``:
+    whether this build and OS support them; ``gpu_offload``: whether layers can go to a GPU.
+    """
+    import llama_cpp
+
+    report = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+    features: dict[str, str] = {}
+    for part in report.replace("|", "\n").splitlines():
+        key, sep, value = part.partition("=")
+        if sep:
+            features[key.strip().split(":")[-1].strip()] = value.strip()
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "report": report.strip(),
+        "features": features,
+        "mmap": bool(llama_cpp.llama_supports_mmap()),
+        "mlock": bool(llama_cpp.llama_supports_mlock()),
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+    }

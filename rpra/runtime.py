@@ -136,6 +136,8 @@ class Runtime:
                 n_batch=settings.n_batch,
                 adapter=resolve_adapter(settings.adapter, model=resolve(settings.model)) if settings.adapter else None,
                 seed=settings.seed,
+                use_mmap=settings.use_mmap,
+                use_mlock=settings.use_mlock,
             )
         remote = RemoteModel.from_settings(settings) if settings.remote_url else None
         store = LogStore.default() if settings.log else None
