@@ -35,5 +35,9 @@ class PromptTooLongError(InputError):
     """The prompt does not fit the local model's context window."""
 
 
+class PrivacyError(InputError):
+    """The request asks for something the privacy policy forbids (e.g. deferring under never-defer)."""
+
+
 class RemoteError(RpraError):
     """The remote endpoint could not be reached or answered with something unusable."""

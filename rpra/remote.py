@@ -6,14 +6,15 @@ must fail *cleanly*: a bounded number of retries, a bounded wait, and an error t
 and says what to do. Retrying is only safe before the first piece of text reaches the caller;
 after that a retry would repeat the answer, so a mid-stream failure is raised at once.
 
-One request at a time per ``RemoteModel``: ``last_usage`` and ``last_finish_reason`` describe
-the most recent call.
+A ``RemoteModel`` may be shared between threads (the server defers many requests at once):
+``last_usage`` and ``last_finish_reason`` describe the most recent call *of the calling thread*.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,8 +90,26 @@ class RemoteModel:
         self.backoff = backoff
         self._api_key = api_key or None
         self._client: httpx.Client | None = None
-        self.last_usage: Usage | None = None
-        self.last_finish_reason: str | None = None
+        self._client_lock = threading.Lock()
+        self._last = threading.local()  # per-thread results of the latest call
+
+    @property
+    def last_usage(self) -> Usage | None:
+        """Token counts of this thread's latest call."""
+        return getattr(self._last, "usage", None)
+
+    @last_usage.setter
+    def last_usage(self, value: Usage | None) -> None:
+        self._last.usage = value
+
+    @property
+    def last_finish_reason(self) -> str | None:
+        """Why this thread's latest answer ended ("stop", "length", ...)."""
+        return getattr(self._last, "finish_reason", None)
+
+    @last_finish_reason.setter
+    def last_finish_reason(self, value: str | None) -> None:
+        self._last.finish_reason = value
 
     @classmethod
     def from_settings(cls, settings: Any) -> RemoteModel:
@@ -111,6 +130,11 @@ class RemoteModel:
 
     def _http(self) -> httpx.Client:
         # Created on first use, never at import or construction: building a RemoteModel is free.
+        # httpx.Client is thread-safe; the lock only stops two threads creating two of them.
+        with self._client_lock:
+            return self._client or self._new_client()
+
+    def _new_client(self) -> httpx.Client:
         if self._client is None:
             headers = {"Accept": "application/json, text/event-stream"}
             if self._api_key:

@@ -3,29 +3,40 @@
     prompt ─► prefill ─► [reason] ─► score slot ─► Controller ─┬─► local answer (same KV cache)
                                                                 └─► remote answer ─(fails)─► local answer, flagged
 
-``Runtime.turn`` is a generator of events so that the chat CLI (and later the server) can stream;
+``Runtime.turn`` is a generator of events so that the chat CLI and the server can stream;
 ``Runtime.ask`` drains it for one-shot use. Every turn is logged to the store when one is given.
+
+What leaves the device is decided here too: the privacy policy may keep a deferral local
+(never-defer, or a user who declines when asked), and a deferred request is redacted first
+(e-mail addresses, phone and card numbers, ...), its answer restored as it streams back.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 from rpra import prompts
 from rpra.config import Mode, Settings
 from rpra.controller import Controller, Decision
-from rpra.errors import ConfigError, InputError, PromptTooLongError, RemoteError
+from rpra.errors import ConfigError, InputError, PrivacyError, PromptTooLongError, RemoteError
 from rpra.local import Generated, LocalModel, LocalSession
 from rpra.prediction import Prediction
+from rpra.privacy import Redactor, StreamRestorer, Vault, redact_messages
 from rpra.predictors import FineTunedPredictor, Predictor, ProbePredictor, ReportCardPredictor, ZeroShotPredictor, make_slot
 from rpra.remote import RemoteModel
 from rpra.store import LogStore
 
 # Tokens the score slot itself needs after the prompt (open, label, close, newline).
 _SLOT_TOKENS = 16
+_PLACEHOLDER_NOTE = (
+    "Some private values were replaced by placeholders such as [EMAIL_1] or [PHONE_2]. "
+    "When your answer refers to one, copy the placeholder exactly."
+)
 
 
 @dataclass
@@ -41,6 +52,7 @@ class TurnResult:
     fallback: bool = False  # deferred, but the remote failed and the local model answered
     remote_error: str | None = None
     sent_remote: list[dict] | None = None  # exactly what left the device
+    redactions: list[dict] | None = None  # what was masked in it: kind and placeholder, never the value
     finish_reason: str = ""
     dropped_messages: int = 0  # oldest messages left out to fit the local context
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -99,6 +111,9 @@ class Finished:
 
 Event = Decided | Text | Notice | Finished
 
+# Asked before a deferral under privacy = ask, with exactly what would be sent; True sends it.
+Confirm = Callable[[list[dict]], bool]
+
 
 class Runtime:
     """The device model, its predictor, the controller and the remote, wired for turns."""
@@ -119,6 +134,7 @@ class Runtime:
         self.store = store
         self.controller = Controller(threshold=settings.threshold, route_on=settings.route_on, mode=settings.mode)
         self._slot = make_slot(local, settings.scale_max) if local else None
+        self.redactor = Redactor(phone_region=settings.phone_region) if settings.redact else None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, need_local: bool = True) -> Runtime:
@@ -139,9 +155,20 @@ class Runtime:
                 use_mmap=settings.use_mmap,
                 use_mlock=settings.use_mlock,
             )
-        remote = RemoteModel.from_settings(settings) if settings.remote_url else None
+        # never-defer is fully offline: no remote client exists to send anything with.
+        remote = RemoteModel.from_settings(settings) if settings.remote_url and settings.privacy != "never-defer" else None
         store = LogStore.default() if settings.log else None
         return cls(settings, local=local, remote=remote, predictor=predictor_from_settings(settings), store=store)
+
+    def configured(self, **changes) -> Runtime:
+        """This runtime with some settings changed for one request (e.g. ``max_tokens``), sharing
+        its models, predictor and store. Settings the controller reads cannot change this way."""
+        fixed = sorted(set(changes) & {"threshold", "route_on", "mode", "model", "adapter", "protocol", "predictor"})
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot change per request; build another Runtime.")
+        view = copy.copy(self)
+        view.settings = dataclasses.replace(self.settings, **changes)
+        return view
 
     def close(self) -> None:
         if self.remote:
@@ -163,8 +190,13 @@ class Runtime:
         mode: Mode | None = None,
         conversation_id: str | None = None,
         source: str = "ask",
+        confirm: Confirm | None = None,
     ) -> Iterator[Event]:
-        """Run one turn over ``messages`` (the conversation so far, ending with the user's message)."""
+        """Run one turn over ``messages`` (the conversation so far, ending with the user's message).
+
+        ``confirm`` is asked before a deferral when ``privacy = ask``; without one, such a turn
+        stays local.
+        """
         _check_messages(messages)
         mode = mode or self.settings.mode
         result = TurnResult(model=self.settings.model)
@@ -181,7 +213,7 @@ class Runtime:
                 mode=mode,
             )
         try:
-            yield from self._turn(messages, mode, result)
+            yield from self._turn(messages, mode, result, confirm)
         except BaseException as exc:  # noqa: BLE001 - logged, then re-raised untouched
             if self.store and turn_id is not None:
                 reason = "interrupted" if isinstance(exc, (GeneratorExit, KeyboardInterrupt)) else str(exc)
@@ -193,32 +225,55 @@ class Runtime:
 
     # -- the turn itself ----------------------------------------------------------------------
 
-    def _turn(self, messages: list[dict], mode: Mode, result: TurnResult) -> Iterator[Event]:
+    def _turn(self, messages: list[dict], mode: Mode, result: TurnResult, confirm: Confirm | None) -> Iterator[Event]:
         s = self.settings
         start = time.perf_counter()
+        if mode == "remote-only" and s.privacy == "never-defer":
+            raise PrivacyError("This device never defers (privacy = never-defer): mode remote-only is refused.")
         session = None
-        if self.controller.needs_prediction(mode):
-            if self.local is None:
-                raise ConfigError("This runtime has no local model; use mode remote-only.")
-            self.local.lock.acquire()
-            try:
-                if s.protocol == "rpra":
-                    session = self._open_session(messages, result, opening=prompts.REASONING_OPEN)
-                    result.reasoning = self._reason(session, result)
-                    session.extend(prompts.SLOT_OPEN["rpra"])  # evaluated with the last reasoning token
-                else:
-                    session = self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
-                result.prediction = self.predictor.predict(session, self._slot, pass_mark=s.pass_mark)
-                result.decision = self.controller.decide(result.prediction, mode)
-            except PromptTooLongError as exc:
-                if mode == "local-only" or self.remote is None:
-                    raise
-                result.decision = Decision("remote", mode, f"prompt does not fit the local context: {exc}")
-            finally:
-                if result.decision is None or result.decision.route == "remote":
-                    self.local.lock.release()  # deferred requests do not hold the local model
-        else:
-            result.decision = self.controller.decide(None, mode)
+        holding = False  # whether this turn holds the local model's lock
+        try:
+            if self.controller.needs_prediction(mode):
+                if self.local is None:
+                    raise ConfigError("This runtime has no local model; use mode remote-only.")
+                self.local.lock.acquire()
+                holding = True
+                try:
+                    if s.protocol == "rpra":
+                        session = self._open_session(messages, result, opening=prompts.REASONING_OPEN)
+                        result.reasoning = self._reason(session, result)
+                        session.extend(prompts.SLOT_OPEN["rpra"])  # evaluated with the last reasoning token
+                    else:
+                        session = self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
+                    result.prediction = self.predictor.predict(session, self._slot, pass_mark=s.pass_mark)
+                    result.decision = self.controller.decide(result.prediction, mode)
+                except PromptTooLongError as exc:
+                    if mode == "local-only" or self.remote is None:
+                        raise
+                    result.decision = Decision("remote", mode, f"prompt does not fit the local context: {exc}")
+            else:
+                result.decision = self.controller.decide(None, mode)
+
+            outgoing, vault = None, None
+            if result.decision.route == "remote":
+                outgoing, vault = self._outgoing(messages, result)
+                withheld = self._withheld(outgoing, confirm)
+                if withheld:
+                    result.decision = dataclasses.replace(
+                        result.decision, route="local", reason=f"{result.decision.reason}; kept on the device: {withheld}"
+                    )
+                    if not holding:
+                        self.local.lock.acquire()
+                        holding = True
+                    if session is None:
+                        session = self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
+            if result.decision.route == "remote" and holding:
+                self.local.lock.release()  # deferred requests do not hold the local model
+                holding = False
+        except BaseException:
+            if holding:
+                self.local.lock.release()
+            raise
         result.timings_ms["decision"] = _ms(start)
 
         if result.decision.route == "local":
@@ -229,8 +284,33 @@ class Runtime:
                 self.local.lock.release()
         else:
             yield Decided(result.decision, result.prediction, result.reasoning, result.tokens.get("reasoning", 0))
-            yield from self._answer_remotely(messages, session, result)
+            yield from self._answer_remotely(messages, outgoing, vault, session, result)
         result.timings_ms["total"] = _ms(start)
+
+    def _outgoing(self, messages: list[dict], result: TurnResult) -> tuple[list[dict], Vault | None]:
+        """Exactly what a deferral would send: the conversation (roles and text, nothing else),
+        the reasoning if configured, redacted if configured."""
+        sent = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if self.settings.send_reasoning and result.reasoning:
+            sent.append({"role": "system", "content": f"An on-device assistant's first thoughts (may be wrong): {result.reasoning}"})
+        if self.redactor is None:
+            return sent, None
+        sent, vault = redact_messages(sent, self.redactor)
+        if len(vault):  # restoring needs the placeholders back verbatim
+            sent.append({"role": "system", "content": _PLACEHOLDER_NOTE})
+        return sent, vault
+
+    def _withheld(self, outgoing: list[dict], confirm: Confirm | None) -> str | None:
+        """Why a deferral may not leave the device, or None when it may."""
+        policy = self.settings.privacy
+        if policy == "never-defer":
+            return "privacy = never-defer"
+        if policy == "ask":
+            if confirm is None:
+                return "privacy = ask, and no one to ask"
+            if not confirm(outgoing):
+                return "the user declined to send it"
+        return None
 
     def _open_session(self, messages: list[dict], result: TurnResult, *, opening: str) -> LocalSession:
         """Prefill the conversation and the assistant turn's ``opening`` text in one batch.
@@ -293,27 +373,33 @@ class Runtime:
         result.tokens["local_answer"] = out.tokens
         result.timings_ms["local_answer"] = _ms(started)
 
-    def _answer_remotely(self, messages: list[dict], session: LocalSession | None, result: TurnResult) -> Iterator[Event]:
+    def _answer_remotely(
+        self, messages: list[dict], sent: list[dict], vault: Vault | None, session: LocalSession | None, result: TurnResult
+    ) -> Iterator[Event]:
         s = self.settings
-        sent = [{"role": m["role"], "content": m["content"]} for m in messages]  # nothing else leaves
-        if s.send_reasoning and result.reasoning:
-            sent.append({"role": "system", "content": f"An on-device assistant's first thoughts (may be wrong): {result.reasoning}"})
         started = time.perf_counter()
         if self.remote is None:
             error = RemoteError("no remote configured (set RPRA_REMOTE_URL)")
         else:
             result.sent_remote = sent
+            result.redactions = vault.entries if vault else []
             error = None
             pieces: list[str] = []
+            restorer = StreamRestorer(vault) if vault else None
             try:
                 for piece in self.remote.stream(sent, max_tokens=s.max_tokens, temperature=s.temperature):
                     pieces.append(piece)
-                    yield Text(piece, "remote")
+                    text = restorer.feed(piece) if restorer else piece
+                    if text:
+                        yield Text(text, "remote")
+                if restorer and (tail := restorer.flush()):
+                    yield Text(tail, "remote")
             except RemoteError as exc:
                 error = exc
             result.timings_ms["remote"] = _ms(started)
             if error is None:
-                result.answer = "".join(pieces).strip()
+                answer = "".join(pieces)
+                result.answer = (vault.restore(answer) if vault else answer).strip()
                 result.answered_by = "remote"
                 result.finish_reason = self.remote.last_finish_reason or "stop"
                 usage = self.remote.last_usage
@@ -410,6 +496,7 @@ def _log_fields(r: TurnResult, s: Settings) -> dict:
         reasoning=r.reasoning or None,
         answer=r.answer,
         sent_remote_json=r.sent_remote,
+        redactions_json=r.redactions,
         decision_ms=t.get("decision"),
         local_ms=(t.get("decision", 0) + t.get("local_answer", 0)) if r.prediction else t.get("local_answer"),
         remote_ms=t.get("remote"),

@@ -66,6 +66,29 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             "CREATE INDEX turns_conversation_id ON turns(conversation_id)",
         ),
     ),
+    (
+        2,
+        (
+            # What redaction masked in a deferred request (kind and placeholder, never the value).
+            "ALTER TABLE turns ADD COLUMN redactions_json TEXT",
+            # Every HTTP request `rpra serve` received, answered or refused (429, 4xx), with the
+            # turn it ran if it got that far.
+            """CREATE TABLE requests (
+                id INTEGER PRIMARY KEY,
+                created_at TEXT NOT NULL,
+                client TEXT,
+                method TEXT NOT NULL,
+                path TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                mode TEXT,
+                stream INTEGER,
+                turn_id INTEGER REFERENCES turns(id),
+                duration_ms REAL,
+                error TEXT
+            )""",
+            "CREATE INDEX requests_created_at ON requests(created_at)",
+        ),
+    ),
 ]
 
 # Set once by start_turn; finish_turn may not rewrite a turn's identity.
@@ -207,6 +230,31 @@ class LogStore:
             raise ValueError(f"Turn {turn_id} rejected {sorted(fields)}: {exc}.") from None
         if cursor.rowcount == 0:
             raise ValueError(f"No turn {turn_id} in {self.path}.")
+
+    def log_request(
+        self,
+        *,
+        client: str | None,
+        method: str,
+        path: str,
+        status: int,
+        mode: str | None = None,
+        stream: bool | None = None,
+        turn_id: int | None = None,
+        duration_ms: float | None = None,
+        error: str | None = None,
+    ) -> int:
+        """Record one HTTP request the server answered (or refused)."""
+        cursor = self._execute(
+            "INSERT INTO requests (created_at, client, method, path, status, mode, stream, turn_id, duration_ms, error)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (_now(), client, method, path, status, mode, None if stream is None else int(stream), turn_id, duration_ms, error),
+        )
+        return cursor.lastrowid
+
+    def requests(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest server requests, newest first."""
+        return self._rows("SELECT * FROM requests ORDER BY id DESC LIMIT ?", (limit,))
 
     def fail_turn(self, turn_id: int, error: str) -> None:
         """Mark a turn as failed, keeping whatever it had recorded."""
