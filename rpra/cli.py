@@ -47,6 +47,8 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Device model: 
 ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", "-t", help="Defer below this predicted score.")]
 RemoteOpt = Annotated[Optional[str], typer.Option("--remote-url", help="OpenAI-compatible base URL of the remote model.")]
 AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter for the device model: a name from `rpra train list` or a .gguf path.")]
+ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="Device profile (threads, context, model...): a name from `rpra doctor --profiles` or a TOML path.")]
+PrivacyOpt = Annotated[Optional[str], typer.Option("--privacy", help="allow | ask (confirm each deferral) | never-defer (fully offline).")]
 
 
 def _settings(config: Path | None, sets: list[str] | None, **flags):
@@ -76,18 +78,27 @@ def ask(
     threshold: ThresholdOpt = None,
     remote_url: RemoteOpt = None,
     adapter: AdapterOpt = None,
+    profile: ProfileOpt = None,
+    privacy: PrivacyOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Answer one question: the answer on stdout, the verdict on stderr (or everything with --json)."""
+    """Answer one question: the answer on stdout, the verdict on stderr (or everything with --json).
+
+    With --privacy ask a deferral needs a yes on the terminal; without one the turn stays local.
+    """
     from rpra.runtime import Finished, Notice, Text
 
     if question == "-":
         question = sys.stdin.read()
-    settings = _settings(config, set_, mode=mode, protocol=protocol, model=model, threshold=threshold, remote_url=remote_url, adapter=adapter)
+    settings = _settings(config, set_, mode=mode, protocol=protocol, model=model, threshold=threshold, remote_url=remote_url,
+                         adapter=adapter, profile=profile, privacy=privacy)  # fmt: skip
     runtime = _runtime(settings, need_local=settings.mode != "remote-only")
     try:
-        for event in runtime.turn([{"role": "user", "content": question}], source="ask"):
+        confirm = None
+        if settings.privacy == "ask" and sys.stdin.isatty():
+            confirm = lambda sent: _confirm_deferral(sent, settings, True)  # noqa: E731
+        for event in runtime.turn([{"role": "user", "content": question}], source="ask", confirm=confirm):
             if json_out:
                 if isinstance(event, Finished):
                     print(json.dumps(event.result.to_dict(), indent=2))
@@ -114,17 +125,21 @@ def chat(
     threshold: ThresholdOpt = None,
     remote_url: RemoteOpt = None,
     adapter: AdapterOpt = None,
+    profile: ProfileOpt = None,
+    privacy: PrivacyOpt = None,
     show_reasoning: Annotated[bool, typer.Option(help="Print the model's short reasoning (rpra protocol).")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Chat with the device model; each turn ends with a verdict line (local or deferred, and why).
 
-    When standard input is not a terminal, each line is one message, so chats can be scripted.
+    When standard input is not a terminal, each line is one message, so chats can be scripted
+    (with --privacy ask, the line after a message answers the question whether to send it).
     """
     from rpra.runtime import Decided, Finished, Notice, Text
 
-    settings = _settings(config, set_, mode=mode, protocol=protocol, model=model, threshold=threshold, remote_url=remote_url, adapter=adapter)
+    settings = _settings(config, set_, mode=mode, protocol=protocol, model=model, threshold=threshold, remote_url=remote_url,
+                         adapter=adapter, profile=profile, privacy=privacy)  # fmt: skip
     runtime = _runtime(settings)
     interactive = sys.stdin.isatty()
     current_mode = settings.mode
@@ -160,7 +175,8 @@ def chat(
                 out.print(f"[bold]> {escape(text)}[/]")
             messages.append({"role": "user", "content": text})
             try:
-                for event in runtime.turn(messages, mode=current_mode, conversation_id=conversation, source="chat"):
+                confirm = (lambda sent: _confirm_deferral(sent, settings, interactive)) if settings.privacy == "ask" else None
+                for event in runtime.turn(messages, mode=current_mode, conversation_id=conversation, source="chat", confirm=confirm):
                     if isinstance(event, Decided) and show_reasoning and event.reasoning:
                         out.print(f"[dim italic]thinking: {escape(event.reasoning)}[/]")
                     elif isinstance(event, Text):
@@ -181,6 +197,18 @@ def chat(
         out.print()
     finally:
         runtime.close()
+
+
+def _confirm_deferral(sent: list[dict], settings, interactive: bool) -> bool:
+    """privacy = ask: show exactly what would leave the device, and ask."""
+    out.print(f"\n[yellow]The device model would defer this to {escape(settings.remote_url or '?')} ({escape(settings.remote_model)}). It would send:[/]")
+    for message in sent:
+        out.print(f"[dim]  {message['role']}:[/] {escape(_short(message['content'], 200))}")
+    if interactive:
+        return typer.confirm("Send it?", default=False)
+    answer = (sys.stdin.readline() or "").strip().lower()
+    out.print(f"[dim]send it? {escape(answer or '(no answer)')}[/]")
+    return answer in ("y", "yes")
 
 
 def _read_line(interactive: bool) -> str | None:
@@ -271,6 +299,52 @@ def serve_remote(
             pass
 
 
+# -- serve --------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1); any other needs RPRA_SERVER_API_KEY.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8080; 0 picks a free one).")] = None,
+    mode: ModeOpt = None,
+    protocol: ProtocolOpt = None,
+    model: ModelOpt = None,
+    threshold: ThresholdOpt = None,
+    remote_url: RemoteOpt = None,
+    adapter: AdapterOpt = None,
+    profile: ProfileOpt = None,
+    privacy: PrivacyOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve the self-deferral runtime as an OpenAI-compatible API (chat completions, streaming or not).
+
+    Any OpenAI client works: base URL http://HOST:PORT/v1, model "rpra" (auto), "rpra-local" or
+    "rpra-remote". Each response carries the routing decision in X-RPRA-* headers and an "rpra"
+    field. GET /health and /metrics (Prometheus) watch it; every request is logged to the SQLite
+    store (`rpra logs --requests`). Set the key with RPRA_SERVER_API_KEY, not a flag: flags show in `ps`.
+    """
+    from rpra.server import check_bind, serve as run_server
+
+    settings = _settings(config, set_, host=host, port=port, mode=mode, protocol=protocol, model=model, threshold=threshold,
+                         remote_url=remote_url, adapter=adapter, profile=profile, privacy=privacy)  # fmt: skip
+    check_bind(settings)  # before loading a model for nothing
+    runtime = _runtime(settings, need_local=settings.mode != "remote-only")
+
+    def ready(url: str) -> None:
+        remote = settings.remote_url if runtime.remote else f"none ({'never-defer' if settings.privacy == 'never-defer' else 'set RPRA_REMOTE_URL'})"
+        err.print(f"rpra serve: [bold]{url}[/] · device {escape(settings.model)} · remote {escape(remote)} · "
+                  f"privacy {settings.privacy}{' + redaction' if settings.redact else ''} · key {'required' if settings.server_api_key else 'off (loopback)'}")  # fmt: skip
+        err.print("[dim]Ctrl-C stops[/]")
+
+    try:
+        run_server(runtime, ready=ready)
+    except KeyboardInterrupt:  # uvicorn has shut down gracefully and re-raises the signal
+        err.print("[dim]stopped[/]")
+    finally:
+        runtime.close()
+
+
 # -- logs ---------------------------------------------------------------------------------------
 
 
@@ -282,10 +356,24 @@ def logs(
     limit: Annotated[int, typer.Option("--limit", "-n", help="Most turns to show.")] = 20,
     turn: Annotated[Optional[int], typer.Option("--turn", help="Show one turn in full.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    requests: Annotated[bool, typer.Option("--requests", help="List the HTTP requests `rpra serve` received instead (refused ones too).")] = False,
 ) -> None:
     """List and search the logged turns (newest first)."""
     from rpra.store import LogStore
 
+    if requests:
+        with LogStore.default() as store:
+            rows = store.requests(limit=limit)
+        if json_out:
+            print(json.dumps(rows, indent=2))
+            return
+        table = Table("id", "time", "client", "status", "mode", "turn", "ms", "error")
+        for r in rows:
+            ms = f"{r['duration_ms']:.0f}" if r.get("duration_ms") is not None else "-"
+            table.add_row(str(r["id"]), r["created_at"][:19], r.get("client") or "-", str(r["status"]), r.get("mode") or "-",
+                          str(r.get("turn_id") or "-"), ms, _short(r.get("error") or "", 50))  # fmt: skip
+        out.print(table)
+        return
     with LogStore.default() as store:
         rows = [store.get_turn(turn)] if turn is not None else store.turns(query=query, conversation=conversation, route=route, limit=limit)
     rows = [r for r in rows if r]
@@ -668,3 +756,7 @@ def main() -> None:
     except RpraError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
