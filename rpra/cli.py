@@ -345,6 +345,49 @@ def serve(
         runtime.close()
 
 
+# -- doctor -------------------------------------------------------------------------------------
+
+
+@app.command()
+def doctor(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON.")] = False,
+    profiles: Annotated[bool, typer.Option("--profiles", help="List the shipped device profiles instead.")] = False,
+    profile: ProfileOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Check this machine for rpra: CPU features against the llama.cpp build, memory, disk, models,
+    the remote; recommend a device profile. Exits 1 when a check fails."""
+    from rpra.doctor import list_profiles, machine_report
+
+    if profiles:
+        rows = list_profiles()
+        if json_out:
+            print(json.dumps(rows, indent=2))
+            return
+        table = Table("profile", "target", "settings")
+        for row in rows:
+            table.add_row(row["name"], row["description"], ", ".join(f"{k}={v}" for k, v in row["settings"].items()))
+        out.print(table)
+        out.print("[dim]use one with --profile NAME, RPRA_PROFILE or profile = NAME in the config[/]")
+        return
+    report = machine_report(_settings(config, set_, profile=profile))
+    if json_out:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        cpu, mem = report.get("cpu", {}), report.get("memory", {})
+        out.print(f"[bold]{escape(str(cpu.get('model') or 'unknown CPU'))}[/] · {cpu.get('physical_cores', '?')} cores "
+                  f"({cpu.get('logical_cores', '?')} threads) · {mem.get('total_bytes', 0) / 2**30:.1f} GiB RAM, "
+                  f"{mem.get('available_bytes', 0) / 2**30:.1f} GiB free")  # fmt: skip
+        colour = {"ok": "green", "warn": "yellow", "fail": "red"}
+        for check in report["checks"]:
+            out.print(f"[{colour[check['status']]}]{check['status']:>4}[/]  {escape(check['name'])}: {escape(check['message'])}")
+        rec = report["recommended_profile"]
+        out.print(f"recommended profile: [bold]{rec['name']}[/] ({escape(rec['why'])}) · rpra serve --profile {rec['name']}")
+    if report["status"] == "fail":
+        raise typer.Exit(1)
+
+
 # -- logs ---------------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ class Settings:
     model: str = _opt("smollm2-135m-instruct", "Device model: a registered name, a .gguf path or a URL.")
     adapter: str | None = _opt(None, "LoRA adapter applied to the device model: a name from `rpra train list` or a .gguf path.")
     n_ctx: int = _opt(2048, "Context window of the device model, in tokens.")
-    n_threads: int | None = _opt(None, "CPU threads for llama.cpp (default: llama.cpp's choice).")
+    n_threads: int | None = _opt(None, "CPU threads for llama.cpp (default: one per physical core this process may use).")
     n_batch: int = _opt(256, "Prompt tokens evaluated per llama.cpp batch.")
     use_mmap: bool = _opt(True, "Map the model file into memory (pages load on demand and can be shared) instead of reading it all.")
     use_mlock: bool = _opt(False, "Lock the model in RAM so the OS never swaps it out (needs a high enough `ulimit -l`).")
@@ -179,6 +179,24 @@ def _convert(name: str, raw: Any, origin: str) -> Any:
         return base(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be of type {base.__name__}; got {raw!r} ({origin}).") from None
+
+
+def default_threads() -> int:
+    """One llama.cpp thread per physical core this process may run on.
+
+    Decode is bound by memory bandwidth, so a second thread on a core (SMT) does not help, and
+    llama-cpp-python's own default (half the logical CPUs) leaves cores idle wherever there is no
+    SMT: two of a Raspberry Pi's four, one of a 2-vCPU VM's two. A CPU affinity mask (taskset,
+    a container's cpuset) caps it.
+    """
+    import psutil
+
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS has no affinity masks
+        allowed = physical
+    return max(1, min(physical, allowed))
 
 
 def profiles_dir() -> Path:

@@ -51,6 +51,7 @@ class LocalModel:
         use_mmap: bool = True,
         use_mlock: bool = False,
     ):
+        from rpra.config import default_threads
         from rpra.models import check_gguf
 
         path = Path(path)
@@ -65,7 +66,7 @@ class LocalModel:
                 model_path=str(path),
                 lora_path=str(adapter) if adapter else None,
                 n_ctx=n_ctx,
-                n_threads=n_threads,
+                n_threads=n_threads or default_threads(),
                 n_batch=n_batch,
                 seed=seed,
                 use_mmap=use_mmap,
