@@ -182,7 +182,7 @@ def _check_threads(report: dict, settings: Settings) -> list[dict]:
         return []
     logical, physical = cpu["logical_cores"], cpu["physical_cores"]
     threads = settings.n_threads or _default_threads(physical, logical)
-    where = "rpra's default (one per physical core)" if settings.n_threads is None else "n_threads"
+    where = "rpra's default: one per physical core" if settings.n_threads is None else "n_threads"
     if physical and threads > physical:
         return [_check("threads", "warn",
                        f"{where} gives {_count(threads, 'thread')} but this machine has {physical} physical cores: decode is "

@@ -254,3 +254,20 @@ def test_a_missing_probe_file_fails(tmp_path):
     probe = check(doctor.machine_report(settings), "probe")
     assert probe["status"] == "fail" and "rpra train probe" in probe["message"]
 
+
+
+@pytest.mark.slow
+def test_doctor_command_prints_json_and_lists_profiles(isolated_home):
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rpra = shutil.which("rpra", path=str(Path(sys.executable).parent)) or "rpra"
+    done = subprocess.run([rpra, "doctor", "--json", "--set", "model=/nonexistent/model.gguf"], capture_output=True, text=True, timeout=120)
+    report = json.loads(done.stdout)
+    assert done.returncode == 1 and report["status"] == "fail"  # the model is missing: a failing check, exit 1
+    assert any(c["name"] == "model" and c["status"] == "fail" for c in report["checks"])
+    listed = subprocess.run([rpra, "doctor", "--profiles", "--json"], capture_output=True, text=True, timeout=60)
+    assert {p["name"] for p in json.loads(listed.stdout)} >= {"arm-board-4gb", "laptop"}
