@@ -70,6 +70,19 @@ def serve():
         server.stop()
 
 
+@pytest.fixture
+def env(isolated_home, model_path) -> dict:
+    """Greedy, short answers from the real device model, in an isolated RPRA_HOME."""
+    return {
+        **os.environ,
+        "RPRA_MODEL": str(model_path),
+        "RPRA_TEMPERATURE": "0",
+        "RPRA_MAX_TOKENS": "16",
+        "RPRA_N_CTX": "1024",
+        "RPRA_N_THREADS": "2",
+    }
+
+
 def greedy_settings(**overrides):
     """Deterministic settings for integration tests: greedy decoding, short answers."""
     values = dict(temperature=0.0, max_tokens=24, reason_tokens=12, log=False, n_ctx=1024)

@@ -17,19 +17,6 @@ RPRA = shutil.which("rpra", path=str(Path(sys.executable).parent)) or "rpra"
 DEAD_REMOTE = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
 
 
-@pytest.fixture
-def env(isolated_home, model_path) -> dict:
-    """Greedy, short answers from the real device model, in an isolated RPRA_HOME."""
-    return {
-        **os.environ,
-        "RPRA_MODEL": str(model_path),
-        "RPRA_TEMPERATURE": "0",
-        "RPRA_MAX_TOKENS": "16",
-        "RPRA_N_CTX": "1024",
-        "RPRA_N_THREADS": "2",
-    }
-
-
 def rpra(*args: str, env: dict, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([RPRA, *args], input=stdin, env=env, capture_output=True, text=True, timeout=timeout)
 

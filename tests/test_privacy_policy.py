@@ -14,7 +14,7 @@ from rpra.errors import PrivacyError
 from rpra.remote import RemoteModel
 from rpra.runtime import Runtime
 from tests.conftest import greedy_settings
-from tests.test_cli import env, rpra  # noqa: F401 - env is a fixture
+from tests.test_cli import rpra
 
 pytestmark = pytest.mark.slow
 
