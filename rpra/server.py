@@ -333,6 +333,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def stream() -> AsyncIterator[str]:
+            logged = False
             try:
                 yield api.chunk(rid, model_name, delta={"role": "assistant", "content": ""},
                                 extra={"rpra": api.decision_fields(decided.decision, decided.prediction)})  # fmt: skip
@@ -347,14 +348,19 @@ def create_app(runtime: Runtime) -> FastAPI:
                         yield api.chunk(rid, model_name, extra={"rpra": {"notice": event.message}})
                     elif isinstance(event, Finished):
                         await finish(event.result)
+                        logged = True
                         yield api.final_chunks(event.result, rid=rid, model=model_name, include_usage=include_usage)
             except Exception as exc:  # after the headers: the error travels as an event (OpenAI's way)
                 status, kind = _status_of(exc)
                 _log(request, status, mode=mode, stream=True, error=str(exc))
+                logged = True
                 message = str(exc) if isinstance(exc, RpraError) else "internal error"
                 yield f"data: {json.dumps(api.error_body(message, kind))}\n\n"
             finally:  # also on disconnect (this task is cancelled): stop the turn, which frees its slot
                 worker.cancel()
+                if not logged:  # nginx's code for "the client closed the connection"
+                    _log(request, 499, mode=mode, stream=True, error="client disconnected mid-stream",
+                         duration_ms=round((time.perf_counter() - started) * 1000, 2))  # fmt: skip
 
         headers["X-RPRA-Answered-By"] = route  # the plan; a fallback is reported in the last chunk
         return StreamingResponse(stream(), media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})

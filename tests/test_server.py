@@ -243,6 +243,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(local_model, remote
         assert reply.choices[0].message.content
     interrupted = [t for t in runtime.store.turns(limit=5) if t["status"] == "error"]
     assert interrupted and interrupted[0]["error"] == "interrupted"
+    assert [r["status"] for r in runtime.store.requests(limit=5)] == [200, 499]  # newest first
 
 
 @pytest.mark.slow
@@ -350,31 +351,36 @@ def test_metrics_and_health_report_the_traffic(local_model, remote_server, tmp_p
 
 
 @pytest.mark.slow
-def test_rpra_serve_command_serves_until_interrupted(model_path, tmp_path):
+def test_rpra_serve_off_loopback_needs_a_key_and_refuses_requests_without_it(model_path, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "RPRA_HOME": str(tmp_path / "home"), "RPRA_MAX_TOKENS": "4", "RPRA_N_CTX": "512"}
-    exposed = subprocess.run([sys.executable, "-m", "rpra.cli", "serve", "--host", "0.0.0.0", "--model", str(model_path)], env=env, capture_output=True, text=True, timeout=60)
-    assert exposed.returncode == 1 and "RPRA_SERVER_API_KEY" in exposed.stderr
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rpra.cli", "serve", "--port", str(port), "--model", str(model_path)],
-        env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    env.pop("RPRA_SERVER_API_KEY", None)
+    cmd = [sys.executable, "-m", "rpra.cli", "serve", "--host", "0.0.0.0", "--port", str(port), "--model", str(model_path)]
+    exposed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert exposed.returncode == 1 and "RPRA_SERVER_API_KEY" in exposed.stderr  # refuses before loading anything
+    proc = subprocess.Popen(cmd, env={**env, "RPRA_SERVER_API_KEY": "k3y"}, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
         while True:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                if httpx.get(f"{base}/health").status_code == 200:  # open, for health checks
                     break
             assert proc.poll() is None and time.time() < deadline, "rpra serve did not come up"
             time.sleep(0.2)
-        reply = client(f"http://127.0.0.1:{port}/v1").chat.completions.create(model="rpra-local", messages=ASK)
+        refused = httpx.post(f"{base}/v1/chat/completions", json={"model": "rpra-local", "messages": ASK})
+        assert refused.status_code == 401 and "RPRA_SERVER_API_KEY" in refused.json()["error"]["message"]
+        with pytest.raises(openai.AuthenticationError):
+            client(f"{base}/v1", key="guess").chat.completions.create(model="rpra-local", messages=ASK)
+        reply = client(f"{base}/v1", key="k3y").chat.completions.create(model="rpra-local", messages=ASK)
         assert reply.choices[0].message.content
     finally:
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
-    assert f"http://127.0.0.1:{port}/v1" in stderr
+    assert f"http://0.0.0.0:{port}/v1" in stderr and "key required" in stderr
     with LogStore(tmp_path / "home" / "logs.db") as store:
-        assert store.requests()[0]["status"] == 200 and store.turns()[0]["status"] == "done"
+        assert [r["status"] for r in store.requests()] == [200, 401, 401]
+        assert store.turns()[0]["status"] == "done"
