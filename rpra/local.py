@@ -5,14 +5,22 @@ slot is read from the logits at its position, and the answer (if the model answe
 continues from the same KV cache. A new request reuses the longest prefix it shares with what the
 cache already holds (the system prompt, earlier turns of the conversation), so that is not
 prefilled again either.
+
+Requests take turns on the context through ``ModelLock``, where predictions go first: a local
+answer in progress steps aside between two tokens (``LocalSession.suspend`` copies its KV cells
+out, ``resume`` puts them back, a few milliseconds) so that a new request's routing decision never
+waits for someone else's whole answer.
 """
 
 from __future__ import annotations
 
 import codecs
+import ctypes
+import itertools
 import re
 import threading
 import uuid
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +32,79 @@ from rpra.slot import ScoreSlot
 
 # llama-cpp-python's default sampling chain; temperature and repeat penalty are settings.
 _SAMPLING = dict(top_k=40, top_p=0.95, min_p=0.05)
+
+
+class ModelLock:
+    """The device model's lock, with two kinds of waiter.
+
+    ``acquire(urgent=True)`` is for a request about to predict: it goes before every other waiter.
+    Plain ``acquire()`` waits in FIFO order behind the urgent ones. Whoever holds the lock while
+    answering checks ``urgent_waiting()`` between tokens and steps aside (suspend, release,
+    acquire, resume). Unlike ``threading.Lock`` it may be released by another thread than the one
+    that took it: a streaming turn can be resumed on another thread.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._held = False
+        self._urgent = 0
+        self._queue: deque[int] = deque()  # tickets of plain waiters, oldest first
+        self._tickets = itertools.count()
+
+    def acquire(self, *, urgent: bool = False, timeout: float | None = None) -> bool:
+        """Wait for the model (at most ``timeout`` seconds); True once held."""
+        with self._cond:
+            if urgent:
+                self._urgent += 1
+                try:
+                    got = self._cond.wait_for(lambda: not self._held, timeout)
+                finally:
+                    self._urgent -= 1
+                    self._cond.notify_all()  # plain waiters re-check once no urgent one is left
+            else:
+                ticket = next(self._tickets)
+                self._queue.append(ticket)
+                try:
+                    got = self._cond.wait_for(lambda: not self._held and not self._urgent and self._queue[0] == ticket, timeout)
+                finally:
+                    self._queue.remove(ticket)
+                    self._cond.notify_all()
+            self._held = self._held or got
+            return got
+
+    def release(self) -> None:
+        with self._cond:
+            if not self._held:
+                raise RuntimeError("ModelLock released while not held")
+            self._held = False
+            self._cond.notify_all()
+
+    def locked(self) -> bool:
+        return self._held
+
+    def urgent_waiting(self) -> bool:
+        """A request waits to make its prediction."""
+        return self._urgent > 0
+
+    def contended(self) -> bool:
+        """Anyone waits at all."""
+        return self._urgent > 0 or bool(self._queue)
+
+    def __enter__(self) -> ModelLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass
+class _Suspended:
+    """A session's KV cells and token history, held outside the context while another request runs."""
+
+    kv: bytes
+    n_tokens: int
+    input_ids: np.ndarray
 
 
 @dataclass
@@ -83,9 +164,8 @@ class LocalModel:
         self.name = name or path.stem
         self.adapter = Path(adapter) if adapter else None
         self.seed = seed
-        # Requests share one context, so they must not interleave. A plain Lock, not an RLock: a
-        # streaming turn may be resumed (and release it) on another thread than the one that took it.
-        self.lock = threading.Lock()
+        # Requests share one context, so they take turns (see ModelLock).
+        self.lock = ModelLock()
         model = self._llm._model
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
@@ -259,6 +339,29 @@ class LocalSession:
             return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).copy()
         finally:
             lib.llama_set_embeddings(llm.ctx, False)
+
+    def suspend(self) -> _Suspended:
+        """Copy this session's state out of the context, so another request can use it.
+
+        Only valid when the next step evaluates something (a sampled token still pending, or
+        tokens about to be committed): the logits are not saved, and that evaluation renews them.
+        """
+        llm, lib = self.model._llm, self.model._lib
+        size = lib.llama_state_seq_get_size(llm.ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = lib.llama_state_seq_get_data(llm.ctx, buffer, size, 0)
+        return _Suspended(bytes(buffer)[:written], llm.n_tokens, llm.input_ids[: llm.n_tokens].copy())
+
+    def resume(self, saved: _Suspended) -> None:
+        """Put a suspended session's state back into the context."""
+        llm, lib = self.model._llm, self.model._lib
+        lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), -1, -1, -1)
+        if saved.n_tokens:
+            buffer = (ctypes.c_uint8 * len(saved.kv)).from_buffer_copy(saved.kv)
+            if lib.llama_state_seq_set_data(llm.ctx, buffer, len(saved.kv), 0) == 0:
+                raise ModelError("llama.cpp could not restore a suspended request's state; retry the request.")
+        llm.input_ids[: saved.n_tokens] = saved.input_ids
+        llm.n_tokens = saved.n_tokens
 
     def commit(self, tokens: Sequence[int]) -> None:
         """Put chosen tokens (e.g. the score written into the slot) into the context."""

@@ -236,7 +236,7 @@ class Runtime:
             if self.controller.needs_prediction(mode):
                 if self.local is None:
                     raise ConfigError("This runtime has no local model; use mode remote-only.")
-                self.local.lock.acquire()
+                self.local.lock.acquire(urgent=True)  # a prediction goes before answers in progress
                 holding = True
                 try:
                     if s.protocol == "rpra":
@@ -358,6 +358,8 @@ class Runtime:
         s = self.settings
         started = time.perf_counter()
         score = result.prediction.mode if result.prediction else s.scale_max
+        if self.local.lock.contended():  # answers queued before this one go first
+            self._step_aside(session)
         session.commit(self.local.tokenize(str(score)) + self.local.tokenize(prompts.SCORE_CLOSE))
         out = Generated()
         started_text = False
@@ -367,11 +369,25 @@ class Runtime:
                 started_text = bool(piece)
             if piece:
                 yield Text(piece, "local")
+            if self.local.lock.urgent_waiting():  # a new request waits to predict: let it
+                self._step_aside(session)
         result.answer = out.text.strip()
         result.answered_by = "local"
         result.finish_reason = out.finish_reason
         result.tokens["local_answer"] = out.tokens
         result.timings_ms["local_answer"] = _ms(started)
+
+    def _step_aside(self, session: LocalSession) -> None:
+        """Let waiting requests use the model, then carry on exactly where this answer was.
+
+        Called with the lock held, between two tokens: the session's KV cells are copied out (a
+        few milliseconds), the lock goes to the waiters (predictions first), and the cells come
+        back before the next token is evaluated, so the answer is the one it would have been.
+        """
+        saved = session.suspend()
+        self.local.lock.release()
+        self.local.lock.acquire()
+        session.resume(saved)
 
     def _answer_remotely(
         self, messages: list[dict], sent: list[dict], vault: Vault | None, session: LocalSession | None, result: TurnResult

@@ -150,7 +150,10 @@ class TurnWorker:
         self.cancelled.set()
 
     def _put(self, item) -> None:
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (the server stopped): no one will read on
+            self.cancelled.set()
 
     def _leave_local(self) -> None:
         if self._holds_local:
