@@ -28,7 +28,7 @@ REMOTE_MODEL ?= qwen2.5-coder-1.5b-instruct
 PROMPTS ?= examples/demo-prompts.txt
 PYTEST_ARGS ?=
 
-.PHONY: setup models run test test-fast bench bench-deferral train clean
+.PHONY: setup models run serve test test-fast bench bench-deferral train clean
 
 setup: $(INSTALLED)
 
@@ -61,6 +61,17 @@ run: setup
 	  chat="$(RPRA) serve-remote --model $(REMOTE_MODEL) --port 0 -- $$chat"; \
 	fi; \
 	if [ -t 0 ]; then $$chat; else $$chat < $(PROMPTS); fi
+
+# The OpenAI-compatible server on 127.0.0.1:8080, deferring to RPRA_REMOTE_URL if set, else to the
+# larger model served locally for as long as the server runs. SERVE_ARGS="--profile laptop" etc.
+serve: setup
+	$(RPRA) models pull $(DEVICE_MODEL)
+	@serve="$(RPRA) serve $(SERVE_ARGS)"; \
+	if [ -z "$$RPRA_REMOTE_URL" ]; then \
+	  $(RPRA) models pull $(REMOTE_MODEL) || exit 1; \
+	  serve="$(RPRA) serve-remote --model $(REMOTE_MODEL) --port 0 -- $$serve"; \
+	fi; \
+	$$serve
 
 test: setup
 	$(RPRA) models pull $(DEVICE_MODEL)
