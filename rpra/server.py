@@ -389,6 +389,8 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 
 def _status_of(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, asyncio.CancelledError):  # the client went away (or the server stops)
+        return 499, "client_closed_request"
     if isinstance(exc, PrivacyError):
         return 403, "invalid_request_error"
     if isinstance(exc, InputError):
