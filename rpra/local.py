@@ -51,8 +51,10 @@ class ModelLock:
         self._queue: deque[int] = deque()  # tickets of plain waiters, oldest first
         self._tickets = itertools.count()
 
-    def acquire(self, *, urgent: bool = False, timeout: float | None = None) -> bool:
-        """Wait for the model (at most ``timeout`` seconds); True once held."""
+    def acquire(self, blocking: bool = True, *, urgent: bool = False, timeout: float | None = None) -> bool:
+        """Wait for the model (at most ``timeout`` seconds; not at all unless ``blocking``); True once held."""
+        if not blocking:
+            timeout = 0
         with self._cond:
             if urgent:
                 self._urgent += 1

@@ -108,6 +108,7 @@ def test_acquire_times_out_without_taking_the_lock():
     lock = ModelLock()
     lock.acquire()
     assert lock.acquire(timeout=0.05) is False and lock.acquire(urgent=True, timeout=0.05) is False
+    assert lock.acquire(blocking=False) is False
     assert not lock.contended()
     lock.release()
     assert lock.acquire(timeout=0.05) and lock.locked()
