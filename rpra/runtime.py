@@ -287,14 +287,14 @@ class Runtime:
             yield from self._answer_remotely(messages, outgoing, vault, session, result)
         result.timings_ms["total"] = _ms(start)
 
-    def _outgoing(self, messages: list[dict], result: TurnResult) -> tuple[list[dict], Vault | None]:
+    def _outgoing(self, messages: list[dict], result: TurnResult) -> tuple[list[dict], Vault]:
         """Exactly what a deferral would send: the conversation (roles and text, nothing else),
-        the reasoning if configured, redacted if configured."""
+        the reasoning if configured, redacted if configured (else the vault stays empty)."""
         sent = [{"role": m["role"], "content": m["content"]} for m in messages]
         if self.settings.send_reasoning and result.reasoning:
             sent.append({"role": "system", "content": f"An on-device assistant's first thoughts (may be wrong): {result.reasoning}"})
         if self.redactor is None:
-            return sent, None
+            return sent, Vault()
         sent, vault = redact_messages(sent, self.redactor)
         if len(vault):  # restoring needs the placeholders back verbatim
             sent.append({"role": "system", "content": _PLACEHOLDER_NOTE})
@@ -390,7 +390,7 @@ class Runtime:
         session.resume(saved)
 
     def _answer_remotely(
-        self, messages: list[dict], sent: list[dict], vault: Vault | None, session: LocalSession | None, result: TurnResult
+        self, messages: list[dict], sent: list[dict], vault: Vault, session: LocalSession | None, result: TurnResult
     ) -> Iterator[Event]:
         s = self.settings
         started = time.perf_counter()
@@ -398,24 +398,23 @@ class Runtime:
             error = RemoteError("no remote configured (set RPRA_REMOTE_URL)")
         else:
             result.sent_remote = sent
-            result.redactions = vault.entries if vault else []
+            result.redactions = vault.entries
             error = None
-            pieces: list[str] = []
-            restorer = StreamRestorer(vault) if vault else None
+            shown: list[str] = []  # the answer as the user sees it: placeholders restored
+            restorer = StreamRestorer(vault)
             try:
                 for piece in self.remote.stream(sent, max_tokens=s.max_tokens, temperature=s.temperature):
-                    pieces.append(piece)
-                    text = restorer.feed(piece) if restorer else piece
-                    if text:
+                    if text := restorer.feed(piece):
+                        shown.append(text)
                         yield Text(text, "remote")
-                if restorer and (tail := restorer.flush()):
+                if tail := restorer.flush():
+                    shown.append(tail)
                     yield Text(tail, "remote")
             except RemoteError as exc:
                 error = exc
             result.timings_ms["remote"] = _ms(started)
             if error is None:
-                answer = "".join(pieces)
-                result.answer = (vault.restore(answer) if vault else answer).strip()
+                result.answer = "".join(shown).strip()
                 result.answered_by = "remote"
                 result.finish_reason = self.remote.last_finish_reason or "stop"
                 usage = self.remote.last_usage
