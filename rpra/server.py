@@ -204,7 +204,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="rpra", summary="Self-deferral runtime: OpenAI-compatible chat completions.", docs_url=None, redoc_url=None)
     admission = Admission(s.max_queue)
     metrics = Metrics()
-    app.state.runtime, app.state.admission, app.state.metrics = runtime, admission, metrics
     store = runtime.store
 
     @app.middleware("http")
@@ -216,6 +215,14 @@ def create_app(runtime: Runtime) -> FastAPI:
                 _log(request, 401, error="missing or wrong API key")
                 return _error(401, "Missing or wrong API key: send 'Authorization: Bearer <RPRA_SERVER_API_KEY>'.", "authentication_error")
         return await call_next(request)
+
+    def _fail(request: Request, exc: BaseException, mode: str, stream: bool) -> JSONResponse:
+        """Log a failed turn and answer with its status; anything but an Exception goes on up."""
+        status, kind = _status_of(exc)
+        _log(request, status, mode=mode, stream=stream, error=str(exc))
+        if not isinstance(exc, Exception):
+            raise exc
+        return _error(status, str(exc) if isinstance(exc, RpraError) else "internal error", kind)
 
     def _log(request: Request, status: int, **fields) -> None:
         if request.url.path == "/v1/chat/completions":
@@ -288,15 +295,10 @@ def create_app(runtime: Runtime) -> FastAPI:
                 raise RuntimeError("the turn ended without a decision")
         except BaseException as exc:
             worker.cancel()
-            status, kind = _status_of(exc)
-            _log(request, status, mode=mode, stream=body.stream, error=str(exc))
-            if not isinstance(exc, Exception):
-                raise
-            return _error(status, str(exc) if isinstance(exc, RpraError) else "internal error", kind)
+            return _fail(request, exc, mode, body.stream)
         metrics.decision.observe(time.perf_counter() - started)
         rid = api.new_id()
         route = decided.decision.route
-        headers = api.decision_headers(decided.decision, decided.prediction, None)
         model_name = s.model if route == "local" else s.remote_model
 
         async def finish(result) -> None:
@@ -317,21 +319,16 @@ def create_app(runtime: Runtime) -> FastAPI:
                         result = event.result
             except BaseException as exc:
                 worker.cancel()
-                status, kind = _status_of(exc)
-                _log(request, status, mode=mode, stream=False, error=str(exc))
-                if not isinstance(exc, Exception):
-                    raise
-                return _error(status, str(exc) if isinstance(exc, RpraError) else "internal error", kind)
+                return _fail(request, exc, mode, False)
             finally:
                 watcher.cancel()
             if result is None:  # the client went away and the turn was stopped
                 _log(request, 499, mode=mode, stream=False, error="client disconnected")
                 return Response(status_code=499)
             await finish(result)
-            headers["X-RPRA-Answered-By"] = result.answered_by
-            if result.turn_id is not None:
-                headers["X-RPRA-Turn-Id"] = str(result.turn_id)
-            return JSONResponse(api.completion(result, model=model_name if not result.fallback else s.model, rid=rid), headers=headers)
+            headers = {**api.decision_headers(result.decision, result.prediction, result.turn_id), "X-RPRA-Answered-By": result.answered_by}
+            answered = s.model if result.answered_by == "local" else s.remote_model
+            return JSONResponse(api.completion(result, model=answered, rid=rid), headers=headers)
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -365,8 +362,9 @@ def create_app(runtime: Runtime) -> FastAPI:
                     _log(request, 499, mode=mode, stream=True, error="client disconnected mid-stream",
                          duration_ms=round((time.perf_counter() - started) * 1000, 2))  # fmt: skip
 
-        headers["X-RPRA-Answered-By"] = route  # the plan; a fallback is reported in the last chunk
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+        # Answered-By is the plan here; a fallback is reported in the last chunk.
+        headers = {**api.decision_headers(decided.decision, decided.prediction, None), "X-RPRA-Answered-By": route, "Cache-Control": "no-cache"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     return app
 
