@@ -9,7 +9,6 @@ crashes diagnoses nothing. Nothing here prints; the report is a JSON-serialisabl
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 import shutil
 from collections.abc import Callable
@@ -346,7 +345,7 @@ def _check_profile(settings: Settings, recommended: tuple[str, str]) -> list[dic
 
 
 def _public_settings(settings: Settings) -> dict[str, Any]:
-    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "sources"}
+    values = {name: getattr(settings, name) for name in config.setting_names()}
     for secret in ("remote_api_key", "server_api_key"):
         values[secret] = "set" if values[secret] else None  # a report gets pasted into bug reports
     return values
