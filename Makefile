@@ -51,27 +51,24 @@ models: setup
 	$(RPRA) models pull $(DEVICE_MODEL)
 	$(RPRA) models pull $(REMOTE_MODEL)
 
-# Chat with the device model; deferred turns go to RPRA_REMOTE_URL if set, else to the larger
-# model served on 127.0.0.1 for the duration of the chat.
+# Shell code that wraps the command in $$cmd so that it defers to RPRA_REMOTE_URL if set, else to
+# the larger model served on 127.0.0.1 for as long as the command runs.
+WITH_REMOTE = if [ -z "$$RPRA_REMOTE_URL" ]; then \
+	  $(RPRA) models pull $(REMOTE_MODEL) || exit 1; \
+	  cmd="$(RPRA) serve-remote --model $(REMOTE_MODEL) --port 0 -- $$cmd"; \
+	fi
+
+# Chat with the device model (deferred turns: see WITH_REMOTE).
 run: setup
 	$(RPRA) models pull $(DEVICE_MODEL)
-	@chat="$(RPRA) chat $(CHAT_ARGS)"; \
-	if [ -z "$$RPRA_REMOTE_URL" ]; then \
-	  $(RPRA) models pull $(REMOTE_MODEL) || exit 1; \
-	  chat="$(RPRA) serve-remote --model $(REMOTE_MODEL) --port 0 -- $$chat"; \
-	fi; \
-	if [ -t 0 ]; then $$chat; else $$chat < $(PROMPTS); fi
+	@cmd="$(RPRA) chat $(CHAT_ARGS)"; $(WITH_REMOTE); \
+	if [ -t 0 ]; then $$cmd; else $$cmd < $(PROMPTS); fi
 
-# The OpenAI-compatible server on 127.0.0.1:8080, deferring to RPRA_REMOTE_URL if set, else to the
-# larger model served locally for as long as the server runs. SERVE_ARGS="--profile laptop" etc.
+# The OpenAI-compatible server on 127.0.0.1:8080 (deferred requests: see WITH_REMOTE).
+# SERVE_ARGS="--profile laptop" etc.
 serve: setup
 	$(RPRA) models pull $(DEVICE_MODEL)
-	@serve="$(RPRA) serve $(SERVE_ARGS)"; \
-	if [ -z "$$RPRA_REMOTE_URL" ]; then \
-	  $(RPRA) models pull $(REMOTE_MODEL) || exit 1; \
-	  serve="$(RPRA) serve-remote --model $(REMOTE_MODEL) --port 0 -- $$serve"; \
-	fi; \
-	$$serve
+	@cmd="$(RPRA) serve $(SERVE_ARGS)"; $(WITH_REMOTE); $$cmd
 
 test: setup
 	$(RPRA) models pull $(DEVICE_MODEL)
