@@ -105,6 +105,25 @@ def test_config_show_reports_values_and_their_sources(tmp_path, isolated_home):
     assert rows["remote_api_key"]["value"] == "***" and "sk-secret" not in run.stdout
 
 
+def test_logs_requests_lists_what_the_server_logged(isolated_home):
+    with LogStore(isolated_home / "logs.db") as store:
+        store.log_request(client="127.0.0.1", method="POST", path="/v1/chat/completions", status=200, mode="auto", duration_ms=812.0)
+        store.log_request(client="10.0.0.7", method="POST", path="/v1/chat/completions", status=429, error="busy")
+    rows = json.loads(rpra("logs", "--requests", "--json", env=dict(os.environ)).stdout)
+    assert [(r["status"], r["client"]) for r in rows] == [(429, "10.0.0.7"), (200, "127.0.0.1")]
+    table = rpra("logs", "--requests", env=dict(os.environ)).stdout
+    assert "busy" in table and "812" in table
+
+
+def test_a_profile_is_taken_from_the_flag_and_shows_as_the_source(isolated_home):
+    unknown = rpra("ask", "--profile", "no-such-board", "hi", env=dict(os.environ))
+    assert unknown.returncode == 1 and "No device profile 'no-such-board'" in unknown.stderr and "arm-board-4gb" in unknown.stderr
+    shown = rpra("config", "show", "--json", "--set", "profile=arm-board-4gb", "--set", "n_ctx=777", env=dict(os.environ))
+    rows = {r["name"]: r for r in json.loads(shown.stdout)["settings"]}
+    assert (rows["n_threads"]["value"], rows["n_threads"]["source"]) == (4, "profile arm-board-4gb")
+    assert (rows["n_ctx"]["value"], rows["n_ctx"]["source"]) == (777, "flag")  # the user beats the profile
+
+
 def test_errors_are_one_clear_line_not_a_traceback(isolated_home):
     run = rpra("models", "path", "smollm2-135m-instruct", env=dict(os.environ))
     assert run.returncode == 1
@@ -114,7 +133,7 @@ def test_errors_are_one_clear_line_not_a_traceback(isolated_home):
 
 def test_help_explains_the_commands():
     run = rpra("--help", env=dict(os.environ))
-    for command in ("ask", "chat", "models", "serve-remote", "logs", "config"):
+    for command in ("ask", "chat", "models", "serve-remote", "serve", "doctor", "logs", "config"):
         assert command in run.stdout
     chat_help = rpra("chat", "--help", env=dict(os.environ)).stdout
     assert "verdict" in chat_help and "--threshold" in chat_help and "--set" in chat_help

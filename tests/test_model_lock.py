@@ -23,17 +23,21 @@ def _waiter(lock: ModelLock, order: list, name: str, *, urgent: bool) -> threadi
     return thread
 
 
-def _settle() -> None:
-    time.sleep(0.05)  # let a started thread reach its wait
+def _settle(lock: ModelLock, waiting: int) -> None:
+    """Wait until ``waiting`` threads wait on ``lock`` (so their arrival order is the one intended)."""
+    deadline = time.time() + 5
+    while len(lock._queue) + lock._urgent < waiting:
+        assert time.time() < deadline, "a waiter never arrived"
+        time.sleep(0.005)
 
 
 def test_urgent_waiters_go_before_earlier_plain_ones_and_plain_ones_keep_their_order():
     lock, order = ModelLock(), []
     lock.acquire()
     threads = []
-    for name, urgent in (("answer-1", False), ("answer-2", False), ("predict", True)):
+    for waiting, (name, urgent) in enumerate((("answer-1", False), ("answer-2", False), ("predict", True)), start=1):
         threads.append(_waiter(lock, order, name, urgent=urgent))
-        _settle()
+        _settle(lock, waiting)
     assert lock.urgent_waiting() and lock.contended()
     lock.release()
     for t in threads:
