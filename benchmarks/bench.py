@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from benchmarks.cache import CallCache, cached
@@ -170,7 +171,7 @@ def add_predictions(records: list[dict], settings: Settings, *, field: str, pred
     for r in track(records, description=f"predicting: {field}", disable=not progress, transient=True):
         messages = [{"role": "user", "content": r["prompt"]}]
         out = cached(cache, "device-predict", sha, {"system": system, "messages": messages, **identity},
-                     lambda: predict_only(runtime, messages))  # fmt: skip
+                     partial(predict_only, runtime, messages))  # fmt: skip
         r[field], r[f"{field}_decision_ms"] = out["prediction"], out["decision_ms"]
         if protocol == "rpra":
             r[f"{field}_reasoning_tokens"] = out["reasoning_tokens"]

@@ -83,7 +83,7 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
     def router_row(pred: np.ndarray) -> dict:
         curve = M.deferral_curve(pred, lq, rq)
         return {
-            "apgr": ci(lambda p, l, r: M.apgr(p, l, r), pred, lq, rq),
+            "apgr": ci(M.apgr, pred, lq, rq),
             "cpt50": M.cpt(pred, lq, rq, 0.5),
             "cpt80": M.cpt(pred, lq, rq, 0.8),
             "cpt95": M.cpt(pred, lq, rq, 0.95),

@@ -5,12 +5,19 @@ card and, batch by batch of judged calibration records, rewrites it to account f
 evidence, organised by topic and kept under a word budget. Saved as versioned markdown files
 under ``RPRA_HOME/report-cards/<device model>/``; the report-card predictor puts the card in the
 device model's instructions.
+
+The card is grounded in measured numbers. A small writer left to itself wrote a generic,
+over-positive card ("Strong: accurate in basic arithmetic" about a model that failed most sums), so
+each update also shows the writer the per-topic statistics of all the evidence so far (answers,
+mean judge score, share passing, share correct by an answer key), and the finished card ends with
+those statistics, computed here rather than written by a model.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +29,9 @@ UPDATE_PROMPT = """You are assessing a small AI assistant. A judge scored its an
 
 Current report card:
 {card}
+
+Measured over all the evidence so far (exact numbers: the card must agree with them):
+{stats}
 
 New judged examples:
 {examples}
@@ -60,21 +70,71 @@ def format_examples(records: list[dict], *, answer_chars: int = 300) -> str:
     return "\n".join(blocks)
 
 
-def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_words: int = 250, progress=None) -> tuple[str, list[str]]:
-    """Progressively write a card over ``records``; returns the card and each intermediate version."""
+def topic_stats(records: list[dict], *, pass_mark: float = 7, min_items: int = 5) -> list[dict]:
+    """Per-topic numbers over judged records: one row per suite, then one per category of that suite
+    with at least ``min_items`` records (when the suite has more than one category).
+
+    Each row: ``topic``, ``level`` (0 suite, 1 category), ``n``, ``mean`` judge score, ``passed``
+    (judge score >= ``pass_mark``), and ``checked`` / ``correct``: the records with an exact verdict
+    (``exact_local``, from an answer key) and how many of those were right.
+    """
+    groups: dict[tuple[str, str | None], list[dict]] = defaultdict(list)
+    for r in records:
+        if r["judge_local"]["score"] is None:
+            continue
+        suite = r.get("suite") or "other"
+        groups[(suite, None)].append(r)
+        if r.get("category"):
+            groups[(suite, r["category"])].append(r)
+
+    def row(topic: str, level: int, rs: list[dict]) -> dict:
+        scores = [r["judge_local"]["score"] for r in rs]
+        exact = [r["exact_local"] for r in rs if r.get("exact_local") is not None]
+        return {"topic": topic, "level": level, "n": len(rs), "mean": sum(scores) / len(scores),
+                "passed": sum(s >= pass_mark for s in scores), "checked": len(exact), "correct": sum(e >= 1.0 for e in exact)}  # fmt: skip
+
+    rows = []
+    for suite in sorted({s for s, c in groups if c is None}):
+        rows.append(row(suite, 0, groups[(suite, None)]))
+        categories = sorted(c for s, c in groups if s == suite and c is not None)
+        if len(categories) > 1:
+            rows += [row(c, 1, groups[(suite, c)]) for c in categories if len(groups[(suite, c)]) >= min_items]
+    return rows
+
+
+def format_stats(rows: list[dict], *, pass_mark: float = 7) -> str:
+    """The statistics as short lines the writer and the device model can both read."""
+    lines = []
+    for r in rows:
+        text = f"{'  ' * r['level']}- {r['topic']}: {r['n']} answer{'s' * (r['n'] != 1)}, mean score {r['mean']:.1f}/10, {r['passed']} scored {pass_mark:g}+"
+        if r["checked"]:
+            text += f", {r['correct']} of {r['checked']} correct"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_words: int = 250, pass_mark: float = 7,
+               progress=None) -> tuple[str, list[str]]:  # fmt: skip
+    """Progressively write a card over ``records``; returns the card and each intermediate version.
+
+    The writer's card is kept under ``max_words``; the measured statistics of all records are
+    appended to the final card (outside that budget).
+    """
     usable = [r for r in records if r["judge_local"]["score"] is not None]
     if not usable:
         raise ValueError("No judged records to write a report card from: run `rpra collect --split calibration` first.")
     card, history = "(empty: no evidence yet)", []
     for start in range(0, len(usable), batch_size):
         batch = usable[start : start + batch_size]
-        prompt = UPDATE_PROMPT.format(card=card, examples=format_examples(batch), max_words=max_words)
+        stats = format_stats(topic_stats(usable[: start + len(batch)], pass_mark=pass_mark), pass_mark=pass_mark)
+        prompt = UPDATE_PROMPT.format(card=card, stats=stats, examples=format_examples(batch), max_words=max_words)
         reply = writer.complete([{"role": "user", "content": prompt}], max_tokens=int(max_words * 2), temperature=0.0)
         card = limit_words(reply.strip(), max_words) or card
         history.append(card)
         if progress:
             progress(len(batch))
-    return card, history
+    measured = format_stats(topic_stats(usable, pass_mark=pass_mark), pass_mark=pass_mark)
+    return f"{card}\n\nMeasured on {len(usable)} judged answers:\n{measured}", history
 
 
 def limit_words(text: str, max_words: int) -> str:

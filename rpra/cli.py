@@ -596,7 +596,8 @@ def _add_trained_predictions(bench, settings, records) -> None:
 @card_app.command("build")
 def card_build(
     suite: SuiteOpt = "rpra-mix",
-    limit: Annotated[int, typer.Option(help="Calibration items to learn from.")] = 48,
+    limit: Annotated[int, typer.Option(help="Items to learn from.")] = 48,
+    split: Annotated[str, typer.Option(help="calibration, or train for more evidence (never test: the card would have seen it).")] = "calibration",
     batch_size: Annotated[int, typer.Option(help="Judged examples per update (PRESS).")] = 8,
     max_words: Annotated[int, typer.Option(help="Length budget of the card.")] = 250,
     judge_url: JudgeOpt = None,
@@ -604,16 +605,22 @@ def card_build(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Write a new version of the device model's report card from judged calibration records."""
+    """Write a new version of the device model's report card from judged calibration records.
+
+    The writer (the remote model) rewrites the card batch by batch, shown the measured per-topic
+    statistics so far; the final card ends with those statistics.
+    """
     from benchmarks.report_cards import build_card, save_card
 
+    if split not in ("calibration", "train"):
+        raise RpraError(f"--split must be calibration or train, not {split!r}: a card built from the test split would have seen the answers it is scored on.")
     bench = _bench()
     settings = _settings(config, set_)
-    records, out_dir = bench.run_collect(settings, suite=suite, which="calibration", limit=limit, judge_url=judge_url,
-                                         judge_grammar=judge_grammar)  # fmt: skip
+    records, out_dir = bench.run_collect(settings, suite=suite, which=split, limit=limit, judge_url=judge_url,
+                                         judge_grammar=judge_grammar, remote_answers=split != "train")  # fmt: skip
     with bench.endpoints(settings, judge_url=judge_url) as ep:
-        text, history = build_card(records, ep.remote, batch_size=batch_size, max_words=max_words)
-    card = save_card(text, device_model=settings.model, meta={"suite": suite, "records": len(records), "collection": str(out_dir),
+        text, history = build_card(records, ep.remote, batch_size=batch_size, max_words=max_words, pass_mark=settings.pass_mark)
+    card = save_card(text, device_model=settings.model, meta={"suite": suite, "split": split, "records": len(records), "collection": str(out_dir),
                                                               "writer": ep.remote_id, "batch_size": batch_size, "updates": len(history)})  # fmt: skip
     out.print(card.text)
     err.print(f"[dim]saved {card.path} (version {card.version}, {card.meta['words']} words)[/]")

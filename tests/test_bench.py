@@ -162,3 +162,24 @@ def test_calibrate_writes_a_threshold_that_defers_the_target_share(settings, iso
     records = bench.load_collection(bench.collection_dir(settings, "arithmetic", "calibration"))
     deferred = sum(r["pa"]["expected"] < threshold for r in records)
     assert "remote share 50.0%" in run.stdout and deferred == len(records) // 2
+
+
+def test_report_card_build_writes_a_grounded_card_that_the_benchmark_then_evaluates(settings, isolated_home):
+    env = {**os.environ, "RPRA_MODEL": settings.model, "RPRA_REMOTE_URL": settings.remote_url, "RPRA_REMOTE_MODEL": "stand-in",
+           "RPRA_MAX_TOKENS": "16", "RPRA_N_CTX": "1024", "RPRA_N_THREADS": "2"}  # fmt: skip
+    build = subprocess.run([RPRA, "report-card", "build", "--suite", "arithmetic", "--limit", "3", "--batch-size", "2",
+                            "--max-words", "30", "--judge-grammar"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    show = subprocess.run([RPRA, "report-card", "show"], env=env, capture_output=True, text=True, timeout=60)
+    assert show.returncode == 0 and "Measured on 3 judged answers:" in show.stdout and "- arithmetic: 3 answers" in show.stdout
+    assert "version 1" in show.stderr
+    run = subprocess.run([RPRA, "bench", "run", "--suite", "arithmetic", "--limit", "2", "--judge-grammar", "--json"], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    card_router = json.loads(run.stdout)["results"]["routers"]["report card PA"]
+    assert len(card_router["curve"]["share"]) == 3  # 0, 1 or 2 of 2 deferred
+
+
+def test_a_report_card_is_never_built_from_the_test_split(isolated_home):
+    run = subprocess.run([RPRA, "report-card", "build", "--split", "test"], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "test split" in run.stderr

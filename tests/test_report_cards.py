@@ -2,12 +2,12 @@
 
 import pytest
 
-from benchmarks.report_cards import build_card, latest_card, limit_words, save_card
+from benchmarks.report_cards import build_card, format_stats, latest_card, limit_words, save_card, topic_stats
 
 
-def record(i, score, category="arithmetic"):
-    return {"id": str(i), "suite": "arithmetic", "category": category, "prompt": f"What is {i} + {i}?",
-            "local_answer": str(3 * i), "reference": str(2 * i), "judge_local": {"score": score}}  # fmt: skip
+def record(i, score, category="arithmetic", suite="arithmetic", exact=None):
+    return {"id": str(i), "suite": suite, "category": category, "prompt": f"What is {i} + {i}?",
+            "local_answer": str(3 * i), "reference": str(2 * i), "judge_local": {"score": score}, "exact_local": exact}  # fmt: skip
 
 
 class Writer:
@@ -25,7 +25,8 @@ def test_the_card_is_rewritten_batch_by_batch_from_the_previous_card():
     writer = Writer(["Arithmetic: weak at sums.", "Arithmetic: weak at sums; fine with small numbers."])
     records = [record(i, 2.0) for i in range(5)]
     card, history = build_card(records, writer, batch_size=3)
-    assert card == "Arithmetic: weak at sums; fine with small numbers." and len(history) == 2
+    assert card.startswith("Arithmetic: weak at sums; fine with small numbers.\n\nMeasured on 5 judged answers:")
+    assert history == ["Arithmetic: weak at sums.", "Arithmetic: weak at sums; fine with small numbers."]
     assert "(empty: no evidence yet)" in writer.prompts[0] and "What is 0 + 0?" in writer.prompts[0]
     # The second update sees the first card and only the new batch.
     assert "Arithmetic: weak at sums." in writer.prompts[1]
@@ -56,3 +57,29 @@ def test_cards_are_versioned_and_the_latest_is_found(isolated_home):
     latest = latest_card("smollm2-135m-instruct")
     assert latest.version == 2 and latest.text.strip() == "v2 text" and latest.meta["records"] == 16
     assert first.path.read_text().strip() == "v1 text"  # earlier versions are kept
+
+
+def test_topic_statistics_are_counted_by_suite_and_by_large_enough_category():
+    records = [record(i, score, category="level-1", exact=exact) for i, (score, exact) in enumerate([(8.0, 1.0), (6.0, 0.0), (7.0, 0.0)])]
+    records += [record(10, 3.0, category="level-2", exact=0.0), record(11, None, category="level-2")]  # unjudged: left out
+    records += [record(20, 5.0, category=None, suite="mtbench")]  # no answer key
+    rows = topic_stats(records, pass_mark=7, min_items=3)
+    assert rows == [
+        {"topic": "arithmetic", "level": 0, "n": 4, "mean": 6.0, "passed": 2, "checked": 4, "correct": 1},
+        {"topic": "level-1", "level": 1, "n": 3, "mean": 7.0, "passed": 2, "checked": 3, "correct": 1},
+        {"topic": "mtbench", "level": 0, "n": 1, "mean": 5.0, "passed": 0, "checked": 0, "correct": 0},
+    ]  # level-2 has 1 judged record, under min_items
+    assert format_stats(rows).splitlines() == [
+        "- arithmetic: 4 answers, mean score 6.0/10, 2 scored 7+, 1 of 4 correct",
+        "  - level-1: 3 answers, mean score 7.0/10, 2 scored 7+, 1 of 3 correct",
+        "- mtbench: 1 answer, mean score 5.0/10, 0 scored 7+",
+    ]
+
+
+def test_the_writer_sees_the_statistics_of_all_evidence_so_far_and_the_card_ends_with_them():
+    writer = Writer(["Sums: often wrong.", "Sums: usually wrong."])
+    records = [record(0, 8.0, exact=1.0), record(1, 2.0, exact=0.0), record(2, 3.0, exact=0.0)]
+    card, _ = build_card(records, writer, batch_size=2, pass_mark=7)
+    assert "- arithmetic: 2 answers, mean score 5.0/10, 1 scored 7+, 1 of 2 correct" in writer.prompts[0]
+    assert "- arithmetic: 3 answers, mean score 4.3/10, 1 scored 7+, 1 of 3 correct" in writer.prompts[1]
+    assert card.endswith("Measured on 3 judged answers:\n- arithmetic: 3 answers, mean score 4.3/10, 1 scored 7+, 1 of 3 correct")
