@@ -270,3 +270,18 @@ def test_the_probe_commands_as_a_user_runs_them(model_path, isolated_home, tmp_p
     assert json.loads(asked.stdout)["prediction"]["predictor"] == "probe"
     refused = rpra("train", "probe", "--split", "test", env=env)
     assert refused.returncode == 1 and "test split" in refused.stderr
+
+
+@pytest.mark.slow
+def test_the_pooling_experiment_reads_every_position_and_its_last_is_the_probes_state(model_path):
+    from benchmarks.probe_pooling import all_positions
+    from rpra.local import LocalModel
+
+    model = LocalModel(model_path, name="smollm2", n_ctx=1024, n_batch=1024, n_threads=2, seed=0)
+    tokens = model.chat_tokens([{"role": "user", "content": PROMPT}]) + model.tokenize("Rating: [[")
+    with model.lock:
+        h = model.session(tokens).hidden_state()
+        every = all_positions(model, tokens)
+    assert every.shape == (len(tokens), model.n_embd) and np.isfinite(every).all()
+    assert np.corrcoef(every[-1], h)[0, 1] > 0.999  # the same position, batched vs single-token kernels
+    assert np.corrcoef(every[0], h)[0, 1] < 0.99  # and other positions really differ

@@ -1,0 +1,136 @@
+"""Which hidden states should the activation probe read? Measured on the collected train split.
+
+The probe (``rpra.probe``) reads the final hidden state at the PA score slot, the last token of
+``Rating: [[``. This compares that choice with poolings over the whole prompt the runtime builds
+(the same tokens, re-evaluated with every position's hidden state kept), and the regression
+target (the judge score, or pass/fail at the pass mark), by 5-fold cross-validation on the train
+split. Nothing here looks at the test split.
+
+    python -m benchmarks.probe_pooling                    # all judged train records
+    python -m benchmarks.probe_pooling --limit 100 --json
+
+Feature sets:
+- ``slot``: the final hidden state at the score slot (what the probe ships with);
+- ``mean``: the mean over every token of the prompt up to the slot;
+- ``mean-last-16``: the mean over its last 16 tokens;
+- ``slot+mean``: both, concatenated.
+
+For each: CV Spearman with the judge score, CV AUROC for "the local answer passes", CV RMSE
+(against always predicting the mean), for a ridge on the score and a ridge on pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from benchmarks.metrics import auroc, spearman
+from rpra.config import load_settings
+from rpra.local import LocalSession
+from rpra.prediction import Prediction
+from rpra.predictors import ZeroShotPredictor
+from rpra.runtime import Decided, Runtime
+from rpra.slot import ScoreSlot
+from training.probe import ALPHAS, cross_validate
+
+
+class _Capture(ZeroShotPredictor):
+    """The zero-shot predictor, also keeping the slot state and the prompt's tokens."""
+
+    def predict(self, session: LocalSession, slot: ScoreSlot, *, pass_mark: int) -> Prediction:
+        self.state, self.tokens = session.hidden_state(), list(session.tokens)
+        return super().predict(session, slot, pass_mark=pass_mark)
+
+
+def all_positions(session_model, tokens: list[int]) -> np.ndarray:
+    """Every position's final hidden state for ``tokens``, evaluated from an empty context."""
+    llm, lib = session_model._llm, session_model._lib
+    lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), -1, -1, -1)
+    llm.n_tokens = 0
+    lib.llama_set_embeddings(llm.ctx, True)
+    try:
+        llm.eval(tokens)  # one batch (prompts here are shorter than n_batch): every position is output
+        rows = [np.ctypeslib.as_array(lib.llama_get_embeddings_ith(llm.ctx, i), shape=(session_model.n_embd,)).copy()
+                for i in range(len(tokens))]  # fmt: skip
+    finally:
+        lib.llama_set_embeddings(llm.ctx, False)
+        lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), -1, -1, -1)
+        llm.n_tokens = 0
+    return np.stack(rows)
+
+
+def features(records: list[dict], settings) -> tuple[dict[str, np.ndarray], float]:
+    from benchmarks.bench import bench_settings, open_device
+
+    settings = bench_settings(settings)
+    local = open_device(replace(settings, n_batch=max(settings.n_batch, settings.n_ctx)))
+    capture = _Capture()
+    runtime = Runtime(replace(settings, protocol="pa"), local=local, predictor=capture)
+    sets: dict[str, list[np.ndarray]] = {"slot": [], "mean": [], "mean-last-16": []}
+    agreement = []  # the slot state against the same position re-evaluated in one batch: a check on all_positions
+    for r in records:
+        events = runtime.turn([{"role": "user", "content": r["prompt"]}], mode="local-only")
+        try:
+            next(e for e in events if isinstance(e, Decided))
+        finally:
+            events.close()
+        hidden = all_positions(local, capture.tokens)
+        agreement.append(float(np.corrcoef(hidden[-1], capture.state)[0, 1]))
+        sets["slot"].append(capture.state)
+        sets["mean"].append(hidden.mean(0))
+        sets["mean-last-16"].append(hidden[-16:].mean(0))
+    out = {name: np.stack(rows) for name, rows in sets.items()}
+    out["slot+mean"] = np.concatenate([out["slot"], out["mean"]], axis=1)
+    return out, min(agreement)
+
+
+def evaluate(x: np.ndarray, score: np.ndarray, passed: np.ndarray) -> dict:
+    """Cross-validated quality of a ridge on the score and of a ridge on pass/fail, best alpha each."""
+    result = {}
+    for target, y in (("score", score), ("pass", passed.astype(float))):
+        oof = {a: cross_validate(x, y, a) for a in ALPHAS}
+        rmse = {a: float(np.sqrt(np.mean((p - y) ** 2))) for a, p in oof.items()}
+        best = min(rmse, key=rmse.get)
+        pred = oof[best]
+        result[target] = {"alpha": best, "cv_rmse": rmse[best], "mean_rmse": float(np.sqrt(np.mean((y - y.mean()) ** 2))),
+                          "cv_spearman": float(spearman(pred, score)), "cv_auroc_pass": float(auroc(pred, passed))}  # fmt: skip
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    from training.data import load_collection
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="rpra-mix")
+    parser.add_argument("--limit", type=int, default=None, help="Train records to use (default: all judged ones).")
+    parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
+    args = parser.parse_args(argv)
+
+    settings = load_settings()
+    records = [r for r in load_collection(settings.model, args.suite, "train").records if r["judge_local"]["score"] is not None]
+    records = records[: args.limit]
+    score = np.asarray([r["judge_local"]["score"] for r in records], float)
+    passed = score >= settings.pass_mark
+    start = time.perf_counter()
+    sets, agreement = features(records, settings)
+    results = {"records": len(records), "passing": int(passed.sum()), "feature_seconds": time.perf_counter() - start,
+               "slot_vs_batch_min_correlation": agreement,
+               "features": {name: {"width": int(x.shape[1]), **evaluate(x, score, passed)} for name, x in sets.items()}}  # fmt: skip
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"{results['records']} train records ({results['passing']} passing); 5-fold CV, ridge, best alpha by CV RMSE")
+    print(f"(check: the slot state and its batch re-evaluation correlate >= {agreement:.4f})")
+    print(f"{'features':<14}{'target':<8}{'Spearman':>10}{'AUROC pass':>12}{'RMSE':>8}{'mean RMSE':>11}")
+    for name, row in results["features"].items():
+        for target in ("score", "pass"):
+            t = row[target]
+            print(f"{name:<14}{target:<8}{t['cv_spearman']:>10.3f}{t['cv_auroc_pass']:>12.3f}{t['cv_rmse']:>8.3f}{t['mean_rmse']:>11.3f}")
+
+
+if __name__ == "__main__":
+    main()
