@@ -25,12 +25,13 @@ from typing import Protocol
 
 from rpra.config import home
 
+STATS_HEADER = "Measured over all the evidence so far (exact numbers: the card must agree with them):"
 UPDATE_PROMPT = """You are assessing a small AI assistant. A judge scored its answers from 1 (wrong or useless) to 10 (perfect).
 
 Current report card:
 {card}
 
-Measured over all the evidence so far (exact numbers: the card must agree with them):
+{stats_header}
 {stats}
 
 New judged examples:
@@ -127,8 +128,9 @@ def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_
     for start in range(0, len(usable), batch_size):
         batch = usable[start : start + batch_size]
         stats = format_stats(topic_stats(usable[: start + len(batch)], pass_mark=pass_mark), pass_mark=pass_mark)
-        prompt = UPDATE_PROMPT.format(card=card, stats=stats, examples=format_examples(batch), max_words=max_words)
+        prompt = UPDATE_PROMPT.format(card=card, stats_header=STATS_HEADER, stats=stats, examples=format_examples(batch), max_words=max_words)
         reply = writer.complete([{"role": "user", "content": prompt}], max_tokens=int(max_words * 2), temperature=0.0)
+        reply = reply.split(STATS_HEADER)[0]  # a writer that copies the statistics block: they go stale, and the card ends with fresh ones
         card = limit_words(reply.strip(), max_words) or card
         history.append(card)
         if progress:

@@ -83,3 +83,11 @@ def test_the_writer_sees_the_statistics_of_all_evidence_so_far_and_the_card_ends
     assert "- arithmetic: 2 answers, mean score 5.0/10, 1 scored 7+, 1 of 2 correct" in writer.prompts[0]
     assert "- arithmetic: 3 answers, mean score 4.3/10, 1 scored 7+, 1 of 3 correct" in writer.prompts[1]
     assert card.endswith("Measured on 3 judged answers:\n- arithmetic: 3 answers, mean score 4.3/10, 1 scored 7+, 1 of 3 correct")
+
+
+def test_a_statistics_block_the_writer_copies_into_its_card_is_dropped():
+    from benchmarks.report_cards import STATS_HEADER
+
+    writer = Writer([f"Sums: often wrong.\n\n{STATS_HEADER}\n- arithmetic: 1 answer, mean score 8.0/10"])
+    card, history = build_card([record(0, 8.0), record(1, 2.0)], writer, batch_size=2)
+    assert history == ["Sums: often wrong."] and card.count("arithmetic:") == 1 and STATS_HEADER not in card
