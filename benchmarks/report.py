@@ -98,10 +98,11 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
         pred, p_pass, label = _prediction(a.kept, field)
         deferred = pred < threshold
         row = router_row(pred)
+        if quality == "llm":  # how well the judge's score is predicted; under exact verifiers there is no score to hit
+            row["exact_acc"] = ci(M.exact_accuracy, label, a.judged)
+            row["within1_acc"] = ci(M.within_one_accuracy, label, a.judged)
         row.update({
             "spearman": ci(M.spearman, pred, lq),
-            "exact_acc": ci(M.exact_accuracy, label, a.judged),
-            "within1_acc": ci(M.within_one_accuracy, label, a.judged),
             "ece": M.ece(p_pass, a.passed),
             "brier": M.brier(p_pass, a.passed),
             "remote_share_at_threshold": float(deferred.mean()),

@@ -49,6 +49,8 @@ def test_exact_quality_uses_the_verifiers():
     # A correct answer counts 10, a wrong one 1.
     assert res["mean_local_quality"] == pytest.approx(1 + 9 * correct)
     assert res["mean_remote_quality"] == 10.0 and res["quality"] == "exact"
+    # Score accuracy is about the judge's 1-10 score: not reported against a 1-or-10 verdict.
+    assert "exact_acc" not in res["routers"]["zero-shot PA"] and "within1_acc" not in res["routers"]["zero-shot PA"]
 
 
 def test_reports_are_written(tmp_path):
