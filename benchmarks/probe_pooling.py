@@ -30,31 +30,20 @@ import numpy as np
 
 from benchmarks.metrics import auroc, spearman
 from rpra.config import load_settings
-from rpra.local import LocalSession
-from rpra.prediction import Prediction
-from rpra.predictors import ZeroShotPredictor
-from rpra.runtime import Decided, Runtime
-from rpra.slot import ScoreSlot
-from training.probe import ALPHAS, cross_validate
+from rpra.local import LocalModel
+from training.probe import choose_alpha, mean_rmse, read_slots
 
 
-class _Capture(ZeroShotPredictor):
-    """The zero-shot predictor, also keeping the slot state and the prompt's tokens."""
-
-    def predict(self, session: LocalSession, slot: ScoreSlot, *, pass_mark: int) -> Prediction:
-        self.state, self.tokens = session.hidden_state(), list(session.tokens)
-        return super().predict(session, slot, pass_mark=pass_mark)
-
-
-def all_positions(session_model, tokens: list[int]) -> np.ndarray:
-    """Every position's final hidden state for ``tokens``, evaluated from an empty context."""
-    llm, lib = session_model._llm, session_model._lib
+def all_positions(model: LocalModel, tokens: list[int]) -> np.ndarray:
+    """Every position's final hidden state for ``tokens``, evaluated from an empty context (which
+    it leaves empty: the next session starts afresh)."""
+    llm, lib = model._llm, model._lib
     lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), -1, -1, -1)
     llm.n_tokens = 0
     lib.llama_set_embeddings(llm.ctx, True)
     try:
         llm.eval(tokens)  # one batch (prompts here are shorter than n_batch): every position is output
-        rows = [np.ctypeslib.as_array(lib.llama_get_embeddings_ith(llm.ctx, i), shape=(session_model.n_embd,)).copy()
+        rows = [np.ctypeslib.as_array(lib.llama_get_embeddings_ith(llm.ctx, i), shape=(model.n_embd,)).copy()
                 for i in range(len(tokens))]  # fmt: skip
     finally:
         lib.llama_set_embeddings(llm.ctx, False)
@@ -68,19 +57,12 @@ def features(records: list[dict], settings) -> tuple[dict[str, np.ndarray], floa
 
     settings = bench_settings(settings)
     local = open_device(replace(settings, n_batch=max(settings.n_batch, settings.n_ctx)))
-    capture = _Capture()
-    runtime = Runtime(replace(settings, protocol="pa"), local=local, predictor=capture)
     sets: dict[str, list[np.ndarray]] = {"slot": [], "mean": [], "mean-last-16": []}
     agreement = []  # the slot state against the same position re-evaluated in one batch: a check on all_positions
-    for r in records:
-        events = runtime.turn([{"role": "user", "content": r["prompt"]}], mode="local-only")
-        try:
-            next(e for e in events if isinstance(e, Decided))
-        finally:
-            events.close()
-        hidden = all_positions(local, capture.tokens)
-        agreement.append(float(np.corrcoef(hidden[-1], capture.state)[0, 1]))
-        sets["slot"].append(capture.state)
+    for state, tokens in read_slots(local, [r["prompt"] for r in records], settings):
+        hidden = all_positions(local, tokens)
+        agreement.append(float(np.corrcoef(hidden[-1], state)[0, 1]))
+        sets["slot"].append(state)
         sets["mean"].append(hidden.mean(0))
         sets["mean-last-16"].append(hidden[-16:].mean(0))
     out = {name: np.stack(rows) for name, rows in sets.items()}
@@ -92,11 +74,8 @@ def evaluate(x: np.ndarray, score: np.ndarray, passed: np.ndarray) -> dict:
     """Cross-validated quality of a ridge on the score and of a ridge on pass/fail, best alpha each."""
     result = {}
     for target, y in (("score", score), ("pass", passed.astype(float))):
-        oof = {a: cross_validate(x, y, a) for a in ALPHAS}
-        rmse = {a: float(np.sqrt(np.mean((p - y) ** 2))) for a, p in oof.items()}
-        best = min(rmse, key=rmse.get)
-        pred = oof[best]
-        result[target] = {"alpha": best, "cv_rmse": rmse[best], "mean_rmse": float(np.sqrt(np.mean((y - y.mean()) ** 2))),
+        best, pred, rmse = choose_alpha(x, y)
+        result[target] = {"alpha": best, "cv_rmse": rmse[best], "mean_rmse": mean_rmse(y),
                           "cv_spearman": float(spearman(pred, score)), "cv_auroc_pass": float(auroc(pred, passed))}  # fmt: skip
     return result
 

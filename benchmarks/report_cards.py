@@ -79,14 +79,10 @@ def topic_stats(records: list[dict], *, pass_mark: float = 7, min_items: int = 5
     (judge score >= ``pass_mark``), and ``checked`` / ``correct``: the records with an exact verdict
     (``exact_local``, from an answer key) and how many of those were right.
     """
-    groups: dict[tuple[str, str | None], list[dict]] = defaultdict(list)
+    suites: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        if r["judge_local"]["score"] is None:
-            continue
-        suite = r.get("suite") or "other"
-        groups[(suite, None)].append(r)
-        if r.get("category"):
-            groups[(suite, r["category"])].append(r)
+        if r["judge_local"]["score"] is not None:
+            suites[r.get("suite") or "other"].append(r)
 
     def row(topic: str, level: int, rs: list[dict]) -> dict:
         scores = [r["judge_local"]["score"] for r in rs]
@@ -95,11 +91,14 @@ def topic_stats(records: list[dict], *, pass_mark: float = 7, min_items: int = 5
                 "passed": sum(s >= pass_mark for s in scores), "checked": len(exact), "correct": sum(e >= 1.0 for e in exact)}  # fmt: skip
 
     rows = []
-    for suite in sorted({s for s, c in groups if c is None}):
-        rows.append(row(suite, 0, groups[(suite, None)]))
-        categories = sorted(c for s, c in groups if s == suite and c is not None)
+    for suite, rs in sorted(suites.items()):
+        rows.append(row(suite, 0, rs))
+        categories: dict[str, list[dict]] = defaultdict(list)
+        for r in rs:
+            if r.get("category"):
+                categories[r["category"]].append(r)
         if len(categories) > 1:
-            rows += [row(c, 1, groups[(suite, c)]) for c in categories if len(groups[(suite, c)]) >= min_items]
+            rows += [row(c, 1, cs) for c, cs in sorted(categories.items()) if len(cs) >= min_items]
     return rows
 
 
@@ -124,19 +123,21 @@ def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_
     usable = [r for r in records if r["judge_local"]["score"] is not None]
     if not usable:
         raise ValueError("No judged records to write a report card from: run `rpra collect --split calibration` first.")
+    def measured(rs: list[dict]) -> str:
+        return format_stats(topic_stats(rs, pass_mark=pass_mark), pass_mark=pass_mark)
+
     card, history = "(empty: no evidence yet)", []
     for start in range(0, len(usable), batch_size):
         batch = usable[start : start + batch_size]
-        stats = format_stats(topic_stats(usable[: start + len(batch)], pass_mark=pass_mark), pass_mark=pass_mark)
-        prompt = UPDATE_PROMPT.format(card=card, stats_header=STATS_HEADER, stats=stats, examples=format_examples(batch), max_words=max_words)
+        prompt = UPDATE_PROMPT.format(card=card, stats_header=STATS_HEADER, stats=measured(usable[: start + len(batch)]),
+                                      examples=format_examples(batch), max_words=max_words)  # fmt: skip
         reply = writer.complete([{"role": "user", "content": prompt}], max_tokens=int(max_words * 2), temperature=0.0)
         reply = reply.split(STATS_HEADER)[0]  # a writer that copies the statistics block: they go stale, and the card ends with fresh ones
         card = limit_words(reply.strip(), max_words) or card
         history.append(card)
         if progress:
             progress(len(batch))
-    measured = format_stats(topic_stats(usable, pass_mark=pass_mark), pass_mark=pass_mark)
-    return f"{card}\n\nMeasured on {len(usable)} judged answers:\n{measured}", history
+    return f"{card}\n\nMeasured on {len(usable)} judged answers:\n{measured(usable)}", history
 
 
 def limit_words(text: str, max_words: int) -> str:

@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import bench
 from benchmarks.collect import Collector, read_records
+from benchmarks.report_cards import latest_card
 from rpra.config import Settings
 from tests.test_cli import RPRA
 
@@ -178,6 +179,14 @@ def test_report_card_build_writes_a_grounded_card_that_the_benchmark_then_evalua
     assert run.returncode == 0, run.stderr
     card_router = json.loads(run.stdout)["results"]["routers"]["report card PA"]
     assert len(card_router["curve"]["share"]) == 3  # 0, 1 or 2 of 2 deferred
+    # From the train split: device-side records only (no remote answers), a new version.
+    train = subprocess.run([RPRA, "report-card", "build", "--split", "train", "--suite", "arithmetic", "--limit", "2", "--batch-size", "2",
+                            "--max-words", "30", "--judge-grammar"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    card = latest_card(settings.model)
+    assert card.version == 2 and card.meta["split"] == "train" and "Measured on 2 judged answers:" in card.text
+    records = bench.load_collection(bench.collection_dir(settings, "arithmetic", "train"))
+    assert len(records) == 2 and all(r["judge_remote"] is None for r in records)
 
 
 def test_a_report_card_is_never_built_from_the_test_split(isolated_home):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -30,28 +30,37 @@ ALPHAS = (1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0)
 
 
 class _ReadState(ZeroShotPredictor):
-    """The zero-shot predictor, also keeping the hidden state at the slot (as ProbePredictor reads it)."""
+    """The zero-shot predictor, also keeping the hidden state at the slot (as ProbePredictor reads
+    it) and the tokens up to the slot."""
 
     def __init__(self) -> None:
         self.state: np.ndarray | None = None
+        self.tokens: list[int] = []
 
     def predict(self, session: LocalSession, slot: ScoreSlot, *, pass_mark: int) -> Prediction:
-        self.state = session.hidden_state()
+        self.state, self.tokens = session.hidden_state(), list(session.tokens)
         return super().predict(session, slot, pass_mark=pass_mark)
 
 
-def slot_states(local: LocalModel, prompts: list[str], settings: Settings, *, progress: Callable[[], None] = lambda: None) -> np.ndarray:
-    """The hidden state at the PA slot for each prompt, read through the runtime's own turn."""
+def read_slots(local: LocalModel, prompts: list[str], settings: Settings) -> Iterator[tuple[np.ndarray, list[int]]]:
+    """For each prompt, the hidden state at the PA slot and the tokens up to it, read through the
+    runtime's own turn (stopped at the decision: no answer is generated)."""
     reader = _ReadState()
     runtime = Runtime(replace(settings, protocol="pa", mode="local-only", log=False), local=local, predictor=reader)
-    states = []
     for prompt in prompts:
         events = runtime.turn([{"role": "user", "content": prompt}], mode="local-only")
         try:
             next(e for e in events if isinstance(e, Decided))
         finally:
-            events.close()  # stop at the decision: no answer is generated
-        states.append(reader.state)
+            events.close()
+        yield reader.state, reader.tokens
+
+
+def slot_states(local: LocalModel, prompts: list[str], settings: Settings, *, progress: Callable[[], None] = lambda: None) -> np.ndarray:
+    """The hidden state at the PA slot for each prompt (``read_slots``), stacked."""
+    states = []
+    for state, _ in read_slots(local, prompts, settings):
+        states.append(state)
         progress()
     return np.stack(states)
 
@@ -77,22 +86,33 @@ def cross_validate(x: np.ndarray, y: np.ndarray, alpha: float, *, folds: int = 5
     return pred
 
 
+def choose_alpha(x: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) -> tuple[float, np.ndarray, dict[float, float]]:
+    """The ridge strength with the lowest out-of-fold RMSE: it, its out-of-fold predictions, and
+    every strength's RMSE."""
+    oof = {alpha: cross_validate(x, y, alpha, folds=folds, seed=seed) for alpha in ALPHAS}
+    rmse = {alpha: float(np.sqrt(np.mean((pred - y) ** 2))) for alpha, pred in oof.items()}
+    best = min(rmse, key=rmse.get)
+    return best, oof[best], rmse
+
+
+def mean_rmse(y: np.ndarray) -> float:
+    """The error of always predicting the mean: what a probe has to beat."""
+    return float(np.sqrt(np.mean((y - y.mean()) ** 2)))
+
+
 def fit_probe(x: np.ndarray, y: np.ndarray, *, scale_max: int, folds: int = 5, seed: int = 0, meta: dict | None = None) -> tuple[Probe, dict]:
     """Choose alpha by cross-validated error, refit on everything; returns the probe and its CV report."""
     if len(y) < 2 * folds:
         raise RpraError(f"Need at least {2 * folds} judged records to fit and cross-validate a probe; have {len(y)}.")
-    oof = {alpha: cross_validate(x, y, alpha, folds=folds, seed=seed) for alpha in ALPHAS}
-    scores = {alpha: float(np.sqrt(np.mean((pred - y) ** 2))) for alpha, pred in oof.items()}
-    best = min(scores, key=scores.get)
+    best, oof, scores = choose_alpha(x, y, folds=folds, seed=seed)
     mean, std = x.mean(0), x.std(0) + 1e-6
     coef, bias = _ridge((x - mean) / std, y, best)
-    baseline = float(np.sqrt(np.mean((y - y.mean()) ** 2)))  # always predicting the mean score
     report = {
         "alpha": best,
         "cv_rmse": scores[best],
         "cv_rmse_by_alpha": {str(a): round(v, 4) for a, v in scores.items()},
-        "mean_baseline_rmse": baseline,
-        "cv_spearman": float(spearman(oof[best], y)),
+        "mean_baseline_rmse": mean_rmse(y),
+        "cv_spearman": float(spearman(oof, y)),
         "examples": int(len(y)),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
