@@ -9,18 +9,18 @@ so cached calls survive the server's changing port.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from benchmarks.cache import CallCache, cached
-from benchmarks.collect import Collector, collect, predict_only, provenance_for, read_records
-from benchmarks.data import SUITES, DataError, Item, load_file, load_hf, load_suite, split
-from benchmarks.judge import Judge
-from rpra.config import Settings, home
+from rpra.benchmarks.cache import CallCache, cached
+from rpra.benchmarks.collect import Collector, collect, predict_only, provenance_for
+from rpra.benchmarks.collection import Collection, collection_dir
+from rpra.benchmarks.data import SUITES, DataError, Item, load_file, load_hf, load_suite, split
+from rpra.benchmarks.judge import Judge
+from rpra.config import Settings
 from rpra.local import LocalModel
 from rpra.models import file_sha256, resolve
 from rpra.predictors import Predictor, ProbePredictor, ReportCardPredictor, ZeroShotPredictor
@@ -101,21 +101,11 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def collection_dir(settings: Settings, suite: str, which: str) -> Path:
-    """One collection per (device model, suite, split); a larger --limit extends it, nothing is redone."""
-    model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(settings.model).stem)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", suite if suite in SUITES else Path(suite).name)
-    return home() / "collections" / f"{model}--{name}--{which}"
-
-
 def bench_settings(settings: Settings) -> Settings:
-    """Deterministic device settings for collection: greedy answers, nothing logged."""
-    return replace(settings, temperature=0.0, log=False, mode="local-only", sources={})
-
-
-def open_device(settings: Settings, *, adapter: Path | None = None) -> LocalModel:
-    return LocalModel(resolve(settings.model), name=settings.model, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-                      n_batch=settings.n_batch, seed=settings.seed, adapter=adapter)  # fmt: skip
+    """Deterministic device settings for collection: the base model (no adapter) answering
+    greedily with the zero-shot predictor, nothing logged. Other predictors are added to the
+    records afterwards (``add_predictions``)."""
+    return replace(settings, temperature=0.0, log=False, mode="local-only", adapter=None, predictor="zero-shot", sources={})
 
 
 def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None, seed: int = 0, judge_url: str | None = None,
@@ -128,7 +118,7 @@ def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None
     """
     settings = bench_settings(settings)
     items = items_for(suite, which, limit=limit, seed=seed)
-    local = open_device(settings)
+    local = LocalModel.from_settings(settings)
     cache = CallCache.default()
     with endpoints(settings, judge_url=judge_url) as ep:
         collector = Collector(
@@ -141,10 +131,10 @@ def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None
             provenance=provenance_for(settings, local, suite=suite, split=which, remote_id=ep.remote_id, judge_id=ep.judge_id),
             remote_max_tokens=remote_max_tokens,
         )
-        out = collection_dir(settings, suite, which)
-        records = collect(items, collector, out, progress=progress)
+        collection = Collection.open(collection_dir(settings.model, suite, which))
+        records = collect(items, collector, collection, progress=progress)
     wanted = {item.id for item in items}
-    return [r for r in records if r["id"] in wanted], out
+    return [r for r in records if r["id"] in wanted], collection.folder
 
 
 def add_predictions(records: list[dict], settings: Settings, *, field: str, predictor: Predictor | None = None,
@@ -154,8 +144,8 @@ def add_predictions(records: list[dict], settings: Settings, *, field: str, pred
     The cache key holds what shapes the prediction: the instructions, the prompt, the adapter's
     file hash, the probe's fingerprint, and for RPRA the reasoning settings.
     """
-    settings = replace(bench_settings(settings), protocol=protocol)
-    local = open_device(settings, adapter=adapter)
+    settings = replace(bench_settings(settings), protocol=protocol, adapter=str(adapter) if adapter else None)
+    local = LocalModel.from_settings(settings)
     runtime = Runtime(settings, local=local, predictor=predictor or ZeroShotPredictor())
     cache, sha = CallCache.default(), file_sha256(local.path)
     system = runtime.predictor.system_prompt(protocol, settings.scale_max)
@@ -183,8 +173,59 @@ def add_card_predictions(records: list[dict], settings: Settings, card_text: str
     return add_predictions(records, settings, field=field, predictor=ReportCardPredictor(card_text))
 
 
-def load_collection(path: Path) -> list[dict]:
-    records, _ = read_records(path / "records.jsonl")
-    if not records:
-        raise FileNotFoundError(f"No records in {path}: run `rpra collect` first.")
-    return records
+def add_trained_predictions(records: list[dict], settings: Settings, *, log: Callable[[str], None] = print) -> list[str]:
+    """Every trained predictor the device model has, added to ``records``: the report card (its
+    latest), SFT PA and RPRA (the configured adapter, else the newest trained on this model) and
+    the probe (the configured one, else the one next to the model). Returns the fields added;
+    ``log`` says what is missing and how to make it."""
+    from rpra.benchmarks.report_cards import latest_card
+    from rpra.adapters import list_adapters, resolve_adapter
+    from rpra.predictors import FineTunedPredictor
+    from rpra.probe import Probe, default_probe_path
+
+    added = []
+    card = latest_card(settings.model)
+    if card is not None:
+        add_card_predictions(records, settings, card.text)
+        added.append("card_pa")
+    else:
+        log("no report card for this model yet (`rpra report-card build`): no report-card predictor")
+    model = resolve(settings.model)
+    sha = file_sha256(model)
+    adapter = resolve_adapter(settings.adapter, model=model) if settings.adapter else next(
+        (a.path for a in list_adapters() if a.meta.get("base_sha256") == sha), None)  # fmt: skip
+    if adapter is not None:
+        log(f"SFT predictor: adapter {adapter}")
+        for protocol in ("pa", "rpra"):
+            add_predictions(records, settings, field=f"sft_{protocol}", predictor=FineTunedPredictor(), adapter=adapter, protocol=protocol)
+            added.append(f"sft_{protocol}")
+    else:
+        log("no adapter for this model yet (`rpra train sft`): no SFT predictor")
+    probe_path = Path(settings.probe).expanduser() if settings.probe else default_probe_path(model)
+    if probe_path.exists():
+        add_predictions(records, settings, field="probe_pa", predictor=ProbePredictor(Probe.load(probe_path)))
+        added.append("probe_pa")
+    else:
+        log("no probe for this model yet (`rpra train probe`): no probe predictor")
+    return added
+
+
+def report(records: list[dict], settings: Settings, out_dir: Path, *, quality: str = "llm", seed: int = 0,
+           log: Callable[[str], None] = print) -> tuple[dict, dict | None, dict[str, Path]]:  # fmt: skip
+    """Evaluate every predictor on ``records`` (adding the trained ones first) with the settings'
+    routing rule; write results.json, the plot and report.md under ``out_dir``.
+
+    Returns the results, the judge's agreement with the exact verifiers (None without any) and
+    the written files.
+    """
+    from rpra.benchmarks.judge import agreement
+    from rpra.benchmarks.report import evaluate, write_reports
+
+    add_trained_predictions(records, settings, log=log)
+    results = evaluate(records, quality=quality, pass_mark=settings.pass_mark, threshold=settings.threshold,
+                       route_on=settings.route_on, seed=seed)  # fmt: skip
+    pairs = [(r[f"judge_{side}"]["score"], r[f"exact_{side}"]) for r in records for side in ("local", "remote")
+             if r.get(f"exact_{side}") is not None and r[f"judge_{side}"]["score"] is not None]  # fmt: skip
+    agree = agreement([p[0] for p in pairs], [p[1] for p in pairs], settings.pass_mark) if pairs else None
+    paths = write_reports(results, out_dir / f"report-{quality}", agreement=agree)
+    return results, agree, paths

@@ -4,62 +4,39 @@ For each item: the device model's predictions (PA and RPRA: distribution, expect
 P(pass)), its local answer, the remote answer, the judge's verdict on both, the exact verifier's
 score where the item has a gold answer, token counts and timings.
 
-Resumable: every finished record is appended (and fsynced) to ``records.jsonl`` before the next
-item starts; a re-run skips the ids already there. Every model call is also cached by content
-hash (benchmarks/cache.py), so re-running with a new predictor costs no new remote or judge call.
-At the end the records are saved as a ``datasets`` dataset (parquet) with their provenance.
+Resumable: every finished record is appended (and fsynced) to the collection's journal
+(``benchmarks.collection``) before the next item starts; a re-run skips the ids already there.
+Every model call is also cached by content hash (benchmarks/cache.py), so re-running with a new
+predictor costs no new remote or judge call. At the end the records are also saved as a
+``datasets`` dataset (parquet) next to their provenance.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from benchmarks.cache import CallCache, cached
-from benchmarks.data import Item, verify
-from benchmarks.judge import Judge
+from rpra.benchmarks.cache import CallCache, cached
+from rpra.benchmarks.collection import Collection, Provenance
+from rpra.benchmarks.data import Item, verify
+from rpra.benchmarks.judge import Judge
 from rpra import prompts
 from rpra.config import Settings
 from rpra.errors import InputError
 from rpra.local import LocalModel
 from rpra.models import file_sha256
 from rpra.remote import RemoteModel
-from rpra.runtime import Decided, Runtime
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """What produced a collection: enough to tell whether two collections are comparable."""
-
-    suite: str
-    split: str
-    device_model: str
-    device_sha256: str
-    remote_id: str
-    judge_id: str
-    prompts_version: str
-    settings: dict
+from rpra.runtime import Runtime
 
 
 def predict_only(runtime: Runtime, messages: list[dict]) -> dict:
-    """The device model's prediction for ``messages`` without answering (stops at the decision)."""
-    started = time.perf_counter()
-    events = runtime.turn(messages, mode="local-only")
-    try:
-        for event in events:
-            if isinstance(event, Decided):
-                return {
-                    "prediction": event.prediction.to_dict(),
-                    "reasoning": event.reasoning,
-                    "reasoning_tokens": event.reasoning_tokens,
-                    "decision_ms": (time.perf_counter() - started) * 1000,
-                }
-    finally:
-        events.close()  # stop here: the turn's generator releases the model
-    raise AssertionError("a local-only turn always decides")
+    """The device model's prediction for ``messages`` as a record stores it (no answer)."""
+    decided = runtime.predict(messages)
+    return {
+        "prediction": decided.prediction.to_dict(),
+        "reasoning": decided.reasoning,
+        "reasoning_tokens": decided.reasoning_tokens,
+        "decision_ms": decided.decision_ms,
+    }
 
 
 def device_record(pa: Runtime, rpra: Runtime, item: Item) -> dict:
@@ -136,63 +113,22 @@ class Collector:
         }  # fmt: skip
 
 
-def read_records(path: Path) -> tuple[list[dict], int]:
-    """Records already collected; a torn last line (killed mid-write) is dropped and counted."""
-    if not path.exists():
-        return [], 0
-    records, torn = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            torn += 1
-    return records, torn
-
-
-def collect(items: list[Item], collector: Collector, out_dir: Path, *, progress: bool = True) -> list[dict]:
-    """Collect every item not yet in ``out_dir``; return all records (old and new)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    journal = out_dir / "records.jsonl"
-    records, torn = read_records(journal)
-    if torn:
-        # Rewrite the journal without the torn line so appends start on a clean line.
-        journal.write_text("".join(json.dumps(r) + "\n" for r in records))
-    done = {r["id"] for r in records}
+def collect(items: list[Item], collector: Collector, collection: Collection, *, progress: bool = True) -> list[dict]:
+    """Collect every item not yet in ``collection``; return all its records (old and new)."""
+    collection.set_provenance(collector.provenance)
+    done = collection.ids
     todo = [item for item in items if item.id not in done]
-    (out_dir / "provenance.json").write_text(json.dumps(asdict(collector.provenance), indent=2))
     skipped = []
-    with open(journal, "a") as f, _progress(len(todo), len(done), progress) as advance:
+    with collection.appender() as add, _progress(len(todo), len(done), progress) as advance:
         for item in todo:
             try:
-                record = collector.record(item)
+                add(collector.record(item))
             except InputError as exc:  # e.g. longer than the device's context: cannot be scored
                 skipped.append({"id": item.id, "reason": str(exc)})
-                advance()
-                continue
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            records.append(record)
             advance()
-    # Skipped items are not in the journal, so a re-run (e.g. with a larger n_ctx) tries them again.
-    (out_dir / "skipped.json").write_text(json.dumps(skipped, indent=2))
-    save_dataset(records, out_dir)
-    return records
-
-
-def save_dataset(records: list[dict], out_dir: Path) -> Path:
-    """Write the records as a parquet ``datasets`` dataset (nested fields as JSON strings)."""
-    from datasets import Dataset, disable_progress_bars
-
-    disable_progress_bars()  # the collection has its own progress bar
-    flat = [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in records]
-    path = out_dir / "records.parquet"
-    tmp = out_dir / "records.parquet.part"
-    Dataset.from_list(flat).to_parquet(str(tmp))
-    os.replace(tmp, path)
-    return path
+    collection.write_skipped(skipped)
+    collection.save_dataset()
+    return collection.records
 
 
 class _progress:

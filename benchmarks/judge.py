@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from benchmarks.cache import CallCache, cached
+from rpra.benchmarks.cache import CallCache, cached
 from rpra.errors import ConfigError, RemoteError
 from rpra.remote import RemoteModel
 

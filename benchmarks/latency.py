@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -35,7 +35,6 @@ import typer
 from rpra import prompts
 from rpra.config import Settings
 from rpra.local import LocalModel
-from rpra.models import resolve
 from rpra.predictors import ReportCardPredictor
 from rpra.runtime import Runtime
 
@@ -61,17 +60,6 @@ PROMPTS = [
 ]
 
 
-def direct_llama(model: LocalModel, prefix: list[int], n_tokens: int) -> float:
-    """Seconds for plain llama-cpp-python to prefill ``prefix`` and generate ``n_tokens`` greedily."""
-    llm = model._llm
-    llm.reset()
-    start = time.perf_counter()
-    for i, _ in enumerate(llm.generate(prefix, temp=0.0, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, reset=False)):
-        if i + 1 >= n_tokens:
-            break
-    return time.perf_counter() - start
-
-
 def main(
     model: Annotated[str, typer.Option(help="Device model (name or .gguf path).")] = "smollm2-135m-instruct",
     repeats: Annotated[int, typer.Option(help="Rounds over the prompt set.")] = 3,
@@ -80,9 +68,9 @@ def main(
     out: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path("benchmarks/results/latency.json"),
 ) -> None:
     settings = Settings(model=model, temperature=0.0, max_tokens=max_tokens, log=False, n_threads=threads, mode="local-only")
-    local = LocalModel(resolve(model), name=model, n_ctx=settings.n_ctx, n_threads=threads)
+    local = LocalModel.from_settings(settings)
     pa = Runtime(settings, local=local)
-    rpra = Runtime(Settings(**{**_fields(settings), "protocol": "rpra"}), local=local)
+    rpra = Runtime(replace(settings, protocol="rpra"), local=local)
     card = _card_text(model)
     carded = Runtime(settings, local=local, predictor=ReportCardPredictor(card))
     card_system = {"role": "system", "content": carded.predictor.system_prompt("pa", settings.scale_max)}
@@ -94,27 +82,32 @@ def main(
             system = {"role": "system", "content": prompts.system_prompt("pa", settings.scale_max)}
             # Warm: the cache holds the system prompt (from another request), not this question.
             with local.lock:
-                local._llm.reset()
+                local.clear_cache()
                 local.session(local.chat_tokens([system, {"role": "user", "content": "Hello"}]))
             warm = pa.ask(messages)
-            local._llm.reset()
+            with local.lock:
+                local.clear_cache()
             reasoned = rpra.ask(messages)
-            local._llm.reset()
+            with local.lock:
+                local.clear_cache()
             card_cold = carded.ask(messages)
             with local.lock:  # the card's prefix cached by an earlier request, as in steady state
-                local._llm.reset()
+                local.clear_cache()
                 local.session(local.chat_tokens([card_system, {"role": "user", "content": "Hello"}]))
             card_warm = carded.ask(messages)
             # Alternate which of the two compared runs goes first, so order effects cancel out.
-            local._llm.reset()
+            with local.lock:
+                local.clear_cache()
             answer = pa.ask(messages) if round_ % 2 == 0 else None
             # The exact tokens the runtime evaluated before answering, then as many answer tokens.
             prefix = local.chat_tokens([system, *messages]) + local.tokenize(prompts.SLOT_OPEN["pa"])
             prefix += local.tokenize(str(warm.prediction.mode)) + local.tokenize(prompts.SCORE_CLOSE)
             n = max(warm.tokens["local_answer"], 1)
-            direct = direct_llama(local, prefix, n)
+            with local.lock:
+                direct = local.baseline_generate(prefix, n, repeat_penalty=settings.repeat_penalty)
             if answer is None:
-                local._llm.reset()
+                with local.lock:
+                    local.clear_cache()
                 answer = pa.ask(messages)
             rows.append({
                 "prompt": question,
@@ -184,15 +177,11 @@ def main(
 
 def _card_text(model: str) -> str:
     try:
-        from benchmarks.report_cards import latest_card
+        from rpra.benchmarks.report_cards import latest_card
     except ImportError:  # the bench extra is not installed
         return STAND_IN_CARD
     card = latest_card(model)
     return card.text if card else STAND_IN_CARD
-
-
-def _fields(settings: Settings) -> dict:
-    return {k: v for k, v in vars(settings).items() if k != "sources"}
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import metrics as M
+from rpra.benchmarks import metrics as M
+from rpra.controller import defers, routed_score
 
 # Record fields holding a prediction dict, and the predictor each stands for.
 PREDICTORS = {"pa": "zero-shot PA", "rpra": "zero-shot RPRA", "card_pa": "report card PA", "sft_pa": "SFT PA", "sft_rpra": "SFT RPRA",
@@ -54,21 +55,27 @@ def quality_arrays(records: list[dict], *, quality: str = "llm", pass_mark: int 
     return Arrays(local_q, remote_q, local_q >= pass_mark, np.clip(np.rint(local_q), 1, 10).astype(int), kept, len(records) - len(kept))
 
 
-def _prediction(records: list[dict], field: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The routed score E[score], P(pass), and the point prediction for exact / ±1 accuracy.
+def _prediction(records: list[dict], field: str, route_on: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The routed score (what the controller thresholds), P(pass), and the point prediction for
+    exact / ±1 accuracy.
 
     The point prediction is round(E[score]), not the distribution's mode: small models' zero-shot
     distributions are often bimodal (mass at 1 and at 10), and the mode then almost never matches
     a judge's mid-scale score even when the expectation does.
     """
-    pred = np.asarray([r[field]["expected"] for r in records], float)
+    routed = np.asarray([routed_score(r[field], route_on) for r in records], float)
     p_pass = np.asarray([r[field]["p_pass"] for r in records], float)
-    label = np.clip(np.rint(pred), 1, 10).astype(int)
-    return pred, p_pass, label
+    label = np.clip(np.rint([r[field]["expected"] for r in records]), 1, 10).astype(int)
+    return routed, p_pass, label
 
 
-def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, threshold: float = 5.0, n_boot: int = 1000, seed: int = 0) -> dict:
-    """All metrics for every predictor present in ``records`` and for the baselines."""
+def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, threshold: float = 5.0, route_on: str = "expected",
+             n_boot: int = 1000, seed: int = 0) -> dict:  # fmt: skip
+    """All metrics for every predictor present in ``records`` and for the baselines.
+
+    Routers rank and defer on ``route_on`` (E[score] or P(pass)) with the controller's own rule,
+    so the remote share at ``threshold`` is the share the runtime would defer.
+    """
     a = quality_arrays(records, quality=quality, pass_mark=pass_mark)
     n = len(a.kept)
     if n < 2:
@@ -95,8 +102,8 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
     for field, name in PREDICTORS.items():
         if not all(isinstance(r.get(field), dict) for r in a.kept):
             continue
-        pred, p_pass, label = _prediction(a.kept, field)
-        deferred = pred < threshold
+        pred, p_pass, label = _prediction(a.kept, field, route_on)
+        deferred = defers(pred, threshold)
         row = router_row(pred)
         if quality == "llm":  # how well the judge's score is predicted; under exact verifiers there is no score to hit
             row["exact_acc"] = ci(M.exact_accuracy, label, a.judged)
@@ -134,6 +141,7 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
         "quality": quality,
         "pass_mark": pass_mark,
         "threshold": threshold,
+        "route_on": route_on,
         "local_pass_rate": float(a.passed.mean()),
         "mean_local_quality": float(lq.mean()),
         "mean_remote_quality": float(rq.mean()),

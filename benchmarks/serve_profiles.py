@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from benchmarks.serve_load import RESULTS, RssSampler, ServeProcess, table
+from rpra.benchmarks.serve_load import RESULTS, RssSampler, ServeProcess, table
 from rpra.config import Settings, profile_path, profiles_dir, read_toml
 from rpra.errors import ConfigError, ModelNotFoundError
 from rpra.models import list_models, pull, resolve

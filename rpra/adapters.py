@@ -66,6 +66,14 @@ def resolve_adapter(name_or_path: str, *, model: Path | None = None, root: Path 
     return gguf
 
 
+def trained_folder(name: str, root: Path | None = None) -> Path:
+    """The folder of the trained adapter ``name`` (its peft checkpoint and meta.json), or a clear error."""
+    folder = adapters_dir(root) / name
+    if not (folder / "peft").exists() or not (folder / "meta.json").exists():
+        raise ConfigError(f"No trained adapter {name!r} in {adapters_dir(root)} (see `rpra train list`).")
+    return folder
+
+
 def _meta(folder: Path) -> dict:
     try:
         return json.loads((folder / "meta.json").read_text())

@@ -181,22 +181,30 @@ def _convert(name: str, raw: Any, origin: str) -> Any:
         raise ConfigError(f"{name} must be of type {base.__name__}; got {raw!r} ({origin}).") from None
 
 
-def default_threads() -> int:
+def default_threads(*, physical: int | None = None, allowed: int | None = None) -> int:
     """One llama.cpp thread per physical core this process may run on.
 
     Decode is bound by memory bandwidth, so a second thread on a core (SMT) does not help, and
     llama-cpp-python's own default (half the logical CPUs) leaves cores idle wherever there is no
     SMT: two of a Raspberry Pi's four, one of a 2-vCPU VM's two. A CPU affinity mask (taskset,
-    a container's cpuset) caps it.
+    a container's cpuset) caps it. ``physical`` and ``allowed`` (CPUs in the mask) default to
+    this machine's; `rpra doctor` passes the ones it reports.
     """
     import psutil
 
-    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # macOS has no affinity masks
-        allowed = physical
+    if physical is None:
+        physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if allowed is None:
+        allowed = allowed_cpus() or physical
     return max(1, min(physical, allowed))
+
+
+def allowed_cpus() -> int | None:
+    """CPUs this process may run on (its affinity mask), or None where the OS has no masks (macOS)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
 
 
 def profiles_dir() -> Path:

@@ -6,13 +6,32 @@ replays recorded predictions through the same code the runtime runs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from rpra.config import Mode, RouteOn
 from rpra.prediction import Prediction
 
 Route = Literal["local", "remote"]
+Score = TypeVar("Score")  # a float, or a numpy array of them when the benchmark replays many
+
+
+def routed_score(prediction: Prediction | Mapping, route_on: RouteOn) -> float:
+    """The quantity the controller thresholds: E[score] or P(pass), from a ``Prediction`` or its
+    ``to_dict()`` form (what collected records hold)."""
+    key = "expected" if route_on == "expected" else "p_pass"
+    return float(prediction[key] if isinstance(prediction, Mapping) else getattr(prediction, key))
+
+
+def defers(score: Score, threshold: float) -> Score:
+    """The routing rule: a routed score below the threshold goes to the remote model.
+
+    The one place the comparison is written: the runtime, the benchmark's replay of recorded
+    predictions and `rpra calibrate` all call it (elementwise on arrays), so what they report is
+    what the device does.
+    """
+    return score < threshold
 
 
 @dataclass(frozen=True)
@@ -58,13 +77,13 @@ class Controller:
             if mode == "local-only":
                 return Decision("local", mode, "mode local-only")
             raise ValueError("mode auto needs a prediction")
-        score = prediction.expected if self.route_on == "expected" else prediction.p_pass
+        score = routed_score(prediction, self.route_on)
         shown = _show(score, self.route_on, prediction.scale_max)
         limit = _show(self.threshold, self.route_on, prediction.scale_max)
         common = dict(mode=mode, score=score, threshold=self.threshold, route_on=self.route_on)
         if mode == "local-only":
             return Decision("local", reason=f"mode local-only (predicted {shown})", **common)
-        if score < self.threshold:
+        if defers(score, self.threshold):
             return Decision("remote", reason=f"predicted {shown} < {limit}", **common)
         return Decision("local", reason=f"predicted {shown} >= {limit}", **common)
 

@@ -95,6 +95,7 @@ def _cpu() -> dict:
         "model": model or platform.processor() or None,
         "logical_cores": psutil.cpu_count(logical=True),
         "physical_cores": psutil.cpu_count(logical=False),
+        "allowed_cores": config.allowed_cpus(),  # the affinity mask (taskset, a container's cpuset)
         # Read from /proc/cpuinfo, so Linux only; None elsewhere means "not known", not "none".
         "flags": None if flags is None else [f for f in flags if f != "hypervisor"],
         "virtual_machine": None if flags is None else "hypervisor" in flags,
@@ -170,27 +171,28 @@ def _check_build(report: dict) -> list[dict]:
     return [_check(name, "ok", f"llama-cpp-python {build['llama_cpp_python']} built with {summary}; the CPU has them all.")]
 
 
-def _default_threads(physical: int | None, logical: int) -> int:
-    # What rpra picks when n_threads is unset (rpra.config.default_threads), for the reported CPU.
-    return physical or logical
-
-
 def _check_threads(report: dict, settings: Settings) -> list[dict]:
     cpu = report["cpu"]
     if not cpu or not cpu["logical_cores"]:
         return []
-    logical, physical = cpu["logical_cores"], cpu["physical_cores"]
-    threads = settings.n_threads or _default_threads(physical, logical)
+    logical, physical, allowed = cpu["logical_cores"], cpu["physical_cores"], cpu.get("allowed_cores")
+    # What the runtime will use: the setting, else the same default llama.cpp gets (config.default_threads).
+    threads = settings.n_threads or config.default_threads(physical=physical or logical, allowed=allowed or logical)
     where = "rpra's default: one per physical core" if settings.n_threads is None else "n_threads"
+    if allowed and threads > allowed:
+        return [_check("threads", "warn",
+                       f"{where} gives {_count(threads, 'thread')} but this process may run on {allowed} CPUs only (its "
+                       f"affinity mask): the threads would share them. Set n_threads = {allowed}.")]  # fmt: skip
     if physical and threads > physical:
         return [_check("threads", "warn",
                        f"{where} gives {_count(threads, 'thread')} but this machine has {physical} physical cores: decode is "
                        f"memory-bound and threads sharing a core slow it down. Set n_threads = {physical}.")]  # fmt: skip
-    if physical and threads < physical and settings.n_threads is None:
+    if physical and threads < min(physical, allowed or physical):
         return [_check("threads", "warn",
-                       f"{where} gives {_count(threads, 'thread')}, but this machine has {physical} physical cores, "
-                       f"so {physical - threads} stay idle. Set n_threads = {physical} (the arm-board profiles do).")]  # fmt: skip
-    return [_check("threads", "ok", f"{_count(threads, 'llama.cpp thread')} ({where}) on {physical or '?'} physical / {logical} logical cores.")]
+                       f"{where} gives {_count(threads, 'thread')}, but this process may use {min(physical, allowed or physical)} "
+                       f"physical cores, so some stay idle. Remove n_threads to use them all.")]  # fmt: skip
+    mask = f", {allowed} allowed by the affinity mask" if allowed and allowed < logical else ""
+    return [_check("threads", "ok", f"{_count(threads, 'llama.cpp thread')} ({where}) on {physical or '?'} physical / {logical} logical cores{mask}.")]
 
 
 def _model_bytes(report: dict, settings: Settings) -> int | None:

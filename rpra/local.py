@@ -19,6 +19,7 @@ import ctypes
 import itertools
 import re
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -180,6 +181,30 @@ class LocalModel:
         self._vocab = model.vocab
         self._bos = model.token_bos() if model.add_bos_token() else None
 
+    @classmethod
+    def from_settings(cls, settings) -> LocalModel:
+        """The device model as ``settings`` name it: the model and adapter (resolved and checked
+        against each other), context, threads, batch, seed, mmap / mlock.
+
+        The one way the runtime, the benchmark and training open it; a caller that needs
+        something else changes the settings (``dataclasses.replace``), not this call.
+        """
+        from rpra.adapters import resolve_adapter
+        from rpra.models import resolve
+
+        path = resolve(settings.model)
+        return cls(
+            path,
+            name=settings.model,
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads,
+            n_batch=settings.n_batch,
+            adapter=resolve_adapter(settings.adapter, model=path) if settings.adapter else None,
+            seed=settings.seed,
+            use_mmap=settings.use_mmap,
+            use_mlock=settings.use_mlock,
+        )
+
     @property
     def n_ctx(self) -> int:
         return self._llm.n_ctx()
@@ -240,6 +265,53 @@ class LocalModel:
                 "or send it to the remote model (--mode remote-only)."
             )
         return LocalSession(self, list(prompt))
+
+    def clear_cache(self) -> None:
+        """Forget the cached prefix: the next session prefills from scratch (benchmarks of cold
+        requests). The caller holds ``lock``."""
+        self._llm.reset()
+
+    def hidden_states(self, tokens: Sequence[int]) -> np.ndarray:
+        """Every position's final hidden state for ``tokens`` (shape ``len(tokens) x n_embd``),
+        evaluated in one batch from an empty cache, which it leaves empty.
+
+        For experiments on what the probe should read; the runtime reads one position
+        (``LocalSession.hidden_state``). ``tokens`` must fit in one batch (``n_batch``). The caller
+        holds ``lock``.
+        """
+        if len(tokens) > self._llm.n_batch:
+            raise ValueError(f"{len(tokens)} tokens do not fit one batch of {self._llm.n_batch}: raise n_batch.")
+        llm, lib = self._llm, self._lib
+        llm.reset()
+        lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), -1, -1, -1)
+        lib.llama_set_embeddings(llm.ctx, True)
+        try:
+            llm.eval(list(tokens))  # one batch with embeddings on: every position is output
+            rows = [np.ctypeslib.as_array(lib.llama_get_embeddings_ith(llm.ctx, i), shape=(self.n_embd,)).copy() for i in range(len(tokens))]
+        finally:
+            lib.llama_set_embeddings(llm.ctx, False)
+            lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), -1, -1, -1)
+            llm.reset()
+        return np.stack(rows)
+
+    def baseline_generate(self, prompt: Sequence[int], n_tokens: int, *, repeat_penalty: float = 1.1) -> float:
+        """Seconds for llama-cpp-python's own ``generate`` to prefill ``prompt`` from an empty
+        cache and sample ``n_tokens`` greedily with the runtime's sampling chain.
+
+        The reference the latency benchmark holds the runtime's overhead against. The caller
+        holds ``lock``.
+        """
+        llm = self._llm
+        llm.reset()
+        start = time.perf_counter()
+        for i, _ in enumerate(llm.generate(list(prompt), temp=0.0, repeat_penalty=repeat_penalty, reset=False, **_SAMPLING)):
+            if i + 1 >= n_tokens:
+                break
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Free the llama.cpp model and context now rather than at garbage collection."""
+        self._llm.close()
 
     # -- internals used by LocalSession -------------------------------------------------------
 

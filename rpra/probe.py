@@ -97,3 +97,17 @@ class Probe:
 def default_probe_path(model_path: Path) -> Path:
     """Where a model's probe lives: next to the model file."""
     return model_path.with_name(f"{model_path.stem}.probe.npz")
+
+
+def list_probes() -> list[dict]:
+    """The probes next to the pulled models: model name, path and the fit's report."""
+    from rpra.models import list_models
+
+    found = []
+    for model in list_models():
+        path = default_probe_path(Path(model["path"])) if model.get("path") else None
+        if path and path.exists():
+            meta = Probe.load(path).meta
+            keys = ("examples", "cv_rmse", "mean_baseline_rmse", "cv_spearman", "created")
+            found.append({"model": model["name"], "path": str(path), **{k: meta.get(k) for k in keys}})
+    return found

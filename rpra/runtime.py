@@ -87,6 +87,7 @@ class Decided:
     prediction: Prediction | None
     reasoning: str
     reasoning_tokens: int = 0  # tokens the device generated before deciding (RPRA's reasoning)
+    decision_ms: float = 0.0  # from the start of the turn to this decision
 
 
 @dataclass(frozen=True)
@@ -139,22 +140,7 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings, *, need_local: bool = True) -> Runtime:
         """Load what ``settings`` name: the device model (unless not needed), the remote, the log."""
-        from rpra.adapters import resolve_adapter
-        from rpra.models import resolve
-
-        local = None
-        if need_local:
-            local = LocalModel(
-                resolve(settings.model),
-                name=settings.model,
-                n_ctx=settings.n_ctx,
-                n_threads=settings.n_threads,
-                n_batch=settings.n_batch,
-                adapter=resolve_adapter(settings.adapter, model=resolve(settings.model)) if settings.adapter else None,
-                seed=settings.seed,
-                use_mmap=settings.use_mmap,
-                use_mlock=settings.use_mlock,
-            )
+        local = LocalModel.from_settings(settings) if need_local else None
         # never-defer is fully offline: no remote client exists to send anything with.
         remote = RemoteModel.from_settings(settings) if settings.remote_url and settings.privacy != "never-defer" else None
         store = LogStore.default() if settings.log else None
@@ -175,6 +161,29 @@ class Runtime:
             self.remote.close()
         if self.store:
             self.store.close()
+
+    def new_conversation(self, *, source: str) -> str | None:
+        """Start a conversation in the log (None when this runtime logs nothing); pass its id to
+        ``turn`` so the turns are grouped."""
+        return self.store.new_conversation(source=source) if self.store else None
+
+    def predict(self, messages: list[dict], *, mode: Mode = "local-only") -> Decided:
+        """The device model's prediction and the controller's decision for ``messages``, without
+        answering: the turn stops at its decision (nothing is generated after the slot, nothing is
+        sent, nothing is logged) and the model is released.
+
+        What the benchmark and training read for each record; ``mode`` only changes the
+        decision's route, not the prediction.
+        """
+        _check_messages(messages)
+        events = self._turn(messages, mode, TurnResult(model=self.settings.model), confirm=None)
+        try:
+            for event in events:
+                if isinstance(event, Decided):
+                    return event
+        finally:
+            events.close()  # runs the turn's cleanup: the model's lock is released
+        raise AssertionError("a turn always decides before it answers")
 
     def ask(self, messages: list[dict], *, mode: Mode | None = None, conversation_id: str | None = None) -> TurnResult:
         """Run one turn to completion and return its result."""
@@ -278,14 +287,18 @@ class Runtime:
 
         if result.decision.route == "local":
             try:  # the lock is still held: release it even if the consumer stops listening here
-                yield Decided(result.decision, result.prediction, result.reasoning, result.tokens.get("reasoning", 0))
+                yield self._decided(result)
                 yield from self._answer_locally(session, result)
             finally:
                 self.local.lock.release()
         else:
-            yield Decided(result.decision, result.prediction, result.reasoning, result.tokens.get("reasoning", 0))
+            yield self._decided(result)
             yield from self._answer_remotely(messages, outgoing, vault, session, result)
         result.timings_ms["total"] = _ms(start)
+
+    @staticmethod
+    def _decided(result: TurnResult) -> Decided:
+        return Decided(result.decision, result.prediction, result.reasoning, result.tokens.get("reasoning", 0), result.timings_ms["decision"])
 
     def _outgoing(self, messages: list[dict], result: TurnResult) -> tuple[list[dict], Vault]:
         """Exactly what a deferral would send: the conversation (roles and text, nothing else),

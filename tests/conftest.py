@@ -8,6 +8,9 @@ Integration tests use the real SmolLM2 GGUF through llama.cpp, and a real OpenAI
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,8 +86,30 @@ def env(isolated_home, model_path) -> dict:
     }
 
 
-def greedy_settings(**overrides):
-    """Deterministic settings for integration tests: greedy decoding, short answers."""
+def _greedy_settings(**overrides):
     values = dict(temperature=0.0, max_tokens=24, reason_tokens=12, log=False, n_ctx=1024)
     values.update(overrides)
     return config.Settings(**values)
+
+
+@pytest.fixture
+def greedy_settings():
+    """Deterministic settings for integration tests, as a factory: greedy decoding, short answers,
+    nothing logged; ``greedy_settings(threshold=0)`` changes any of them."""
+    return _greedy_settings
+
+
+@pytest.fixture(scope="session")
+def rpra_bin() -> str:
+    """The installed `rpra` console script of this interpreter's environment."""
+    return shutil.which("rpra", path=str(Path(sys.executable).parent)) or "rpra"
+
+
+@pytest.fixture
+def rpra(rpra_bin):
+    """Run the `rpra` command as a user does, in a subprocess: ``rpra("ask", "hi", env=env)``."""
+
+    def run(*args: str, env: dict | None = None, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([rpra_bin, *args], input=stdin, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run

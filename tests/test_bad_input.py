@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.conftest import greedy_settings
 
 from rpra.config import Settings
 from rpra.errors import CorruptModelError, InputError, ModelNotFoundError, PromptTooLongError, RpraError
@@ -123,7 +122,7 @@ def test_truncated_model_through_the_cli_exits_1_with_one_error_line(truncated_m
 
 
 @pytest.fixture
-def logged_runtime(local_model, tmp_path):
+def logged_runtime(greedy_settings, local_model, tmp_path):
     store = LogStore(tmp_path / "logs.db")
     yield Runtime(greedy_settings(threshold=0.0), local=local_model, store=store), store
     store.close()
@@ -188,7 +187,7 @@ def test_text_that_cannot_be_encoded_is_refused_before_anything_is_logged(logged
 
 
 @pytest.mark.slow
-def test_prompt_longer_than_the_context_is_refused_in_local_only_mode(local_model):
+def test_prompt_longer_than_the_context_is_refused_in_local_only_mode(greedy_settings, local_model):
     runtime = Runtime(greedy_settings(mode="local-only"), local=local_model)
     with pytest.raises(PromptTooLongError) as info:
         runtime.ask(LONG_PROMPT)
@@ -198,7 +197,7 @@ def test_prompt_longer_than_the_context_is_refused_in_local_only_mode(local_mode
 
 
 @pytest.mark.slow
-def test_refused_long_prompt_is_logged_as_failed_not_running(local_model, tmp_path):
+def test_refused_long_prompt_is_logged_as_failed_not_running(greedy_settings, local_model, tmp_path):
     store = LogStore(tmp_path / "logs.db")
     runtime = Runtime(greedy_settings(mode="local-only"), local=local_model, store=store)
     with pytest.raises(PromptTooLongError):
@@ -209,7 +208,7 @@ def test_refused_long_prompt_is_logged_as_failed_not_running(local_model, tmp_pa
 
 
 @pytest.mark.slow
-def test_prompt_longer_than_the_context_goes_to_the_remote_in_auto_mode(local_model, serve):
+def test_prompt_longer_than_the_context_goes_to_the_remote_in_auto_mode(greedy_settings, local_model, serve):
     # The stand-in llama.cpp server (remote_server) has the same 1,024-token context as the device
     # model, so it would refuse this prompt too; a stub plays a remote with a larger context.
     server = serve("ok_stream")
@@ -224,7 +223,7 @@ def test_prompt_longer_than_the_context_goes_to_the_remote_in_auto_mode(local_mo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["local-only", "auto"])
-def test_long_prompt_leaves_the_local_model_usable(local_model, serve, mode):
+def test_long_prompt_leaves_the_local_model_usable(greedy_settings, local_model, serve, mode):
     remote = fast_remote(serve("ok_stream").url)
     runtime = Runtime(greedy_settings(threshold=0.0), local=local_model, remote=remote)
     try:
@@ -237,7 +236,7 @@ def test_long_prompt_leaves_the_local_model_usable(local_model, serve, mode):
 
 
 @pytest.mark.slow
-def test_old_turns_that_overflow_the_context_are_left_out(local_model):
+def test_old_turns_that_overflow_the_context_are_left_out(greedy_settings, local_model):
     long_turn = "Tell me about foxes. " + "The quick brown fox jumps over the lazy dog. " * 60  # ~600 tokens
     conversation = [
         {"role": "user", "content": long_turn},
@@ -255,7 +254,7 @@ def test_old_turns_that_overflow_the_context_are_left_out(local_model):
 
 
 @pytest.mark.slow
-def test_long_prompt_with_a_failing_remote_reports_the_remote_failure(local_model, serve, tmp_path):
+def test_long_prompt_with_a_failing_remote_reports_the_remote_failure(greedy_settings, local_model, serve, tmp_path):
     server = serve("status_500")
     store = LogStore(tmp_path / "logs.db")
     runtime = Runtime(greedy_settings(threshold=0.0), local=local_model, remote=fast_remote(server.url), store=store)
@@ -281,7 +280,7 @@ REMOTE_FAILURES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("behaviour", REMOTE_FAILURES)
-def test_misbehaving_remote_gives_a_flagged_local_answer(local_model, serve, behaviour):
+def test_misbehaving_remote_gives_a_flagged_local_answer(greedy_settings, local_model, serve, behaviour):
     server = serve(behaviour, **REMOTE_FAILURES[behaviour])
     runtime = Runtime(greedy_settings(threshold=11.0), local=local_model, remote=fast_remote(server.url))
     r = runtime.ask(QUESTION)  # a threshold above the scale: every turn is deferred
@@ -293,7 +292,7 @@ def test_misbehaving_remote_gives_a_flagged_local_answer(local_model, serve, beh
 
 
 @pytest.mark.slow
-def test_hanging_remote_costs_bounded_time(local_model, serve):
+def test_hanging_remote_costs_bounded_time(greedy_settings, local_model, serve):
     hang = 60.0
     server = serve("hang", hang_seconds=hang)
     runtime = Runtime(greedy_settings(threshold=11.0), local=local_model, remote=fast_remote(server.url))
@@ -307,7 +306,7 @@ def test_hanging_remote_costs_bounded_time(local_model, serve):
 
 
 @pytest.mark.slow
-def test_remote_dropping_mid_answer_is_announced_before_the_local_answer(local_model, serve):
+def test_remote_dropping_mid_answer_is_announced_before_the_local_answer(greedy_settings, local_model, serve):
     server = serve("drop_mid_stream", drop_after=2)
     runtime = Runtime(greedy_settings(threshold=11.0), local=local_model, remote=fast_remote(server.url))
     events = list(runtime.turn(QUESTION))

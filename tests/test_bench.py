@@ -12,11 +12,11 @@ from dataclasses import replace
 
 import pytest
 
-from benchmarks import bench
-from benchmarks.collect import Collector, read_records
-from benchmarks.report_cards import latest_card
+from rpra.benchmarks import bench
+from rpra.benchmarks.collect import Collector
+from rpra.benchmarks.collection import Collection, collection_dir
+from rpra.benchmarks.report_cards import latest_card
 from rpra.config import Settings
-from tests.test_cli import RPRA
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +60,7 @@ def test_an_interrupted_collection_resumes_without_redoing_finished_items(settin
     monkeypatch.setattr(Collector, "record", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         collect(settings, 4)
-    journal = bench.collection_dir(settings, "arithmetic", "test") / "records.jsonl"
-    assert len(read_records(journal)[0]) == 2  # the two finished items are on disk
+    assert len(Collection.open(collection_dir(settings.model, "arithmetic", "test")).records) == 2  # the two finished items are on disk
 
     calls.clear()
     monkeypatch.setattr(Collector, "record", lambda self, item: (calls.append(item.id), real_record(self, item))[1])
@@ -103,16 +102,15 @@ def test_rerunning_costs_no_remote_or_judge_call(settings, monkeypatch):
     assert all(r["judge_local"]["cached"] and r["judge_remote"]["cached"] for r in again)
 
 
-def test_bench_run_through_the_cli_writes_table_json_plot_and_report(settings, isolated_home):
+def test_bench_run_through_the_cli_writes_table_json_plot_and_report(rpra_bin, settings, isolated_home):
     env = {**os.environ, "RPRA_MODEL": settings.model, "RPRA_REMOTE_URL": settings.remote_url, "RPRA_REMOTE_MODEL": "stand-in",
            "RPRA_MAX_TOKENS": "16", "RPRA_N_CTX": "1024", "RPRA_N_THREADS": "2"}  # fmt: skip
-    run = subprocess.run([RPRA, "bench", "run", "--suite", "rpra-mix", "--limit", "6", "--judge-grammar", "--json"], env=env,
+    run = subprocess.run([rpra_bin, "bench", "run", "--suite", "rpra-mix", "--limit", "6", "--judge-grammar", "--json"], env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     routers = out["results"]["routers"]
-    suites = {r["suite"] for r in bench.load_collection(bench.collection_dir(
-        replace(settings, model=settings.model), "rpra-mix", "test"))}  # fmt: skip
+    suites = {r["suite"] for r in Collection.load(settings.model, "rpra-mix", "test").records}
     assert len(suites) >= 3  # a few items from each of several suites
     assert {"zero-shot PA", "zero-shot RPRA", "random", "oracle", "always-local", "always-remote"} <= set(routers)
     assert routers["oracle"]["apgr"]["value"] >= routers["random"]["apgr"]["value"] - 1e-9
@@ -151,44 +149,44 @@ def test_a_users_file_with_malformed_rows_is_collected_and_the_rows_reported(set
     assert "line 7" in err and "line 8" in err
 
 
-def test_calibrate_writes_a_threshold_that_defers_the_target_share(settings, isolated_home):
+def test_calibrate_writes_a_threshold_that_defers_the_target_share(rpra_bin, settings, isolated_home):
     from rpra.config import load_settings
 
     env = {**os.environ, "RPRA_MODEL": settings.model, "RPRA_REMOTE_URL": settings.remote_url, "RPRA_REMOTE_MODEL": "stand-in",
            "RPRA_MAX_TOKENS": "16", "RPRA_N_CTX": "1024", "RPRA_N_THREADS": "2"}  # fmt: skip
-    run = subprocess.run([RPRA, "calibrate", "--target-share", "0.5", "--suite", "arithmetic", "--limit", "4", "--judge-grammar"],
+    run = subprocess.run([rpra_bin, "calibrate", "--target-share", "0.5", "--suite", "arithmetic", "--limit", "4", "--judge-grammar"],
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr
     threshold = load_settings().threshold  # read back from $RPRA_HOME/config.toml
-    records = bench.load_collection(bench.collection_dir(settings, "arithmetic", "calibration"))
+    records = Collection.load(settings.model, "arithmetic", "calibration").records
     deferred = sum(r["pa"]["expected"] < threshold for r in records)
     assert "remote share 50.0%" in run.stdout and deferred == len(records) // 2
 
 
-def test_report_card_build_writes_a_grounded_card_that_the_benchmark_then_evaluates(settings, isolated_home):
+def test_report_card_build_writes_a_grounded_card_that_the_benchmark_then_evaluates(rpra_bin, settings, isolated_home):
     env = {**os.environ, "RPRA_MODEL": settings.model, "RPRA_REMOTE_URL": settings.remote_url, "RPRA_REMOTE_MODEL": "stand-in",
            "RPRA_MAX_TOKENS": "16", "RPRA_N_CTX": "1024", "RPRA_N_THREADS": "2"}  # fmt: skip
-    build = subprocess.run([RPRA, "report-card", "build", "--suite", "arithmetic", "--limit", "3", "--batch-size", "2",
+    build = subprocess.run([rpra_bin, "report-card", "build", "--suite", "arithmetic", "--limit", "3", "--batch-size", "2",
                             "--max-words", "30", "--judge-grammar"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert build.returncode == 0, build.stderr
-    show = subprocess.run([RPRA, "report-card", "show"], env=env, capture_output=True, text=True, timeout=60)
+    show = subprocess.run([rpra_bin, "report-card", "show"], env=env, capture_output=True, text=True, timeout=60)
     assert show.returncode == 0 and "Measured on 3 judged answers:" in show.stdout and "- arithmetic: 3 answers" in show.stdout
     assert "version 1" in show.stderr
-    run = subprocess.run([RPRA, "bench", "run", "--suite", "arithmetic", "--limit", "2", "--judge-grammar", "--json"], env=env,
+    run = subprocess.run([rpra_bin, "bench", "run", "--suite", "arithmetic", "--limit", "2", "--judge-grammar", "--json"], env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr
     card_router = json.loads(run.stdout)["results"]["routers"]["report card PA"]
     assert len(card_router["curve"]["share"]) == 3  # 0, 1 or 2 of 2 deferred
     # From the train split: device-side records only (no remote answers), a new version.
-    train = subprocess.run([RPRA, "report-card", "build", "--split", "train", "--suite", "arithmetic", "--limit", "2", "--batch-size", "2",
+    train = subprocess.run([rpra_bin, "report-card", "build", "--split", "train", "--suite", "arithmetic", "--limit", "2", "--batch-size", "2",
                             "--max-words", "30", "--judge-grammar"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert train.returncode == 0, train.stderr
     card = latest_card(settings.model)
     assert card.version == 2 and card.meta["split"] == "train" and "Measured on 2 judged answers:" in card.text
-    records = bench.load_collection(bench.collection_dir(settings, "arithmetic", "train"))
+    records = Collection.load(settings.model, "arithmetic", "train").records
     assert len(records) == 2 and all(r["judge_remote"] is None for r in records)
 
 
-def test_a_report_card_is_never_built_from_the_test_split(isolated_home):
-    run = subprocess.run([RPRA, "report-card", "build", "--split", "test"], capture_output=True, text=True, timeout=60)
+def test_a_report_card_is_never_built_from_the_test_split(rpra_bin, isolated_home):
+    run = subprocess.run([rpra_bin, "report-card", "build", "--split", "test"], capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "test split" in run.stderr

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from benchmarks.calibrate import describe, threshold_for_failure, threshold_for_share
+from rpra.benchmarks.calibrate import describe, threshold_for_failure, threshold_for_share
 
 PRED = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
 PASSED = np.array([0, 0, 1, 0, 1, 1, 0, 1, 1, 1], bool)

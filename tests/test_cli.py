@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from rpra.store import LogStore
 
-RPRA = shutil.which("rpra", path=str(Path(sys.executable).parent)) or "rpra"
 DEAD_REMOTE = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
 
 
-def rpra(*args: str, env: dict, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([RPRA, *args], input=stdin, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
-def test_chat_through_a_pipe_streams_turns_with_verdicts_and_switches_modes(env, remote_server, isolated_home):
+def test_chat_through_a_pipe_streams_turns_with_verdicts_and_switches_modes(rpra, env, remote_server, isolated_home):
     env |= {"RPRA_REMOTE_URL": remote_server.url, "RPRA_REMOTE_MODEL": "stand-in", "RPRA_THRESHOLD": "0"}
     run = rpra("chat", env=env, stdin="What is the capital of France?\n/remote\nName a color.\n/local\nThanks!\n")
     assert run.returncode == 0, run.stderr
@@ -40,7 +31,7 @@ def test_chat_through_a_pipe_streams_turns_with_verdicts_and_switches_modes(env,
 
 
 @pytest.mark.slow
-def test_chat_defers_a_low_prediction_and_says_why(env, remote_server):
+def test_chat_defers_a_low_prediction_and_says_why(rpra, env, remote_server):
     env |= {"RPRA_REMOTE_URL": remote_server.url, "RPRA_REMOTE_MODEL": "stand-in"}
     run = rpra("chat", "--threshold", "11", env=env, stdin="Prove the Riemann hypothesis.\n")
     (verdict,) = [line for line in run.stdout.splitlines() if line.startswith("[")]
@@ -48,7 +39,7 @@ def test_chat_defers_a_low_prediction_and_says_why(env, remote_server):
 
 
 @pytest.mark.slow
-def test_ask_json_reports_distribution_decision_timings_and_tokens(env):
+def test_ask_json_reports_distribution_decision_timings_and_tokens(rpra, env):
     run = rpra("ask", "What is 2 + 2?", "--json", "--mode", "local-only", env=env)
     assert run.returncode == 0, run.stderr
     turn = json.loads(run.stdout)
@@ -61,7 +52,7 @@ def test_ask_json_reports_distribution_decision_timings_and_tokens(env):
 
 
 @pytest.mark.slow
-def test_ask_with_the_remote_down_prints_a_flagged_local_answer(env):
+def test_ask_with_the_remote_down_prints_a_flagged_local_answer(rpra, env):
     env |= {"RPRA_REMOTE_URL": DEAD_REMOTE, "RPRA_REMOTE_RETRIES": "0"}
     run = rpra("ask", "Hello", "--threshold", "11", env=env)
     assert run.returncode == 0, run.stderr
@@ -70,7 +61,7 @@ def test_ask_with_the_remote_down_prints_a_flagged_local_answer(env):
 
 
 @pytest.mark.slow
-def test_logs_lists_and_searches_turns(env):
+def test_logs_lists_and_searches_turns(rpra, env):
     rpra("ask", "What is the capital of Peru?", "--mode", "local-only", env=env)
     rpra("ask", "Name a bird.", "--mode", "local-only", env=env)
     every = json.loads(rpra("logs", "--json", env=env).stdout)
@@ -82,10 +73,10 @@ def test_logs_lists_and_searches_turns(env):
 
 
 @pytest.mark.slow
-def test_serve_remote_runs_a_command_against_the_stand_in_and_stops(env, model_path):
+def test_serve_remote_runs_a_command_against_the_stand_in_and_stops(rpra, rpra_bin, env, model_path):
     run = rpra(
         "serve-remote", "--model", str(model_path), "--port", "0", "--n-ctx", "1024",
-        "--", RPRA, "ask", "Hi", "--json", "--mode", "remote-only", env=env,
+        "--", rpra_bin, "ask", "Hi", "--json", "--mode", "remote-only", env=env,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     turn = json.loads(run.stdout)
@@ -93,7 +84,7 @@ def test_serve_remote_runs_a_command_against_the_stand_in_and_stops(env, model_p
     assert turn["sent_remote"] == [{"role": "user", "content": "Hi"}]
 
 
-def test_config_show_reports_values_and_their_sources(tmp_path, isolated_home):
+def test_config_show_reports_values_and_their_sources(rpra, tmp_path, isolated_home):
     cfg = tmp_path / "rpra.toml"
     cfg.write_text("threshold = 4.0\nmax_tokens = 99\n")
     env = {**os.environ, "RPRA_THRESHOLD": "6", "RPRA_REMOTE_API_KEY": "sk-secret"}
@@ -105,7 +96,7 @@ def test_config_show_reports_values_and_their_sources(tmp_path, isolated_home):
     assert rows["remote_api_key"]["value"] == "***" and "sk-secret" not in run.stdout
 
 
-def test_logs_requests_lists_what_the_server_logged(isolated_home):
+def test_logs_requests_lists_what_the_server_logged(rpra, isolated_home):
     with LogStore(isolated_home / "logs.db") as store:
         store.log_request(client="127.0.0.1", method="POST", path="/v1/chat/completions", status=200, mode="auto", duration_ms=812.0)
         store.log_request(client="10.0.0.7", method="POST", path="/v1/chat/completions", status=429, error="busy")
@@ -115,7 +106,7 @@ def test_logs_requests_lists_what_the_server_logged(isolated_home):
     assert "busy" in table and "812" in table
 
 
-def test_a_profile_is_taken_from_the_flag_and_shows_as_the_source(isolated_home):
+def test_a_profile_is_taken_from_the_flag_and_shows_as_the_source(rpra, isolated_home):
     unknown = rpra("ask", "--profile", "no-such-board", "hi", env=dict(os.environ))
     assert unknown.returncode == 1 and "No device profile 'no-such-board'" in unknown.stderr and "arm-board-4gb" in unknown.stderr
     shown = rpra("config", "show", "--json", "--set", "profile=arm-board-4gb", "--set", "n_ctx=777", env=dict(os.environ))
@@ -124,14 +115,14 @@ def test_a_profile_is_taken_from_the_flag_and_shows_as_the_source(isolated_home)
     assert (rows["n_ctx"]["value"], rows["n_ctx"]["source"]) == (777, "flag")  # the user beats the profile
 
 
-def test_errors_are_one_clear_line_not_a_traceback(isolated_home):
+def test_errors_are_one_clear_line_not_a_traceback(rpra, isolated_home):
     run = rpra("models", "path", "smollm2-135m-instruct", env=dict(os.environ))
     assert run.returncode == 1
     assert run.stderr.startswith("error:") and "rpra models pull smollm2-135m-instruct" in run.stderr
     assert "Traceback" not in run.stderr
 
 
-def test_help_explains_the_commands():
+def test_help_explains_the_commands(rpra):
     run = rpra("--help", env=dict(os.environ))
     for command in ("ask", "chat", "models", "serve-remote", "serve", "doctor", "logs", "config"):
         assert command in run.stdout
@@ -139,7 +130,7 @@ def test_help_explains_the_commands():
     assert "verdict" in chat_help and "--threshold" in chat_help and "--set" in chat_help
 
 
-def test_models_list_shows_the_registry_and_what_is_downloaded(isolated_home):
+def test_models_list_shows_the_registry_and_what_is_downloaded(rpra, isolated_home):
     rows = json.loads(rpra("models", "list", "--json", env=dict(os.environ)).stdout)
     by_name = {r["name"]: r for r in rows}
     assert {"smollm2-135m-instruct", "qwen2.5-coder-1.5b-instruct"} <= set(by_name)

@@ -1,4 +1,4 @@
-"""benchmarks.data: suites, user files, splits and exact verifiers.
+"""rpra.benchmarks.data: suites, user files, splits and exact verifiers.
 
 Fast tests stand pip in with wheels built here (holding a few rows written like the real ones)
 and use reasoning-gym itself, which is offline. The slow tests fetch the real wheels from the
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import data
-from benchmarks.data import DataError, Item, load_file, load_hf, load_suite, split, verify
+from rpra.benchmarks import data
+from rpra.benchmarks.data import DataError, Item, load_file, load_hf, load_suite, split, verify
 from rpra import models
 
 # --- Wheels built here, standing in for pip ----------------------------------------------------

@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rpra.errors import ModelNotFoundError, RpraError
-from tests.conftest import _MODELS_HOME, DEVICE_MODEL
-from training import export
-from training.export import ExportError
+from rpra.errors import RpraError
+from rpra.training import export
+from rpra.training.export import ExportError
 
 _SDIST = os.environ.get("RPRA_LLAMA_SDIST")  # read before conftest's isolated_home clears RPRA_* variables
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
@@ -66,14 +65,9 @@ def shared_home(isolated_home, tools_home, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def gguf(tools_home) -> Path:
-    """The device model, if `make test` (or `rpra models pull`) has fetched it."""
-    from rpra.models import resolve
-
-    try:
-        return resolve(DEVICE_MODEL, home=_MODELS_HOME)
-    except ModelNotFoundError:
-        pytest.skip(f"{DEVICE_MODEL} is not pulled; run `rpra models pull {DEVICE_MODEL}`")
+def gguf(tools_home, model_path) -> Path:
+    """The device model (`make test` pulls it first)."""
+    return model_path
 
 
 @pytest.fixture(scope="module")

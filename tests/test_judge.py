@@ -14,8 +14,8 @@ import threading
 
 import pytest
 
-from benchmarks.cache import CallCache, cached, key
-from benchmarks.judge import (
+from rpra.benchmarks.cache import CallCache, cached, key
+from rpra.benchmarks.judge import (
     MT_BENCH_SINGLE_MATH_V1,
     MT_BENCH_SINGLE_V1,
     SINGLE,

@@ -7,7 +7,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from benchmarks import metrics as m
+from rpra.benchmarks import metrics as m
 
 # The small case most tests below use. Remote scores 8 everywhere, local scores average 5: gap 3.
 # Items 1 and 2 tie at pred 0.4, so they go remote together.

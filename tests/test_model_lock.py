@@ -9,7 +9,6 @@ import pytest
 
 from rpra.local import ModelLock
 from rpra.runtime import Decided, Finished, Runtime, Text
-from tests.conftest import greedy_settings
 
 
 def _waiter(lock: ModelLock, order: list, name: str, *, urgent: bool) -> threading.Thread:
@@ -75,7 +74,7 @@ def test_a_suspended_answer_resumes_exactly(local_model):
 
 
 @pytest.mark.slow
-def test_a_prediction_does_not_wait_for_an_answer_in_progress(local_model, remote_server):
+def test_a_prediction_does_not_wait_for_an_answer_in_progress(greedy_settings, local_model, remote_server):
     from rpra.remote import RemoteModel
 
     story = [{"role": "user", "content": "Write a long story about a dragon and a knight."}]

@@ -1,7 +1,11 @@
+import json
+
 import pytest
 
 from rpra.errors import ConfigError, RpraError
 from rpra.privacy import Redactor, StreamRestorer, Vault, redact_messages
+from rpra.remote import RemoteModel
+from rpra.runtime import Runtime
 
 US = Redactor(phone_region="US")
 

@@ -13,15 +13,13 @@ import pytest
 from rpra.errors import PrivacyError
 from rpra.remote import RemoteModel
 from rpra.runtime import Runtime
-from tests.conftest import greedy_settings
-from tests.test_cli import rpra
 
 pytestmark = pytest.mark.slow
 
 SECRET = "Write to ann.lee@example.org about my order."
 
 
-def runtime(local_model, stub, **settings) -> Runtime:
+def runtime(greedy_settings, local_model, stub, **settings) -> Runtime:
     # threshold above the scale: every auto turn wants to defer
     return Runtime(greedy_settings(threshold=10.5, **settings), local=local_model, remote=RemoteModel(stub.url, retries=0))
 
@@ -85,7 +83,7 @@ def test_redacted_answer_is_restored_and_the_placeholders_explained(local_model,
     assert result.redactions == [{"kind": "email", "placeholder": "[EMAIL_1]"}]
 
 
-def test_chat_asks_before_deferring_and_reads_the_answer_from_the_pipe(env, serve):
+def test_chat_asks_before_deferring_and_reads_the_answer_from_the_pipe(rpra, env, serve):
     stub = serve("ok_stream")
     env |= {"RPRA_REMOTE_URL": stub.url, "RPRA_THRESHOLD": "10.5", "RPRA_PRIVACY": "ask"}
     done = rpra("chat", env=env, stdin=f"{SECRET}\nn\n{SECRET}\ny\n")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.report import evaluate, write_reports
+from rpra.benchmarks.report import evaluate, write_reports
 
 
 def records(n=60, seed=0):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.report_cards import build_card, format_stats, latest_card, limit_words, save_card, topic_stats
+from rpra.benchmarks.report_cards import build_card, format_stats, latest_card, limit_words, save_card, topic_stats
 
 
 def record(i, score, category="arithmetic", suite="arithmetic", exact=None):
@@ -86,7 +86,7 @@ def test_the_writer_sees_the_statistics_of_all_evidence_so_far_and_the_card_ends
 
 
 def test_a_statistics_block_the_writer_copies_into_its_card_is_dropped():
-    from benchmarks.report_cards import STATS_HEADER
+    from rpra.benchmarks.report_cards import STATS_HEADER
 
     writer = Writer([f"Sums: often wrong.\n\n{STATS_HEADER}\n- arithmetic: 1 answer, mean score 8.0/10"])
     card, history = build_card([record(0, 8.0), record(1, 2.0)], writer, batch_size=2)

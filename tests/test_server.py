@@ -27,7 +27,6 @@ from rpra.remote import RemoteModel
 from rpra.runtime import Runtime
 from rpra.server import MAX_IN_FLIGHT, Admission, check_bind, create_app, is_loopback
 from rpra.store import LogStore
-from tests.conftest import greedy_settings
 
 # -- unit: the wire format and the guards ----------------------------------------------------------
 
@@ -131,10 +130,16 @@ def running(runtime: Runtime):
         thread.join(10)
 
 
-def make_runtime(local_model, tmp_path, *, remote_url=None, **overrides) -> Runtime:
-    settings = greedy_settings(remote_url=remote_url, remote_model="stand-in", remote_retries=0, remote_timeout=20, **overrides)
-    remote = RemoteModel.from_settings(settings) if remote_url and settings.privacy != "never-defer" else None
-    return Runtime(settings, local=local_model, remote=remote, store=LogStore(tmp_path / "logs.db"))
+@pytest.fixture
+def make_runtime(greedy_settings):
+    """``make_runtime(local_model, tmp_path, remote_url=...)``: a runtime logging to tmp_path."""
+
+    def make(local_model, tmp_path, *, remote_url=None, **overrides) -> Runtime:
+        settings = greedy_settings(remote_url=remote_url, remote_model="stand-in", remote_retries=0, remote_timeout=20, **overrides)
+        remote = RemoteModel.from_settings(settings) if remote_url and settings.privacy != "never-defer" else None
+        return Runtime(settings, local=local_model, remote=remote, store=LogStore(tmp_path / "logs.db"))
+
+    return make
 
 
 def client(url: str, key: str = "unused") -> openai.OpenAI:
@@ -145,7 +150,7 @@ ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.mark.slow
-def test_a_local_answer_with_its_decision_in_headers_and_body(local_model, remote_server, tmp_path):
+def test_a_local_answer_with_its_decision_in_headers_and_body(make_runtime, local_model, remote_server, tmp_path):
     runtime = make_runtime(local_model, tmp_path, remote_url=remote_server.url)
     with running(runtime) as url:
         raw = client(url).chat.completions.with_raw_response.create(model="rpra-local", messages=ASK)
@@ -163,7 +168,7 @@ def test_a_local_answer_with_its_decision_in_headers_and_body(local_model, remot
 
 
 @pytest.mark.slow
-def test_streams_a_local_answer_and_a_deferred_one(local_model, remote_server, tmp_path):
+def test_streams_a_local_answer_and_a_deferred_one(make_runtime, local_model, remote_server, tmp_path):
     # threshold above the scale: auto mode defers every request, on the strength of a real prediction
     runtime = make_runtime(local_model, tmp_path, remote_url=remote_server.url, threshold=10.5)
     with running(runtime) as url:
@@ -182,7 +187,7 @@ def test_streams_a_local_answer_and_a_deferred_one(local_model, remote_server, t
 
 
 @pytest.mark.slow
-def test_concurrent_requests_get_their_own_answers(local_model, remote_server, tmp_path):
+def test_concurrent_requests_get_their_own_answers(make_runtime, local_model, remote_server, tmp_path):
     runtime = make_runtime(local_model, tmp_path, remote_url=remote_server.url, max_tokens=16)
     prompts = ["Name a colour.", "What is 2 + 2?", "Say hello in French.", "Name a fruit."]
     with running(runtime) as url:
@@ -204,7 +209,7 @@ def test_concurrent_requests_get_their_own_answers(local_model, remote_server, t
 
 
 @pytest.mark.slow
-def test_a_full_queue_answers_429_and_deferred_requests_do_not_wait(local_model, remote_server, tmp_path):
+def test_a_full_queue_answers_429_and_deferred_requests_do_not_wait(make_runtime, local_model, remote_server, tmp_path):
     runtime = make_runtime(local_model, tmp_path, remote_url=remote_server.url, max_queue=0, max_tokens=200)
     with running(runtime) as url:
         c = client(url)
@@ -224,7 +229,7 @@ def test_a_full_queue_answers_429_and_deferred_requests_do_not_wait(local_model,
 
 
 @pytest.mark.slow
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(local_model, remote_server, tmp_path):
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(make_runtime, local_model, remote_server, tmp_path):
     runtime = make_runtime(local_model, tmp_path, remote_url=remote_server.url, max_queue=0, max_tokens=300)
     with running(runtime) as url:
         with httpx.stream(
@@ -247,7 +252,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(local_model, remote
 
 
 @pytest.mark.slow
-def test_when_the_remote_is_down_the_device_answers_and_says_so(local_model, tmp_path):
+def test_when_the_remote_is_down_the_device_answers_and_says_so(make_runtime, local_model, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # nothing listens once closed
@@ -263,7 +268,7 @@ def test_when_the_remote_is_down_the_device_answers_and_says_so(local_model, tmp
 
 
 @pytest.mark.slow
-def test_oversized_and_malformed_requests_get_4xx_and_the_server_keeps_serving(local_model, tmp_path):
+def test_oversized_and_malformed_requests_get_4xx_and_the_server_keeps_serving(make_runtime, local_model, tmp_path):
     runtime = make_runtime(local_model, tmp_path, max_request_bytes=4096)
     with running(runtime) as url:
         endpoint = f"{url}/chat/completions"
@@ -285,7 +290,7 @@ def test_oversized_and_malformed_requests_get_4xx_and_the_server_keeps_serving(l
 
 
 @pytest.mark.slow
-def test_an_api_key_is_enforced_when_set(local_model, tmp_path):
+def test_an_api_key_is_enforced_when_set(make_runtime, local_model, tmp_path):
     runtime = make_runtime(local_model, tmp_path, server_api_key="s3cret")
     with running(runtime) as url:
         with pytest.raises(openai.AuthenticationError):
@@ -298,7 +303,7 @@ def test_an_api_key_is_enforced_when_set(local_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_redaction_is_applied_to_what_the_remote_receives(local_model, tmp_path, serve):
+def test_redaction_is_applied_to_what_the_remote_receives(make_runtime, local_model, tmp_path, serve):
     # The stub streams a placeholder back split across chunks, as a real model's tokens would.
     stub = serve("ok_stream", deltas=("I will write to ", "[EMA", "IL_1", "] and call ", "[PHONE_1]", "."))
     runtime = make_runtime(local_model, tmp_path, remote_url=stub.url)
@@ -319,7 +324,7 @@ def test_redaction_is_applied_to_what_the_remote_receives(local_model, tmp_path,
 
 
 @pytest.mark.slow
-def test_a_never_defer_server_keeps_everything_local(local_model, tmp_path, serve):
+def test_a_never_defer_server_keeps_everything_local(make_runtime, local_model, tmp_path, serve):
     stub = serve("ok_stream")
     runtime = make_runtime(local_model, tmp_path, remote_url=stub.url, privacy="never-defer", threshold=10.5)
     with running(runtime) as url:
@@ -333,7 +338,7 @@ def test_a_never_defer_server_keeps_everything_local(local_model, tmp_path, serv
 
 
 @pytest.mark.slow
-def test_metrics_and_health_report_the_traffic(local_model, remote_server, tmp_path):
+def test_metrics_and_health_report_the_traffic(make_runtime, local_model, remote_server, tmp_path):
     runtime = make_runtime(local_model, tmp_path, remote_url=remote_server.url)
     with running(runtime) as url:
         c = client(url)

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 
 import numpy as np
 import pytest
 
 pytest.importorskip("torch", reason="the training extra is not installed")
 
-from rpra.config import Settings  # noqa: E402
 from rpra.errors import ConfigError  # noqa: E402
 from rpra.local import LocalModel  # noqa: E402
 from rpra.predictors import ZeroShotPredictor, make_slot  # noqa: E402
-from training.config import SFTConfig  # noqa: E402
-from training.data import turn_example  # noqa: E402
+from rpra.training.config import SFTConfig  # noqa: E402
+from rpra.training.data import turn_example  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +23,9 @@ TARGET = 9  # every training record gets this score: the adapter must move the s
 
 
 def _write_collection(model_path, n: int = 6) -> None:
-    from benchmarks.bench import collection_dir
+    from rpra.benchmarks.collection import collection_dir
 
-    folder = collection_dir(replace(Settings(), model=str(model_path)), "rpra-mix", "train")
+    folder = collection_dir(str(model_path), "rpra-mix", "train")
     folder.mkdir(parents=True)
     with open(folder / "records.jsonl", "w") as f:
         for i, prompt in enumerate(PROMPTS[:n]):
@@ -60,7 +58,7 @@ def test_a_lora_step_trains_the_adapter_and_leaves_the_base_frozen(model_path, l
 
     from transformers import AutoTokenizer
 
-    from training.export import load_base_model
+    from rpra.training.export import load_base_model
 
     torch.manual_seed(0)
     model = load_base_model(model_path)
@@ -84,8 +82,8 @@ def test_a_lora_step_trains_the_adapter_and_leaves_the_base_frozen(model_path, l
     assert frozen and all(torch.equal(before[n], after[n].detach()) for n in frozen)
 
 
-def test_tiny_sft_run_gives_an_adapter_that_llama_cpp_loads_and_that_moves_the_prediction(model_path, local_model, isolated_home):
-    from training.sft import train_sft
+def test_tiny_sft_run_gives_an_adapter_that_llama_cpp_loads_and_that_moves_the_prediction(rpra, model_path, local_model, isolated_home):
+    from rpra.training.sft import train_sft
 
     _write_collection(model_path)
     lines: list[str] = []
@@ -105,8 +103,6 @@ def test_tiny_sft_run_gives_an_adapter_that_llama_cpp_loads_and_that_moves_the_p
         train_sft(_tiny(model_path, lora_r=4), log=lambda _: None)
 
     # --adapter NAME finds it, checked against the base model; `rpra train list` shows it.
-    from tests.test_cli import rpra
-
     env = {**os.environ, "RPRA_MODEL": str(model_path), "RPRA_N_CTX": "1024", "RPRA_MAX_TOKENS": "8"}
     asked = rpra("ask", "What is 2 + 2?", "--adapter", "tiny", "--mode", "local-only", "--json", env=env)
     assert asked.returncode == 0, asked.stderr
@@ -119,7 +115,7 @@ def test_tiny_sft_run_gives_an_adapter_that_llama_cpp_loads_and_that_moves_the_p
 def test_an_interrupted_run_resumes_from_its_checkpoint(model_path, isolated_home, monkeypatch):
     import transformers
 
-    from training.sft import train_sft
+    from rpra.training.sft import train_sft
 
     _write_collection(model_path)
     real_save = transformers.Trainer._save_checkpoint
@@ -142,7 +138,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(model_path, isolated_hom
 
 
 def test_training_without_a_collection_says_how_to_make_one(model_path):
-    from training.sft import train_sft
+    from rpra.training.sft import train_sft
 
     with pytest.raises(ConfigError, match="rpra collect --suite rpra-mix --split train --no-remote"):
         train_sft(_tiny(model_path), log=lambda _: None)

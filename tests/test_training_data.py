@@ -17,10 +17,9 @@ from rpra.errors import ConfigError
 from rpra.predictors import ProbePredictor, ZeroShotPredictor
 from rpra.probe import Probe
 from rpra.runtime import Runtime
-from tests.conftest import greedy_settings
-from training.config import SFTConfig, load_config
-from training.data import IGNORE, build_examples, hold_out, target_score, turn_example
-from training.probe import fit_probe, slot_states
+from rpra.training.config import SFTConfig, load_config
+from rpra.training.data import IGNORE, build_examples, hold_out, target_score, turn_example
+from rpra.training.probe import fit_probe, slot_states
 
 PROMPT = "What is the capital of France?"
 
@@ -31,7 +30,7 @@ def _context(local) -> list[int]:
 
 
 @pytest.mark.slow
-def test_pa_training_example_is_token_for_token_the_runtime_turn(local_model):
+def test_pa_training_example_is_token_for_token_the_runtime_turn(greedy_settings, local_model):
     settings = greedy_settings(protocol="pa")
     result = Runtime(settings, local=local_model).ask([{"role": "user", "content": PROMPT}], mode="local-only")
     held = _context(local_model)
@@ -48,7 +47,7 @@ def test_pa_training_example_is_token_for_token_the_runtime_turn(local_model):
 
 
 @pytest.mark.slow
-def test_rpra_training_example_is_the_runtime_turn_as_text(local_model):
+def test_rpra_training_example_is_the_runtime_turn_as_text(greedy_settings, local_model):
     settings = greedy_settings(protocol="rpra", reason_tokens=24)
     result = Runtime(settings, local=local_model).ask([{"role": "user", "content": PROMPT}], mode="local-only")
     held = local_model.detokenize(_context(local_model))
@@ -204,7 +203,7 @@ def test_reading_the_hidden_state_changes_nothing_the_runtime_does_next(local_mo
 
 
 @pytest.mark.slow
-def test_a_fitted_probe_routes_real_turns(local_model, tmp_path):
+def test_a_fitted_probe_routes_real_turns(greedy_settings, local_model, tmp_path):
     settings = greedy_settings(protocol="pa")
     prompts_ = [f"What is {a} times {b}?" for a, b in [(2, 3), (17, 23), (5, 5), (123, 456), (9, 8), (71, 13)]] + [
         "Name a colour.", "Write a haiku about rain.", "Who wrote Hamlet?", "Explain entropy in one line.",
@@ -250,11 +249,9 @@ def test_adapters_resolve_by_name_and_refuse_another_base(isolated_home, model_p
 
 
 @pytest.mark.slow
-def test_the_probe_commands_as_a_user_runs_them(model_path, isolated_home, tmp_path):
+def test_the_probe_commands_as_a_user_runs_them(rpra, model_path, isolated_home, tmp_path):
     """`rpra train probe` on a collected train split, then `rpra ask --set predictor=probe`."""
     import os
-
-    from tests.test_cli import rpra
 
     env = {**os.environ, "RPRA_MODEL": str(model_path), "RPRA_N_CTX": "1024", "RPRA_N_THREADS": "2", "RPRA_MAX_TOKENS": "8"}
     folder = isolated_home / "collections" / "smollm2-135m-instruct--rpra-mix--train"
@@ -273,15 +270,14 @@ def test_the_probe_commands_as_a_user_runs_them(model_path, isolated_home, tmp_p
 
 
 @pytest.mark.slow
-def test_the_pooling_experiment_reads_every_position_and_its_last_is_the_probes_state(model_path):
-    from benchmarks.probe_pooling import all_positions
+def test_hidden_states_reads_every_position_and_its_last_is_the_probes_state(model_path):
     from rpra.local import LocalModel
 
     model = LocalModel(model_path, name="smollm2", n_ctx=1024, n_batch=1024, n_threads=2, seed=0)
     tokens = model.chat_tokens([{"role": "user", "content": PROMPT}]) + model.tokenize("Rating: [[")
     with model.lock:
         h = model.session(tokens).hidden_state()
-        every = all_positions(model, tokens)
+        every = model.hidden_states(tokens)
     assert every.shape == (len(tokens), model.n_embd) and np.isfinite(every).all()
     assert np.corrcoef(every[-1], h)[0, 1] > 0.999  # the same position, batched vs single-token kernels
     assert np.corrcoef(every[0], h)[0, 1] < 0.99  # and other positions really differ

@@ -1,19 +1,18 @@
 """The fine-tuning job's configuration: one dataclass feeds the CLI flags and the YAML file.
 
-Every field becomes a ``rpra train sft --flag`` (help text from the field's metadata) and a key
-of the YAML file passed with ``--config``. Flags override the file, the file overrides defaults.
+Every field becomes a ``rpra train sft --flag`` (``rpra.cli.common.option_parameters``: help text
+from the field's metadata) and a key of the YAML file passed with ``--config``. Flags override the file, the file overrides defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 from rpra.errors import ConfigError
 
@@ -117,31 +116,3 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key} must be a {kind.__name__}; got {value!r}.") from None
-
-
-def command_from_config(run: Callable[[Optional[Path], dict[str, Any]], None], doc: str) -> Callable[..., None]:
-    """A typer command with ``--config FILE`` and one flag per SFTConfig field (default: not given)."""
-    import typer
-
-    params = [
-        inspect.Parameter(
-            "config", inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[Optional[Path], typer.Option("--config", help="YAML file of training settings (flags override it).")],
-        )
-    ]  # fmt: skip
-    hints = typing.get_type_hints(SFTConfig)
-    for f in dataclasses.fields(SFTConfig):
-        kind = hints[f.name]
-        kind = str if typing.get_origin(kind) is Literal else kind
-        flag = "--" + f.name.replace("_", "-")
-        option = typer.Option(f"{flag}/--no-{f.name.replace('_', '-')}" if kind is bool else flag, help=f"{f.metadata['help']} [default: {f.default}]")
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]))
-
-    def command(**kwargs: Any) -> None:
-        path = kwargs.pop("config")
-        run(path, kwargs)
-
-    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = doc
-    return command

@@ -12,14 +12,12 @@ answer and its end-of-turn token).
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
+from rpra.benchmarks.collection import Collection
 from rpra import prompts
-from rpra.config import Settings
 from rpra.errors import ConfigError
 from rpra.local import LocalModel
 from rpra.runtime import merge_system
@@ -35,36 +33,14 @@ class Built:
     skipped: Counter = field(default_factory=Counter)
 
 
-@dataclass
-class Collection:
-    """A collected split to learn from: its records and the settings they were collected with."""
-
-    records: list[dict]
-    folder: Path
-    settings: dict  # provenance: scale_max, reason_tokens, ... (what shaped the device's turns)
-
-
 def load_collection(model: str, suite: str, split: str) -> Collection:
-    """The collected records of ``suite``/``split`` for ``model``; a clear error if there are none.
+    """The collected records of ``suite``/``split`` for ``model`` (``benchmarks.collection``).
 
     Training on the test split is refused: it would make the benchmark on it meaningless.
     """
-    from benchmarks.bench import collection_dir
-    from benchmarks.bench import load_collection as read
-
     if split == "test":
         raise ConfigError("Training on the test split would make its benchmark meaningless; use the train split.")
-    folder = collection_dir(replace(Settings(), model=model), suite, split)
-    if not (folder / "records.jsonl").exists():
-        raise ConfigError(
-            f"No collected {split} split for {model} on {suite} ({folder}). Collect it first: "
-            f"`rpra collect --suite {suite} --split {split} --no-remote` (the remote's answers are not needed to train)."
-        )
-    try:
-        provenance = json.loads((folder / "provenance.json").read_text())["settings"]
-    except (OSError, ValueError, KeyError):
-        provenance = {}
-    return Collection(read(folder), folder, provenance)
+    return Collection.load(model, suite, split)
 
 
 def target_score(record: dict, *, target: str, scale_max: int) -> int | None:

@@ -16,14 +16,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from benchmarks.metrics import spearman
+from rpra.benchmarks.metrics import spearman
 from rpra.config import Settings
 from rpra.errors import RpraError
 from rpra.local import LocalModel, LocalSession
 from rpra.prediction import Prediction
 from rpra.predictors import ZeroShotPredictor
 from rpra.probe import Probe
-from rpra.runtime import Decided, Runtime
+from rpra.runtime import Runtime
 from rpra.slot import ScoreSlot
 
 ALPHAS = (1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0)
@@ -44,15 +44,11 @@ class _ReadState(ZeroShotPredictor):
 
 def read_slots(local: LocalModel, prompts: list[str], settings: Settings) -> Iterator[tuple[np.ndarray, list[int]]]:
     """For each prompt, the hidden state at the PA slot and the tokens up to it, read through the
-    runtime's own turn (stopped at the decision: no answer is generated)."""
+    runtime's own turn (``Runtime.predict``: stopped at the decision, no answer generated)."""
     reader = _ReadState()
     runtime = Runtime(replace(settings, protocol="pa", mode="local-only", log=False), local=local, predictor=reader)
     for prompt in prompts:
-        events = runtime.turn([{"role": "user", "content": prompt}], mode="local-only")
-        try:
-            next(e for e in events if isinstance(e, Decided))
-        finally:
-            events.close()
+        runtime.predict([{"role": "user", "content": prompt}])
         yield reader.state, reader.tokens
 
 
@@ -127,15 +123,15 @@ def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: 
 
     ``progress(total)`` returns the callback advanced once per record read.
     """
-    from benchmarks.bench import bench_settings, open_device
+    from rpra.benchmarks.bench import bench_settings
     from rpra.models import file_sha256, resolve
     from rpra.probe import default_probe_path
-    from training.data import load_collection
+    from rpra.training.data import load_collection
 
     settings = bench_settings(settings)
     collection = load_collection(settings.model, suite, split)
     records = [r for r in collection.records if r["judge_local"]["score"] is not None]
-    x = slot_states(open_device(settings), [r["prompt"] for r in records], settings, progress=progress(len(records)))
+    x = slot_states(LocalModel.from_settings(settings), [r["prompt"] for r in records], settings, progress=progress(len(records)))
     y = np.asarray([r["judge_local"]["score"] for r in records], float)
     model_path = resolve(settings.model)
     meta = {"model": settings.model, "model_sha256": file_sha256(model_path), "collection": str(collection.folder)}

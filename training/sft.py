@@ -26,8 +26,8 @@ from rpra.adapters import adapters_dir
 from rpra.config import Settings
 from rpra.errors import ConfigError, RpraError
 from rpra.models import file_sha256, resolve
-from training.config import SFTConfig
-from training.data import build_examples, hold_out, load_collection
+from rpra.training.config import SFTConfig
+from rpra.training.data import build_examples, hold_out, load_collection
 
 
 def train_sft(cfg: SFTConfig, *, log: Callable[[str], None] = print) -> dict:
@@ -42,7 +42,7 @@ def train_sft(cfg: SFTConfig, *, log: Callable[[str], None] = print) -> dict:
 
     from rpra.local import LocalModel
     from rpra.predictors import ZeroShotPredictor
-    from training.export import load_base_model
+    from rpra.training.export import load_base_model
 
     base = resolve(cfg.model)
     base_sha = file_sha256(base)
@@ -71,7 +71,7 @@ def train_sft(cfg: SFTConfig, *, log: Callable[[str], None] = print) -> dict:
     defaults = Settings()
     scale_max = collection.settings.get("scale_max", defaults.scale_max)
     reason_tokens = collection.settings.get("reason_tokens", defaults.reason_tokens)
-    local = LocalModel(base, n_ctx=max(cfg.max_length, 512), n_threads=cfg.threads or None)
+    local = LocalModel.from_settings(Settings(model=cfg.model, n_ctx=max(cfg.max_length, 512), n_threads=cfg.threads or None, log=False))
     predictor = ZeroShotPredictor()
     built = build_examples(
         records, local, protocols=cfg.protocol_list, loss_on=cfg.loss_on, target=cfg.target,
@@ -168,7 +168,7 @@ def train_sft(cfg: SFTConfig, *, log: Callable[[str], None] = print) -> dict:
 
 def export_adapter(out: Path, base: Path, meta: dict, *, log: Callable[[str], None] = print) -> dict:
     """Convert ``out/peft`` to ``out/adapter.gguf`` for llama.cpp and record its size."""
-    from training.export import lora_to_gguf, save_base_config
+    from rpra.training.export import lora_to_gguf, save_base_config
 
     config_dir = save_base_config(base, out / "base-config")
     gguf = lora_to_gguf(out / "peft", config_dir, out / "adapter.gguf")
@@ -176,3 +176,17 @@ def export_adapter(out: Path, base: Path, meta: dict, *, log: Callable[[str], No
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     log(f"exported {gguf} ({gguf.stat().st_size / 1e6:.1f} MB): use it with --adapter {out.name}")
     return meta
+
+
+def reexport(folder: Path, *, merge: bool = False, quant: str = "q8_0", output: Path | None = None,
+             log: Callable[[str], None] = print) -> Path | None:  # fmt: skip
+    """(Re)convert the trained adapter in ``folder`` to a GGUF LoRA; with ``merge``, also write a
+    standalone GGUF with the LoRA merged in and quantised, and return its path."""
+    from rpra.training.export import merge_to_gguf
+
+    meta = json.loads((folder / "meta.json").read_text())
+    base = resolve(meta["base_model"])
+    export_adapter(folder, base, meta, log=log)
+    if not merge:
+        return None
+    return merge_to_gguf(base, folder / "peft", output or folder / f"{base.stem}+{folder.name}.{quant}.gguf", quant=quant)

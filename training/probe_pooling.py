@@ -6,8 +6,8 @@ The probe (``rpra.probe``) reads the final hidden state at the PA score slot, th
 target (the judge score, or pass/fail at the pass mark), by 5-fold cross-validation on the train
 split. Nothing here looks at the test split.
 
-    python -m benchmarks.probe_pooling                    # all judged train records
-    python -m benchmarks.probe_pooling --limit 100 --json
+    python -m rpra.training.probe_pooling                    # all judged train records
+    python -m rpra.training.probe_pooling --limit 100 --json
 
 Feature sets:
 - ``slot``: the final hidden state at the score slot (what the probe ships with);
@@ -28,39 +28,23 @@ from dataclasses import replace
 
 import numpy as np
 
-from benchmarks.metrics import auroc, spearman
+from rpra.benchmarks.metrics import auroc, spearman
 from rpra.config import load_settings
 from rpra.local import LocalModel
-from training.probe import choose_alpha, mean_rmse, read_slots
-
-
-def all_positions(model: LocalModel, tokens: list[int]) -> np.ndarray:
-    """Every position's final hidden state for ``tokens``, evaluated from an empty context (which
-    it leaves empty: the next session starts afresh)."""
-    llm, lib = model._llm, model._lib
-    lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), -1, -1, -1)
-    llm.n_tokens = 0
-    lib.llama_set_embeddings(llm.ctx, True)
-    try:
-        llm.eval(tokens)  # one batch (prompts here are shorter than n_batch): every position is output
-        rows = [np.ctypeslib.as_array(lib.llama_get_embeddings_ith(llm.ctx, i), shape=(model.n_embd,)).copy()
-                for i in range(len(tokens))]  # fmt: skip
-    finally:
-        lib.llama_set_embeddings(llm.ctx, False)
-        lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), -1, -1, -1)
-        llm.n_tokens = 0
-    return np.stack(rows)
+from rpra.training.data import load_collection
+from rpra.training.probe import choose_alpha, mean_rmse, read_slots
 
 
 def features(records: list[dict], settings) -> tuple[dict[str, np.ndarray], float]:
-    from benchmarks.bench import bench_settings, open_device
+    from rpra.benchmarks.bench import bench_settings
 
     settings = bench_settings(settings)
-    local = open_device(replace(settings, n_batch=max(settings.n_batch, settings.n_ctx)))
+    local = LocalModel.from_settings(replace(settings, n_batch=max(settings.n_batch, settings.n_ctx)))
     sets: dict[str, list[np.ndarray]] = {"slot": [], "mean": [], "mean-last-16": []}
-    agreement = []  # the slot state against the same position re-evaluated in one batch: a check on all_positions
+    agreement = []  # the slot state against the same position re-evaluated in one batch: a check on hidden_states
     for state, tokens in read_slots(local, [r["prompt"] for r in records], settings):
-        hidden = all_positions(local, tokens)
+        with local.lock:
+            hidden = local.hidden_states(tokens)
         agreement.append(float(np.corrcoef(hidden[-1], state)[0, 1]))
         sets["slot"].append(state)
         sets["mean"].append(hidden.mean(0))
@@ -81,8 +65,6 @@ def evaluate(x: np.ndarray, score: np.ndarray, passed: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.data import load_collection
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="rpra-mix")
     parser.add_argument("--limit", type=int, default=None, help="Train records to use (default: all judged ones).")

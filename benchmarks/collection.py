@@ -1,0 +1,198 @@
+"""A collection of judged records: the record format, where a collection lives, reading and writing.
+
+One collection per (device model, suite, split), in ``RPRA_HOME/collections/<model>--<suite>--<split>/``:
+
+    records.jsonl     the journal: one JSON record per line, appended and fsynced as each item
+                      finishes, so an interrupted collection loses nothing and resumes
+    provenance.json   what produced it (``Provenance``), including ``record_version``
+    records.parquet   the same records as a ``datasets`` dataset, rewritten at the end of a run
+    skipped.json      items that could not be scored this run (e.g. too long for the context)
+
+``benchmarks.collect`` fills a collection; the benchmark, the report cards and ``training/``
+read it through ``Collection.load`` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rpra.config import home
+from rpra.errors import ConfigError
+
+# Bump when a field changes meaning; readers can then tell old records from new.
+RECORD_VERSION = 1
+
+# Every field of a record and what it means. A prediction is ``Prediction.to_dict()``:
+# {"distribution", "expected", "p_pass", "mode", "pass_mark", "scale_max", "predictor"}.
+FIELDS = {
+    "id": "the item's stable id (its split is a hash of it, so it never changes split)",
+    "suite": "the suite the item comes from (mmlu, arithmetic, ...)",
+    "category": "a finer group within the suite (an MMLU subject, an arithmetic level, ...)",
+    "kind": "the item's kind of answer (multiple-choice, number, open)",
+    "prompt": "the user message the device model saw",
+    "reference": "a reference answer shown to the judge, or null",
+    "gold": "the answer key the exact verifier checks, or null",
+    "pa": "the zero-shot PA prediction (a Prediction dict)",
+    "pa_decision_ms": "time from the request to the PA decision",
+    "rpra": "the zero-shot RPRA prediction, after the short reasoning",
+    "rpra_reasoning": "that reasoning", "rpra_reasoning_tokens": "its length in tokens",
+    "rpra_decision_ms": "time from the request to the RPRA decision",
+    "local_answer": "the device model's greedy answer (PA layout, as the device answers)",
+    "local_tokens": "its length in tokens", "local_ms": "the whole local turn's time",
+    "remote_answer": "the remote model's answer, or null (collected with --no-remote)",
+    "remote_tokens": "its length in tokens", "remote_ms": "its time",
+    "judge_local": "the judge's verdict on the local answer: {score, raw, ...}",
+    "judge_remote": "the judge's verdict on the remote answer, or null",
+    "exact_local": "the exact verifier's 1 / 0 for the local answer, or null (no answer key)",
+    "exact_remote": "the same for the remote answer",
+}  # fmt: skip
+# Predictors added later by the benchmark (``benchmarks.bench.add_predictions``) store
+# ``<field>``, ``<field>_decision_ms`` and for RPRA ``<field>_reasoning_tokens``.
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a collection: enough to tell whether two collections are comparable."""
+
+    suite: str
+    split: str
+    device_model: str
+    device_sha256: str
+    remote_id: str
+    judge_id: str
+    prompts_version: str
+    settings: dict
+    record_version: int = RECORD_VERSION
+
+
+def collection_dir(model: str, suite: str, split: str) -> Path:
+    """Where the collection of ``model`` (a registered name or a path) on ``suite``/``split`` lives.
+
+    A larger ``--limit`` extends the same collection; nothing is redone.
+    """
+    from rpra.benchmarks.data import SUITES
+
+    model_part = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).stem)
+    suite_part = re.sub(r"[^A-Za-z0-9._-]+", "_", suite if suite in SUITES else Path(suite).name)
+    return home() / "collections" / f"{model_part}--{suite_part}--{split}"
+
+
+@dataclass
+class Collection:
+    """A collection's records, in journal order, and its provenance (empty if never written)."""
+
+    folder: Path
+    records: list[dict] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def journal(self) -> Path:
+        return self.folder / "records.jsonl"
+
+    @property
+    def settings(self) -> dict:
+        """The device settings the records were collected with (scale_max, reason_tokens, ...)."""
+        return self.provenance.get("settings", {})
+
+    @property
+    def ids(self) -> set[str]:
+        return {r["id"] for r in self.records}
+
+    @classmethod
+    def open(cls, folder: Path) -> Collection:
+        """The collection in ``folder`` as it is on disk (possibly empty).
+
+        A torn last line (killed mid-write) is dropped and the journal rewritten without it, so
+        the next append starts on a clean line.
+        """
+        records, torn = _read_journal(folder / "records.jsonl")
+        if torn:
+            _atomic_write(folder / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        try:
+            provenance = json.loads((folder / "provenance.json").read_text())
+        except (OSError, ValueError):
+            provenance = {}
+        return cls(folder, records, provenance)
+
+    @classmethod
+    def load(cls, model: str, suite: str, split: str) -> Collection:
+        """The collected records of ``model`` on ``suite``/``split``; a clear error if there are none."""
+        collection = cls.open(collection_dir(model, suite, split))
+        if not collection.records:
+            extra = " --no-remote" if split == "train" else ""
+            raise ConfigError(
+                f"No collected {split} split for {model} on {suite} ({collection.folder}). "
+                f"Collect it first: `rpra collect --suite {suite} --split {split}{extra}`."
+            )
+        return collection
+
+    def set_provenance(self, provenance: Provenance) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.provenance = asdict(provenance)
+        _atomic_write(self.folder / "provenance.json", json.dumps(self.provenance, indent=2))
+
+    def appender(self) -> _Appender:
+        """``with collection.appender() as add: add(record)``: each record is on disk (fsynced)
+        before ``add`` returns."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return _Appender(self)
+
+    def save_dataset(self) -> Path:
+        """Write the records as a parquet ``datasets`` dataset (nested fields as JSON strings)."""
+        from datasets import Dataset, disable_progress_bars
+
+        disable_progress_bars()  # the collection has its own progress bar
+        flat = [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in self.records]
+        path, tmp = self.folder / "records.parquet", self.folder / "records.parquet.part"
+        Dataset.from_list(flat).to_parquet(str(tmp))
+        os.replace(tmp, path)
+        return path
+
+    def write_skipped(self, skipped: list[dict]) -> None:
+        """Items that could not be scored this run; they are not in the journal, so a re-run
+        (e.g. with a larger n_ctx) tries them again."""
+        _atomic_write(self.folder / "skipped.json", json.dumps(skipped, indent=2))
+
+
+class _Appender:
+    def __init__(self, collection: Collection):
+        self.collection = collection
+
+    def __enter__(self):
+        self._file = open(self.collection.journal, "a")
+        return self.add
+
+    def add(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.collection.records.append(record)
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
+def _read_journal(path: Path) -> tuple[list[dict], int]:
+    """The records in a journal, and how many lines were torn (not valid JSON)."""
+    if not path.exists():
+        return [], 0
+    records, torn = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            torn += 1
+    return records, torn
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)

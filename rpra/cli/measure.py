@@ -1,0 +1,172 @@
+"""Measuring the predictors: `rpra collect`, `rpra bench`, `rpra report-card` and `rpra calibrate`.
+
+These need the bench extra; `benchmarks/` imports rpra and is imported here only, inside the
+commands.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from rpra.cli.common import ConfigOpt, SetOpt, bench_module, err, load, out, settings_command
+from rpra.errors import RpraError
+
+SuiteOpt = Annotated[str, typer.Option(help="mmlu, commonsenseqa, openbookqa, mtbench, arithmetic, gsm, rpra-mix; "
+                                             "or a .jsonl/.csv file with a prompt column; or hf:NAME[:SPLIT].")]  # fmt: skip
+LimitOpt = Annotated[Optional[int], typer.Option(help="Items from the split (default: all).")]
+JudgeOpt = Annotated[Optional[str], typer.Option("--judge-url", help="OpenAI-compatible judge (default: the remote model).")]
+GrammarOpt = Annotated[Optional[bool], typer.Option("--judge-grammar/--no-judge-grammar",
+                       help="Force the judge's reply format with a GBNF grammar (llama-cpp-python servers only). Default: on for the stand-in.")]  # fmt: skip
+QualityOpt = Annotated[str, typer.Option(help="llm (judge scores) or exact (verifiers, items with gold answers).")]
+BenchJsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
+
+
+@settings_command()
+def collect(
+    settings,
+    suite: SuiteOpt = "rpra-mix",
+    split: Annotated[str, typer.Option(help="calibration, train or test.")] = "test",
+    limit: LimitOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the suite's sampling and splits.")] = 0,
+    judge_url: JudgeOpt = None,
+    judge_grammar: GrammarOpt = None,
+    remote: Annotated[bool, typer.Option("--remote/--no-remote", help="Also collect and judge the remote's answers (not needed to train).")] = True,
+) -> None:
+    """Run items through the device model, the remote and the judge; resumable, every call cached."""
+    records, out_dir = bench_module().run_collect(settings, suite=suite, which=split, limit=limit, seed=seed, judge_url=judge_url,
+                                                  judge_grammar=judge_grammar, remote_answers=remote)  # fmt: skip
+    err.print(f"{len(records)} records in {out_dir}")
+
+
+@settings_command()
+def bench_run(
+    settings,
+    suite: SuiteOpt = "rpra-mix",
+    split: Annotated[str, typer.Option(help="The split to evaluate on.")] = "test",
+    limit: LimitOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of sampling, splits and bootstrap.")] = 0,
+    quality: QualityOpt = "llm",
+    judge_url: JudgeOpt = None,
+    judge_grammar: GrammarOpt = None,
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """Collect what is missing, then evaluate every predictor and baseline (table, JSON, plot, report)."""
+    records, out_dir = bench_module().run_collect(settings, suite=suite, which=split, limit=limit, seed=seed,
+                                                  judge_url=judge_url, judge_grammar=judge_grammar)  # fmt: skip
+    _report(settings, records, out_dir, quality=quality, seed=seed, json_out=json_out)
+
+
+@settings_command()
+def bench_report(
+    settings,
+    suite: SuiteOpt = "rpra-mix",
+    split: Annotated[str, typer.Option(help="The split to evaluate on.")] = "test",
+    quality: QualityOpt = "llm",
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """Evaluate an existing collection (no remote or judge calls)."""
+    bench_module()
+    from rpra.benchmarks.collection import Collection
+
+    collection = Collection.load(settings.model, suite, split)
+    _report(settings, collection.records, collection.folder, quality=quality, seed=seed, json_out=json_out)
+
+
+def _report(settings, records, out_dir, *, quality: str, seed: int, json_out: bool) -> None:
+    from rpra.benchmarks.report import TERMINAL_COLUMNS, table_rows
+
+    results, agree, paths = bench_module().report(records, settings, out_dir, quality=quality, seed=seed,
+                                                  log=lambda line: err.print(f"[dim]{escape(line)}[/]"))  # fmt: skip
+    if json_out:
+        print(json.dumps({"results": results, "agreement": agree, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
+        return
+    table = Table("router", *[c for c, _ in TERMINAL_COLUMNS], title=f"{results['items']} items · quality: {quality} judge · routed on {settings.route_on}")
+    for row in table_rows(results, TERMINAL_COLUMNS, short=True):
+        table.add_row(*row)
+    out.print(table)
+    if agree:
+        out.print(f"LLM judge vs exact verifiers: {agree['accuracy']:.1%} agreement on {agree['n']} answers (κ {agree['kappa']:.2f})")
+    out.print(f"[dim]report {paths['markdown']} · plot {paths['plot']} · json {paths['json']}[/]")
+
+
+@settings_command()
+def card_build(
+    settings,
+    suite: SuiteOpt = "rpra-mix",
+    limit: Annotated[int, typer.Option(help="Items to learn from.")] = 48,
+    split: Annotated[str, typer.Option(help="calibration, or train for more evidence (never test: the card would have seen it).")] = "calibration",
+    batch_size: Annotated[int, typer.Option(help="Judged examples per update (PRESS).")] = 8,
+    max_words: Annotated[int, typer.Option(help="Length budget of the card.")] = 250,
+    judge_url: JudgeOpt = None,
+    judge_grammar: GrammarOpt = None,
+) -> None:
+    """Write a new version of the device model's report card from judged calibration records.
+
+    The writer (the remote model) rewrites the card batch by batch, shown the measured per-topic
+    statistics so far; the final card ends with those statistics.
+    """
+    if split not in ("calibration", "train"):
+        raise RpraError(f"--split must be calibration or train, not {split!r}: a card built from the test split would have seen the answers it is scored on.")
+    bench = bench_module()
+    from rpra.benchmarks.report_cards import build_card, save_card
+
+    records, out_dir = bench.run_collect(settings, suite=suite, which=split, limit=limit, judge_url=judge_url,
+                                         judge_grammar=judge_grammar, remote_answers=split != "train")  # fmt: skip
+    with bench.endpoints(settings, judge_url=judge_url) as ep:
+        text, history = build_card(records, ep.remote, batch_size=batch_size, max_words=max_words, pass_mark=settings.pass_mark)
+    card = save_card(text, device_model=settings.model, meta={"suite": suite, "split": split, "records": len(records), "collection": str(out_dir),
+                                                              "writer": ep.remote_id, "batch_size": batch_size, "updates": len(history)})  # fmt: skip
+    out.print(card.text)
+    err.print(f"[dim]saved {card.path} (version {card.version}, {card.meta['words']} words)[/]")
+
+
+@settings_command()
+def card_show(settings) -> None:
+    """Print the latest report card of the device model."""
+    bench_module()
+    from rpra.benchmarks.report_cards import latest_card
+
+    card = latest_card(settings.model)
+    if card is None:
+        raise RpraError(f"No report card for {settings.model} yet. Build one with `rpra report-card build`.")
+    out.print(card.text)
+    err.print(f"[dim]{card.path} (version {card.version})[/]")
+
+
+def calibrate(
+    target_share: Annotated[Optional[float], typer.Option(help="Send this share of requests to the remote (0..1).")] = None,
+    max_fail: Annotated[Optional[float], typer.Option(help="Allow at most this share of failing local answers (0..1).")] = None,
+    suite: SuiteOpt = "rpra-mix",
+    limit: Annotated[int, typer.Option(help="Calibration items.")] = 48,
+    write: Annotated[bool, typer.Option(help="Write the threshold into the config file.")] = True,
+    judge_url: JudgeOpt = None,
+    judge_grammar: GrammarOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Choose the routing threshold on the calibration split and write it to the config file."""
+    from rpra.config import default_config_path, write_settings
+
+    settings = load(config, set_)  # not settings_command: the threshold is written to this config file
+    if (target_share is None) == (max_fail is None):
+        raise RpraError("Give exactly one of --target-share or --max-fail.")
+    bench = bench_module()
+    from rpra.benchmarks.calibrate import calibrate as choose
+
+    records, _ = bench.run_collect(settings, suite=suite, which="calibration", limit=limit, judge_url=judge_url, judge_grammar=judge_grammar)
+    try:
+        result = choose(records, protocol=settings.protocol, route_on=settings.route_on, pass_mark=settings.pass_mark,
+                        target_share=target_share, max_fail=max_fail)  # fmt: skip
+    except ValueError as exc:
+        raise RpraError(str(exc)) from None
+    out.print(f"threshold {result['threshold']} ({settings.route_on}, {settings.protocol}): remote share {result['remote_share']:.1%}, "
+              f"local answers failing {result['local_fail_rate']:.1%} on {result['items']} calibration items")  # fmt: skip
+    if write:
+        path = write_settings(config or default_config_path(), {"threshold": result["threshold"]})
+        out.print(f"[dim]wrote threshold = {result['threshold']} to {path}[/]")

@@ -1,0 +1,114 @@
+"""Training the predictors: `rpra train sft`, `probe`, `list` and `export`.
+
+`sft` and `export` need the train extra (torch, transformers, peft, trl), imported only when they
+run; `list` needs nothing beyond the runtime.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from rpra.cli.common import JsonOpt, bench_module, err, option_parameters, out, require_training, settings_command, with_parameters
+from rpra.cli.measure import SuiteOpt
+
+YamlOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of training settings (flags override it).")]
+
+
+def _log(line: str) -> None:
+    err.print(f"[dim]{escape(line)}[/]")
+
+
+def _sft(config: YamlOpt = None) -> None:
+    """Train a LoRA adapter that makes the device model predict its own judge score (peft + trl on CPU).
+
+    Trains on the collected, judged train split (`rpra collect --split train --no-remote`), in the runtime's own turn layout; resumes an interrupted run from its last checkpoint; exports a GGUF LoRA that `--adapter NAME` loads. Settings come from --config FILE (YAML) and the flags below, flags winning.
+    """
+
+
+def _run_sft(kwargs: dict) -> None:
+    from rpra.training.config import load_config
+
+    cfg = load_config(kwargs.pop("config"), kwargs)
+    require_training()
+    from rpra.training.sft import train_sft
+
+    out.print(json.dumps(train_sft(cfg, log=_log), indent=2))
+
+
+def sft_command():
+    """`rpra train sft`: one flag per field of ``training.config.SFTConfig``."""
+    from rpra.training.config import SFTConfig
+
+    return with_parameters(_sft, option_parameters(SFTConfig), _run_sft)
+
+
+def train_list(json_out: JsonOpt = False) -> None:
+    """Trained adapters (newest first) and the probes next to pulled models."""
+    from rpra.adapters import list_adapters
+    from rpra.probe import list_probes
+
+    keys = ("base_model", "created", "records", "steps", "train_loss", "eval_loss", "train_wall_s", "gguf_bytes")
+    adapters = [{"name": a.name, "path": str(a.path), **{k: a.meta.get(k) for k in keys}} for a in list_adapters()]
+    probes = list_probes()
+    if json_out:
+        print(json.dumps({"adapters": adapters, "probes": probes}, indent=2))
+        return
+    table = Table("adapter", "base", "records", "steps", "train loss", "eval loss", "wall s", "GGUF MB", "created")
+    for a in adapters:
+        fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
+        table.add_row(a["name"], str(a["base_model"]), str(a["records"]), str(a["steps"]), fmt(a["train_loss"]), fmt(a["eval_loss"]),
+                      fmt(a["train_wall_s"], "{:.0f}"), fmt(a["gguf_bytes"] and a["gguf_bytes"] / 1e6, "{:.1f}"), str(a["created"]))  # fmt: skip
+    out.print(table if adapters else "[dim]no adapters yet: `rpra train sft`[/]")
+    for p in probes:
+        out.print(f"probe for {p['model']}: {p['path']} ({p['examples']} examples, CV RMSE {p['cv_rmse']:.2f} vs {p['mean_baseline_rmse']:.2f} "
+                  f"for the mean, CV Spearman {p['cv_spearman']:.2f})")  # fmt: skip
+
+
+def train_export(
+    name: Annotated[str, typer.Argument(help="Adapter name (see `rpra train list`).")],
+    merge: Annotated[bool, typer.Option(help="Also write a standalone GGUF with the LoRA merged in.")] = False,
+    quant: Annotated[str, typer.Option(help="Quantisation of the merged GGUF: f16, q8_0, q4_0, q4_1, q4_k_m, q5_k_m.")] = "q8_0",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Merged GGUF path (default: in the adapter's folder).")] = None,
+) -> None:
+    """(Re)convert an adapter to a GGUF LoRA, and optionally merge it into a standalone quantised model."""
+    from rpra.adapters import trained_folder
+
+    folder = trained_folder(name)  # a wrong name is reported before the training stack is needed
+    require_training()
+    from rpra.training.sft import reexport
+
+    merged = reexport(folder, merge=merge, quant=quant, output=output, log=_log)
+    if merged is not None:
+        out.print(f"merged model: {merged} ({merged.stat().st_size / 1e6:.1f} MB); run it with --model {merged}")
+
+
+@settings_command()
+def train_probe(
+    settings,
+    suite: SuiteOpt = "rpra-mix",
+    split: Annotated[str, typer.Option(help="Collection split to fit on (not the test split).")] = "train",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for choosing the ridge strength.")] = 5,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Probe file (default: next to the model).")] = None,
+) -> None:
+    """Fit the activation probe: a ridge regression from the hidden state at the PA slot to the judge score."""
+    bench_module()  # the probe reads a benchmark collection
+    from rich.progress import Progress
+
+    from rpra.training.probe import train_probe as fit
+
+    with Progress(console=err, transient=True) as bar:
+
+        def progress(total: int):
+            task = bar.add_task("reading hidden states", total=total)
+            return lambda: bar.advance(task)
+
+        path, report = fit(settings, suite=suite, split=split, folds=folds, output=output, progress=progress)
+    out.print(f"probe: {path} ({path.stat().st_size / 1e3:.0f} kB) · {report['examples']} examples · ridge alpha {report['alpha']:g} · "
+              f"CV RMSE {report['cv_rmse']:.2f} (always-the-mean: {report['mean_baseline_rmse']:.2f}) · CV Spearman {report['cv_spearman']:.2f}")  # fmt: skip
+    out.print("[dim]use it with --set predictor=probe[/]")
