@@ -81,6 +81,12 @@ class Settings:
     host: str = _opt("127.0.0.1", "Address `rpra serve` binds; anything but loopback requires server_api_key.")
     port: int = _opt(8080, "Port `rpra serve` listens on (0 picks a free one).")
     server_api_key: str | None = _opt(None, "Bearer token clients of `rpra serve` must send (required off loopback).")
+    allowed_origins: str = _opt(
+        "",
+        "Web pages whose browser requests `rpra serve` answers, with CORS headers: comma-separated origins such "
+        "as http://localhost:3000, or * for any. Requests from any other page get 403; clients that are not "
+        "browsers send no Origin and are unaffected.",
+    )
     max_queue: int = _opt(8, "Requests that may wait for the local model before `rpra serve` answers 429 busy.")
     max_request_bytes: int = _opt(1_000_000, "Largest request body `rpra serve` accepts, in bytes (larger: 413).")
     # Storage
@@ -125,6 +131,8 @@ class Settings:
             raise ConfigError("privacy = never-defer keeps everything on the device; it cannot run in mode remote-only.")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535; got {self.port}.")
+        if any(o.strip() != "*" and "://" not in o for o in self.allowed_origins.split(",") if o.strip()):
+            raise ConfigError(f"allowed_origins lists origins such as http://localhost:3000 (scheme://host[:port]), or *; got {self.allowed_origins!r}.")
         if self.max_queue < 0 or self.max_request_bytes < 1024:
             raise ConfigError("max_queue cannot be negative and max_request_bytes must be at least 1024.")
         if self.reason_tokens < 0 or self.remote_retries < 0:

@@ -5,16 +5,24 @@ What is detected, and how (a well-kept library wherever one fits):
 
 - phone numbers: Google's libphonenumber (``phonenumbers``), international (+44 ...) and the
   national format of ``phone_region``, kept only when valid for a real numbering plan;
-- card numbers: 13-19 digits, whole or in groups of 3-6 split by spaces or dashes, that pass the
-  Luhn checksum (``stdnum.luhn``), so an ordinary long number is left alone;
-- IBANs: upper case, whole or in groups, that pass the ISO 7064 check (``stdnum.iban``);
-- US social security numbers written NNN-NN-NNNN that ``stdnum.us.ssn`` accepts;
+- card numbers: 13-19 digits, whole or in groups of 3-6, that pass the Luhn checksum
+  (``stdnum.luhn``), so an ordinary long number is left alone;
+- IBANs: upper case, whole or in groups split by spaces, that pass the ISO 7064 check (``stdnum.iban``);
+- US social security numbers in groups NNN NN NNNN that ``stdnum.us.ssn`` accepts;
 - e-mail addresses: a regular expression (no library finds them in free text);
 - IPv4 and IPv6 addresses that the standard ``ipaddress`` module parses. "1.2.3.4" *is* an
   address and is masked: a four-part version number is rare, and a false positive costs little
   because the answer gets the value back. "v1.2.3.4" and "1.2.3.4.5" are not addresses. An IPv6
   address needs three groups or more (or an IPv4 tail), so C++ names like ``abc::def`` stay, at
   the price of short forms like ``fe80::1``.
+
+Digit groups may be split by any one separator people or their software use: a space of any
+Unicode kind (a word processor or web page turns it into a non-breaking or thin space), a hyphen
+or dash, a dot, an underscore or a slash: "4111.1111.1111.1111", "123 45 6789". A value is
+never cut out of a longer run at a dot, because digits next to a dot are a decimal's or a
+version's ("0.4111111111111111" stays), and a value needs its groups (an ungrouped nine-digit
+number is not an SSN), so dates, versions and decimals are too short or shaped wrong to match.
+A placeholder stands for the whole span, separators included, so restoring gives it back as written.
 
 Not detected: names, street addresses, birth dates (free-text entities need a model, and the
 device has no room for another one), nor a phone number run straight into another number
@@ -60,16 +68,19 @@ _EMAIL = re.compile(
     r"(?<![\w.%+-])[\w.%+-]{1,64}@"
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}(?![\w-])"
 )
-# Runs of groups joined by single spaces or dashes; the stretch that validates is picked later,
-# so "order 2024 4111 1111 1111 1111" still finds the card after the year.
-_DIGIT_RUN = re.compile(r"(?<![\w.,])[0-9]+(?:[ -][0-9]+)*(?!\w|[.,][0-9])")
-_IBAN_RUN = re.compile(r"(?<!\w)[A-Z]{2}[0-9]{2}[A-Z0-9]*(?: [A-Z0-9]+)*(?!\w)")
-_SSN = re.compile(r"(?<![\w-])[0-9]{3}-[0-9]{2}-[0-9]{4}(?![\w-])")
+# Unicode's space separators (category Zs: the no-break, thin and narrow no-break spaces among
+# them), and the hyphen-minus, hyphen, non-breaking hyphen, figure dash and en dash.
+_SPACES = r"\u0020\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+_DASHES = r"\-\u2010-\u2013"
+# Runs of groups joined by single separators; the stretch that validates is picked later, so
+# "order 2024 4111 1111 1111 1111" still finds the card after the year.
+_DIGIT_RUN = re.compile(rf"(?<![\w.,])[0-9]+(?:[{_SPACES}{_DASHES}._/][0-9]+)*(?!\w|[.,][0-9])")
+_IBAN_RUN = re.compile(rf"(?<!\w)[A-Z]{{2}}[0-9]{{2}}[A-Z0-9]*(?:[{_SPACES}][A-Z0-9]+)*(?!\w)")
 _IPV4 = re.compile(r"(?<![\w.])[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?!\w|\.[0-9])")
 _IPV6 = re.compile(
     r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9A-Fa-f]{0,4})(?![\w:]|\.[0-9])"
 )
-_GROUP = re.compile(r"[^ -]+")
+_GROUP = re.compile(r"[A-Z0-9]+")
 _MAX_GROUPS = 9  # an IBAN in groups of four: 34 characters at most
 
 Span = tuple[int, int, str]
@@ -156,7 +167,7 @@ class Redactor:
         yield from ((m.start(), m.end(), "email") for m in _EMAIL.finditer(text))
         yield from _stretches(text, _IBAN_RUN, _is_iban, "iban")
         yield from _stretches(text, _DIGIT_RUN, _is_card, "card")
-        yield from ((m.start(), m.end(), "ssn") for m in _SSN.finditer(text) if ssn.is_valid(m.group()))
+        yield from _stretches(text, _DIGIT_RUN, _is_ssn, "ssn")
         yield from ((m.start(), m.end(), "ip") for m in _IPV4.finditer(text) if _is_ipv4(m.group()))
         yield from ((m.start(), m.end(), "ip") for m in _IPV6.finditer(text) if _is_ipv6(m.group()))
         matcher = phonenumbers.PhoneNumberMatcher(text, self.phone_region, leniency=phonenumbers.Leniency.VALID)
@@ -213,13 +224,18 @@ def _resolve(spans: list[Span]) -> list[Span]:
 
 
 def _stretches(text: str, runs: re.Pattern, accept: Callable[[list[str]], bool], kind: str) -> Iterator[Span]:
-    """In each run of separated groups, the longest stretches of whole groups that ``accept`` takes."""
+    """In each run of separated groups, the longest stretches of whole groups that ``accept`` takes.
+
+    A stretch starts and ends at the run's ends or at a separator other than a dot: "3.14" and
+    "1.2.3" are one number each, so no value is cut out of them.
+    """
     for run in runs.finditer(text):
         groups = [(run.start() + g.start(), run.start() + g.end()) for g in _GROUP.finditer(run.group())]
+        cuts = [True] + [text[end] != "." for _, end in groups[:-1]] + [True]  # cuts[k]: before group k
         i = 0
         while i < len(groups):
             for j in range(min(len(groups), i + _MAX_GROUPS) - 1, i - 1, -1):
-                if accept([text[s:e] for s, e in groups[i : j + 1]]):
+                if cuts[i] and cuts[j + 1] and accept([text[s:e] for s, e in groups[i : j + 1]]):
                     yield groups[i][0], groups[j][1], kind
                     i = j
                     break
@@ -230,6 +246,10 @@ def _is_card(groups: list[str]) -> bool:
     digits = "".join(groups)
     shaped = len(groups) == 1 or all(3 <= len(g) <= 6 for g in groups)
     return shaped and 13 <= len(digits) <= 19 and luhn.is_valid(digits)
+
+
+def _is_ssn(groups: list[str]) -> bool:
+    return [len(g) for g in groups] == [3, 2, 4] and ssn.is_valid("".join(groups))
 
 
 def _is_iban(groups: list[str]) -> bool:

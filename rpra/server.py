@@ -1,6 +1,6 @@
 """`rpra serve`: the self-deferral runtime behind the OpenAI chat API.
 
-    client ─► auth, size limit, validation ─► admission ─► worker thread: Runtime.turn ─► events ─► JSON or SSE
+    client ─► browser guard, auth, size limit, validation ─► admission ─► worker thread: Runtime.turn ─► events ─► JSON or SSE
                                                 │                 (holds the local model only while it predicts
                                                 └─ 429 when full   or answers locally; a deferral releases it)
 
@@ -14,6 +14,10 @@ Each turn runs in a thread of its own (llama.cpp and the remote client block) an
 events to the event loop; a client that goes away sets the turn's cancel flag, and the thread
 closes the turn at the next event, which releases the local model and logs the turn as
 interrupted.
+
+Any web page the user visits can make their browser send requests to a server on their
+machine, so the server refuses what only a page would send (see ``_browser_refusal``); pages
+listed in ``allowed_origins`` are let in and get CORS headers.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -38,7 +43,7 @@ from rpra.runtime import Decided, Finished, Notice, Runtime, Text
 # Requests in flight of any kind (local ones are bounded by max_queue as well): a flood of
 # forced-remote requests must not exhaust threads or sockets either.
 MAX_IN_FLIGHT = 64
-_OPEN_PATHS = {"/health"}  # reachable without the API key (load balancers, HEALTHCHECK)
+_OPEN_PATHS = {"/health"}  # reachable without the API key or the browser guard (load balancers, HEALTHCHECK)
 
 
 def is_loopback(host: str) -> bool:
@@ -231,6 +236,22 @@ def create_app(runtime: Runtime) -> FastAPI:
             client = request.client.host if request.client else None
             store.log_request(client=client, method=request.method, path=request.url.path, status=status, **fields)
 
+    # Middleware added later runs first: the guard, then CORS (whose preflights carry no API key), then auth.
+    origins = frozenset(o.strip().rstrip("/").lower() for o in s.allowed_origins.split(",") if o.strip())
+    if origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=sorted(origins), allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-rpra-mode"], expose_headers=["*"],
+        )  # fmt: skip
+
+    @app.middleware("http")
+    async def guard_browsers(request: Request, call_next):
+        if request.url.path not in _OPEN_PATHS and (refused := _browser_refusal(request, origins, loopback=is_loopback(s.host))):
+            status, message = refused
+            _log(request, status, error=message)
+            return _error(status, message, "invalid_request_error")
+        return await call_next(request)
+
     @app.get("/health")
     async def health() -> dict:
         return {
@@ -367,6 +388,38 @@ def create_app(runtime: Runtime) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     return app
+
+
+def _browser_refusal(request: Request, origins: frozenset[str], *, loopback: bool) -> tuple[int, str] | None:
+    """Why a request that a web page may have sent is refused (status and message), or None.
+
+    A page can make the browser POST to this server without a CORS preflight (a form, or a
+    fetch() with Content-Type text/plain), and the turn would run, and could be deferred to the
+    paid remote, though the page never reads the answer. After DNS rebinding, the page's own
+    name points at 127.0.0.1 and its requests are not even cross-origin. So, as local model
+    servers do (Ollama's OLLAMA_ORIGINS): a browser's Origin must be allowed, a loopback server
+    answers only to a loopback Host name, and a POST must declare a JSON body, which a page can
+    only send to another origin after a preflight. Clients that are not browsers send no Origin;
+    OpenAI clients send application/json (curl -d sends a form type, and is told what to send).
+    """
+    origin = request.headers.get("origin")
+    if origin is not None and "*" not in origins and origin.lower() not in origins:
+        return 403, (
+            f"Requests from web pages at {origin} are refused: add that origin to allowed_origins "
+            "(RPRA_ALLOWED_ORIGINS, comma-separated) to let them in."
+        )
+    host = request.headers.get("host", "").lower()
+    host = host[1 : host.find("]")] if host.startswith("[") else host.rpartition(":")[0] or host  # the name, without the port
+    if loopback and host and not is_loopback(host):
+        return 403, (
+            f"Host {host!r} is not a name of this machine, and a server bound to loopback answers only to "
+            "localhost, 127.0.0.1 or [::1] (a web page may have pointed its own name here). Behind a local "
+            "proxy, have it send Host: 127.0.0.1."
+        )
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if request.method == "POST" and media_type != "application/json":
+        return 415, f"The body must be JSON sent with 'Content-Type: application/json'; got {media_type or 'no Content-Type'}."
+    return None
 
 
 class _TooLarge(Exception):

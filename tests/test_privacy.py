@@ -214,3 +214,69 @@ def test_stream_output_equals_restoring_the_whole_text(vault):
     for size in (1, 2, 3, 5, 8):
         chunks = [text[i : i + size] for i in range(0, len(text), size)]
         assert "".join(stream(vault, chunks)) == vault.restore(text), size
+
+
+# -- separators: digits grouped with dots, underscores, slashes or any Unicode space -----------------
+
+NBSP, THIN, NARROW_NBSP = "\u00a0", "\u2009", "\u202f"
+
+
+@pytest.mark.parametrize("sep", [".", "_", "/", NBSP, THIN, NARROW_NBSP, "\u2011"])  # the last: a non-breaking hyphen
+def test_masks_a_card_number_grouped_with_any_separator(sep):
+    text = f"My card is {sep.join(['4111', '1111', '1111', '1111'])}, expiry 12/29"
+    out, vault = redact(text)
+    assert out == "My card is [CARD_1], expiry 12/29"
+    assert vault.restore(out) == text  # the placeholder stood for the whole span, separators included
+
+
+@pytest.mark.parametrize("ssn_text", ["123 45 6789", "123.45.6789", f"123{NBSP}45{NBSP}6789", "123_45_6789"])
+def test_masks_a_social_security_number_grouped_with_any_separator(ssn_text):
+    out, vault = redact(f"SSN {ssn_text} on file")
+    assert out == "SSN [SSN_1] on file" and kinds(vault) == ["ssn"]
+    assert vault.restore(out) == f"SSN {ssn_text} on file"
+
+
+def test_masks_an_iban_grouped_with_non_breaking_spaces():
+    text = NBSP.join(["GB82", "WEST", "1234", "5698", "7654", "32"])
+    assert redact(f"Pay {text} now")[0] == "Pay [IBAN_1] now"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Released 2024-01-02, 2024.01.02 and 01/02/2024",
+        "Upgrade from 1.2.3 to v2.10.4 (build 20240102_1530)",
+        "The fraction 0.4111111111111111 is not a card",  # 4111111111111111 alone passes Luhn
+        "Total 4111111111111111.5 units",
+        f"Population 1{THIN}234{THIN}567 and 8{NARROW_NBSP}901",
+        "ISBN 978-3-16-148410-0, file_2024_01_02.txt, snake_4111_1111_1111_1111",
+        "SSN-like 123456789 and 123 456 789",
+    ],
+)
+def test_leaves_dates_versions_decimals_and_identifiers(text):
+    out, vault = redact(text)
+    assert out == text and len(vault) == 0
+
+
+# -- what the remote receives: a real turn against a recording stub ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, placeholder",
+    [
+        ("4111.1111.1111.1111", "[CARD_1]"),
+        (f"4111{NBSP}1111{NBSP}1111{NBSP}1111", "[CARD_1]"),
+        ("4111_1111_1111_1111", "[CARD_1]"),
+        (f"4111{THIN}1111{THIN}1111{THIN}1111", "[CARD_1]"),
+        ("123 45 6789", "[SSN_1]"),
+    ],
+)
+def test_the_remote_never_receives_a_grouped_number_and_the_answer_gets_it_back(greedy_settings, serve, value, placeholder):
+    stub = serve("ok_stream", deltas=("Noted: ", placeholder[:4], placeholder[4:], "."))
+    runtime = Runtime(greedy_settings(), local=None, remote=RemoteModel(stub.url, retries=0))
+    result = runtime.ask([{"role": "user", "content": f"Remember {value} for me."}], mode="remote-only")
+    sent = stub.posts[0].body["messages"]
+    assert sent[0]["content"] == f"Remember {placeholder} for me."
+    everything = json.dumps(stub.posts[0].body, ensure_ascii=False)
+    assert value not in everything and value[-4:] not in everything  # not even the last four digits
+    assert result.answer == f"Noted: {value}."

@@ -389,3 +389,78 @@ def test_rpra_serve_off_loopback_needs_a_key_and_refuses_requests_without_it(mod
     with LogStore(tmp_path / "home" / "logs.db") as store:
         assert [r["status"] for r in store.requests()] == [200, 401, 401]
         assert store.turns()[0]["status"] == "done"
+
+
+# -- browsers: a web page the user visits can reach a loopback server ---------------------------------
+
+DEFER = {"model": "rpra-remote", "messages": ASK}
+EVIL = "http://evil.example"
+
+
+def preflight(endpoint: str, origin: str) -> httpx.Response:
+    """What a browser sends before a cross-origin POST with a JSON body."""
+    headers = {"origin": origin, "access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type"}
+    return httpx.options(endpoint, headers=headers)
+
+
+def test_browser_simple_requests_are_refused_and_nothing_reaches_the_remote(make_runtime, tmp_path, serve):
+    # No device model: anything that gets through is forwarded to the (paid) remote.
+    stub = serve("ok_stream")
+    runtime = make_runtime(None, tmp_path, remote_url=stub.url)
+    with running(runtime) as url:
+        endpoint, body = f"{url}/chat/completions", json.dumps(DEFER)
+        # A form or fetch() without preflight: Content-Type text/plain, from another site.
+        simple = httpx.post(endpoint, content=body, headers={"content-type": "text/plain", "origin": EVIL})
+        assert simple.status_code == 403 and "allowed_origins" in simple.json()["error"]["message"]
+        for content_type in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            refused = httpx.post(endpoint, content=body, headers={"content-type": content_type} if content_type else {})
+            assert refused.status_code == 415, content_type
+            assert "Content-Type: application/json" in refused.json()["error"]["message"]
+        assert httpx.post(endpoint, json=DEFER, headers={"origin": EVIL}).status_code == 403
+        assert httpx.get(f"{url}/models", headers={"origin": EVIL}).status_code == 403
+        answer = preflight(endpoint, EVIL)
+        assert answer.status_code == 403 and not [h for h in answer.headers if h.startswith("access-control-")]
+        # DNS rebinding: evil.example now resolves to 127.0.0.1, and the browser calls it same-origin.
+        rebound = httpx.post(endpoint, json=DEFER, headers={"host": "evil.example:8080"})
+        assert rebound.status_code == 403 and "Host" in rebound.json()["error"]["message"]
+        assert httpx.get(f"{url[:-3]}/health", headers={"host": "evil.example", "origin": EVIL}).status_code == 200
+        assert stub.posts == []
+        assert httpx.post(endpoint, json=DEFER, headers={"host": "[::1"}).status_code == 403  # no name to trust
+        for host in ("localhost:1234", "127.0.0.1", "[::1]:80"):
+            ok = httpx.post(endpoint, content=body, headers={"content-type": "application/json; charset=utf-8", "host": host})
+            assert ok.status_code == 200, host
+    assert len(stub.posts) == 3
+    statuses = [r["status"] for r in runtime.store.requests(limit=20)][::-1]
+    assert statuses == [403, 415, 415, 415, 415, 403, 403, 403, 403, 403, 200, 200, 200]  # /health is not logged
+
+
+def test_an_allowed_origin_gets_its_answer_with_cors_headers(make_runtime, tmp_path, serve):
+    stub = serve("ok_stream")
+    settings = {"allowed_origins": "http://localhost:3000, https://chat.example", "server_api_key": "k"}
+    runtime = make_runtime(None, tmp_path, remote_url=stub.url, **settings)
+    with running(runtime) as url:
+        endpoint = f"{url}/chat/completions"
+        answer = preflight(endpoint, "http://localhost:3000")  # a preflight carries no API key
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert "content-type" in answer.headers["access-control-allow-headers"].lower()
+        reply = httpx.post(endpoint, json=DEFER, headers={"origin": "https://chat.example", "authorization": "Bearer k"})
+        assert reply.status_code == 200 and reply.headers["access-control-allow-origin"] == "https://chat.example"
+        assert reply.headers["access-control-expose-headers"] == "*"  # the page may read the X-RPRA-* decision
+        assert httpx.post(endpoint, json=DEFER, headers={"origin": "http://localhost:3001", "authorization": "Bearer k"}).status_code == 403
+        assert preflight(endpoint, "http://localhost:3001").status_code == 403
+    assert len(stub.posts) == 1
+
+
+def test_any_origin_with_a_star_and_any_host_off_loopback(make_runtime, tmp_path, serve):
+    stub = serve("ok_stream")
+    runtime = make_runtime(None, tmp_path, remote_url=stub.url, allowed_origins="*", host="0.0.0.0", server_api_key="k")
+    with running(runtime) as url:
+        headers = {"origin": EVIL, "host": "rpra.internal:8080", "authorization": "Bearer k"}
+        assert httpx.post(f"{url}/chat/completions", json=DEFER, headers=headers).status_code == 200
+    assert len(stub.posts) == 1
+
+
+def test_allowed_origins_must_be_origins():
+    with pytest.raises(ConfigError, match="http://localhost:3000"):
+        Settings(allowed_origins="localhost:3000")
+    Settings(allowed_origins=" http://localhost:3000 ,*")
