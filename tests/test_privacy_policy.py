@@ -19,12 +19,17 @@ pytestmark = pytest.mark.slow
 SECRET = "Write to ann.lee@example.org about my order."
 
 
-def runtime(greedy_settings, local_model, stub, **settings) -> Runtime:
-    # threshold above the scale: every auto turn wants to defer
-    return Runtime(greedy_settings(threshold=10.5, **settings), local=local_model, remote=RemoteModel(stub.url, retries=0))
+@pytest.fixture
+def runtime(greedy_settings):
+    """``runtime(local_model, stub, **settings)``: every auto turn wants to defer (threshold above the scale)."""
+
+    def make(local_model, stub, **settings) -> Runtime:
+        return Runtime(greedy_settings(threshold=10.5, **settings), local=local_model, remote=RemoteModel(stub.url, retries=0))
+
+    return make
 
 
-def test_ask_shows_the_redacted_request_and_a_no_keeps_it_local(local_model, serve):
+def test_ask_shows_the_redacted_request_and_a_no_keeps_it_local(runtime, local_model, serve):
     stub = serve("ok_stream")
     shown = []
     rt = runtime(local_model, stub, privacy="ask")
@@ -34,7 +39,7 @@ def test_ask_shows_the_redacted_request_and_a_no_keeps_it_local(local_model, ser
     assert "ann.lee@example.org" not in json.dumps(shown) and "[EMAIL_1]" in json.dumps(shown)
 
 
-def test_ask_with_a_yes_sends_exactly_what_was_shown(local_model, serve):
+def test_ask_with_a_yes_sends_exactly_what_was_shown(runtime, local_model, serve):
     stub = serve("ok_stream")
     shown = []
     rt = runtime(local_model, stub, privacy="ask")
@@ -43,13 +48,13 @@ def test_ask_with_a_yes_sends_exactly_what_was_shown(local_model, serve):
     assert stub.posts[0].body["messages"] == shown[0] == result.sent_remote
 
 
-def test_ask_without_anyone_to_ask_stays_local(local_model, serve):
+def test_ask_without_anyone_to_ask_stays_local(runtime, local_model, serve):
     stub = serve("ok_stream")
     result = runtime(local_model, stub, privacy="ask").ask([{"role": "user", "content": SECRET}])
     assert result.answered_by == "local" and "no one to ask" in result.decision.reason and stub.posts == []
 
 
-def test_never_defer_has_no_remote_and_refuses_remote_only(local_model, serve):
+def test_never_defer_has_no_remote_and_refuses_remote_only(runtime, local_model, serve):
     stub = serve("ok_stream")
     rt = runtime(local_model, stub, privacy="never-defer")
     result = rt.ask([{"role": "user", "content": SECRET}])
@@ -59,7 +64,7 @@ def test_never_defer_has_no_remote_and_refuses_remote_only(local_model, serve):
     assert stub.posts == []
 
 
-def test_forced_remote_declined_is_answered_locally(local_model, serve):
+def test_forced_remote_declined_is_answered_locally(runtime, local_model, serve):
     stub = serve("ok_stream")
     rt = runtime(local_model, stub, privacy="ask")
     result = [e for e in rt.turn([{"role": "user", "content": SECRET}], mode="remote-only", confirm=lambda sent: False)][-1].result
@@ -67,13 +72,13 @@ def test_forced_remote_declined_is_answered_locally(local_model, serve):
     assert not rt.local.lock.locked()
 
 
-def test_redaction_can_be_turned_off(local_model, serve):
+def test_redaction_can_be_turned_off(runtime, local_model, serve):
     stub = serve("ok_stream")
     result = runtime(local_model, stub, redact=False).ask([{"role": "user", "content": SECRET}])
     assert stub.posts[0].body["messages"] == [{"role": "user", "content": SECRET}] and result.redactions == []
 
 
-def test_redacted_answer_is_restored_and_the_placeholders_explained(local_model, serve):
+def test_redacted_answer_is_restored_and_the_placeholders_explained(runtime, local_model, serve):
     stub = serve("ok_stream", deltas=("Sure, I wrote to ", "[EMAIL", "_1].",))
     result = runtime(local_model, stub).ask([{"role": "user", "content": SECRET}])
     sent = stub.posts[0].body["messages"]
