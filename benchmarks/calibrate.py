@@ -65,4 +65,6 @@ def calibrate(records: list[dict], *, protocol: str, route_on: str, pass_mark: i
     pred = np.array([routed_score(r[protocol], route_on) for r in records])
     passed = np.array([r["judge_local"]["score"] is not None and r["judge_local"]["score"] >= pass_mark for r in records])
     t = threshold_for_share(pred, target_share) if target_share is not None else threshold_for_failure(pred, passed, max_fail)
+    if route_on == "p_pass":
+        t = min(t, 1.0)  # a probability threshold: "defer everything" stops short of P(pass) = 1 exactly
     return describe(pred, passed, round(t, 4))

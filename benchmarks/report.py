@@ -9,13 +9,19 @@ LLM judge's score by default, or the exact verifier's (10 if correct, 1 if not) 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from rpra.benchmarks import metrics as M
 from rpra.controller import defers, routed_score
+
+# The quality of an answer under exact verifiers: a judge-scale score, so that both quality
+# sources share every metric.
+EXACT_CORRECT, EXACT_WRONG = 10.0, 1.0
 
 # Record fields holding a prediction dict, and the predictor each stands for.
 PREDICTORS = {"pa": "zero-shot PA", "rpra": "zero-shot RPRA", "card_pa": "report card PA", "sft_pa": "SFT PA", "sft_rpra": "SFT RPRA",
@@ -41,7 +47,7 @@ def quality_arrays(records: list[dict], *, quality: str = "llm", pass_mark: int 
         if quality == "exact":
             if r.get("exact_local") is None or r.get("exact_remote") is None:
                 continue
-            lq, rq = (10.0 if r["exact_local"] else 1.0), (10.0 if r["exact_remote"] else 1.0)
+            lq, rq = (EXACT_CORRECT if r["exact_local"] else EXACT_WRONG), (EXACT_CORRECT if r["exact_remote"] else EXACT_WRONG)
         else:
             if r.get("judge_remote") is None:  # collected with --no-remote: nothing to compare against
                 continue
@@ -185,15 +191,31 @@ def table_rows(results: dict, columns=COLUMNS, *, short: bool = False) -> list[l
     return [[name, *[cell(key, row.get(key)) for _, key in columns]] for name, row in results["routers"].items()]
 
 
+def shown_quality(results: dict) -> tuple[str, Callable[[Any], Any]]:
+    """How a mean quality is shown to a reader: its name, and the function from the mean score.
+
+    The LLM judge's mean score as it is. Under exact verifiers a mean of 3.25 on "1 or 10" means
+    nothing to a reader, but it is the share of correct answers in disguise: (q - 1) / 9.
+    """
+    if results["quality"] == "exact":
+        return "share of correct answers", lambda q: (np.asarray(q, float) - EXACT_WRONG) / (EXACT_CORRECT - EXACT_WRONG)
+    return f"mean quality ({results['quality']} judge, 1-10)", lambda q: np.asarray(q, float)
+
+
 def markdown(results: dict, *, plot: str | None = None, agreement: dict | None = None) -> str:
     """A markdown report: the table, the setup, the judge's agreement with exact verifiers."""
     head = "| router | " + " | ".join(c for c, _ in COLUMNS) + " |"
+    _, shown = shown_quality(results)
+    local, remote = shown(results["mean_local_quality"]), shown(results["mean_remote_quality"])
+    if results["quality"] == "exact":
+        quality = f"Share of correct answers: local {local:.1%}, remote {remote:.1%}"
+    else:
+        quality = f"Mean quality: local {local:.2f}, remote {remote:.2f}"
     lines = [
         "# Deferral benchmark", "",
         f"{results['items']} items ({results['dropped_unscored']} dropped: no usable score); quality: {results['quality']} judge; "
         f"pass mark {results['pass_mark']}; remote share at threshold {results['threshold']}.",
-        f"Mean quality: local {results['mean_local_quality']:.2f}, remote {results['mean_remote_quality']:.2f}; "
-        f"local pass rate {results['local_pass_rate']:.1%}. 95% bootstrap intervals in brackets.", "",
+        f"{quality}; local pass rate {results['local_pass_rate']:.1%}. 95% bootstrap intervals in brackets.", "",
         head, "|" + "---|" * (len(COLUMNS) + 1),
         *["| " + " | ".join(row) + " |" for row in table_rows(results)],
     ]  # fmt: skip
@@ -204,27 +226,32 @@ def markdown(results: dict, *, plot: str | None = None, agreement: dict | None =
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(results: dict, path: Path) -> Path:
-    """Quality vs remote-call share for every router, with always-local / always-remote marked."""
-    import matplotlib
+def curve_figure(results: dict):
+    """The matplotlib figure of quality vs remote-call share for every router, with always-local /
+    always-remote marked; quality as ``shown_quality`` says."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
+    label, shown = shown_quality(results)
+    fig = Figure(figsize=(7, 5))  # not pyplot's: no GUI backend, no global state, nothing to close
+    ax = fig.subplots()
     for name, row in results["routers"].items():
         if "curve" in row:
             style = {"oracle": "k--", "random": "k:"}.get(name, "-")
-            ax.plot(row["curve"]["share"], row["curve"]["quality"], style, label=f"{name} (APGR {row['apgr']['value']:.2f})")
-    ax.scatter([0, 1], [results["mean_local_quality"], results["mean_remote_quality"]], color="red", zorder=5, label="always local / always remote")
+            ax.plot(row["curve"]["share"], shown(row["curve"]["quality"]), style, label=f"{name} (APGR {row['apgr']['value']:.2f})")
+    ax.scatter([0, 1], shown([results["mean_local_quality"], results["mean_remote_quality"]]), color="red", zorder=5,
+               label="always local / always remote")  # fmt: skip
     ax.set_xlabel("share of requests sent to the remote model")
-    ax.set_ylabel(f"mean quality ({results['quality']} judge, 1-10)")
+    ax.set_ylabel(label)
     ax.set_title(f"Self-deferral: quality vs remote calls ({results['items']} items)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot_curves(results: dict, path: Path) -> Path:
+    """``curve_figure`` saved as a PNG at ``path``."""
+    curve_figure(results).savefig(path, dpi=120)
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -24,8 +25,17 @@ PredictorName = Literal["zero-shot", "report-card", "fine-tuned", "probe"]
 Privacy = Literal["allow", "ask", "never-defer"]
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+# Sampling temperatures a turn accepts, from the CLI, a config file or an HTTP request alike:
+# 0 is greedy; past 2 (OpenAI's own limit) a small model emits gibberish.
+TEMPERATURE_RANGE = (0.0, 2.0)
+MASK = "***"
+# The user-info part of a URL (https://user:pass@host, https://token@host): a credential.
+_URL_CREDENTIALS = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s@]+@")
+
+
+def _opt(default: Any, help: str, *, secret: bool = False) -> Any:
+    """A setting: its default and help text; ``secret`` ones are never shown (see ``masked``)."""
+    return field(default=default, metadata={"help": help, "secret": secret})
 
 
 @dataclass
@@ -65,7 +75,7 @@ class Settings:
     # The remote model
     remote_url: str | None = _opt(None, "Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1.")
     remote_model: str = _opt("default", "Model name sent to the remote endpoint.")
-    remote_api_key: str | None = _opt(None, "API key for the remote endpoint (sent as a Bearer token).")
+    remote_api_key: str | None = _opt(None, "API key for the remote endpoint (sent as a Bearer token).", secret=True)
     remote_timeout: float = _opt(60.0, "Seconds to wait for the remote's next byte before giving up.")
     remote_retries: int = _opt(2, "Retries (with exponential backoff) when the remote fails before answering.")
     send_reasoning: bool = _opt(False, "Send the local model's reasoning along with a deferred request.")
@@ -80,7 +90,7 @@ class Settings:
     # The server (`rpra serve`)
     host: str = _opt("127.0.0.1", "Address `rpra serve` binds; anything but loopback requires server_api_key.")
     port: int = _opt(8080, "Port `rpra serve` listens on (0 picks a free one).")
-    server_api_key: str | None = _opt(None, "Bearer token clients of `rpra serve` must send (required off loopback).")
+    server_api_key: str | None = _opt(None, "Bearer token clients of `rpra serve` must send (required off loopback).", secret=True)
     allowed_origins: str = _opt(
         "",
         "Web pages whose browser requests `rpra serve` answers, with CORS headers: comma-separated origins such "
@@ -104,7 +114,9 @@ class Settings:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError for values that would only fail later, far from their cause."""
+        """Raise ConfigError for values that would only fail later, far from their cause, or not
+        fail at all (a negative temperature samples gibberish). Every layer, and every per-request
+        change (``dataclasses.replace``), passes through here."""
         choices = {"mode": Mode, "protocol": Protocol, "route_on": RouteOn, "predictor": PredictorName, "privacy": Privacy}
         for name, literal in choices.items():
             allowed = typing.get_args(literal)
@@ -118,9 +130,23 @@ class Settings:
             raise ConfigError(
                 f"With route_on = p_pass the threshold is a probability in [0, 1]; got {self.threshold}."
             )
+        # E[score] lies in 1..scale_max: 0 never defers, scale_max + 1 always does; beyond is a typo.
+        if self.route_on == "expected" and not 0.0 <= self.threshold <= self.scale_max + 1:
+            raise ConfigError(
+                f"threshold must be in [0, {self.scale_max + 1}] (the expected score lies on 1..{self.scale_max}; "
+                f"0 never defers, {self.scale_max + 1} always does); got {self.threshold}."
+            )
+        low, high = TEMPERATURE_RANGE
+        if not low <= self.temperature <= high:
+            raise ConfigError(f"temperature must be in [{low:g}, {high:g}] (0 = greedy); got {self.temperature}.")
         for name in ("n_ctx", "max_tokens", "n_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive; got {getattr(self, name)}.")
+        for name, what in (("repeat_penalty", "1 = no penalty"), ("remote_timeout", "seconds")):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive ({what}); got {getattr(self, name)}.")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise ConfigError(f"n_threads must be at least 1, or unset for one per physical core; got {self.n_threads}.")
         if self.predictor == "report-card" and not self.report_card:
             raise ConfigError("The report-card predictor needs a card: set report_card (see `rpra report-card build`).")
         if self.predictor == "fine-tuned" and not self.adapter:
@@ -145,6 +171,36 @@ def setting_names() -> list[str]:
 
 def setting_help(name: str) -> str:
     return next(f.metadata["help"] for f in dataclasses.fields(Settings) if f.name == name)
+
+
+def secret_names() -> list[str]:
+    """The settings that hold credentials: shown only as ``MASK``."""
+    return [f.name for f in dataclasses.fields(Settings) if f.metadata.get("secret")]
+
+
+def masked(name: str, value: Any) -> Any:
+    """Setting ``name``'s ``value`` as it may be shown (tables, JSON, reports that get pasted into
+    bug reports): a secret as ``MASK``, credentials inside a URL (``https://user:pass@host``)
+    masked; an unset value stays None, so "not set" remains visible."""
+    if value is None:
+        return None
+    if name in secret_names():
+        return MASK
+    return mask_urls(value) if isinstance(value, str) else value
+
+
+def mask_text(text: str, settings: Settings) -> str:
+    """``text`` (a message, an error) with the values of ``settings``' secrets and any URL
+    credentials masked: messages quote URLs, and some quote what a server sent back."""
+    for name in secret_names():
+        if value := getattr(settings, name):
+            text = text.replace(value, MASK)
+    return mask_urls(text)
+
+
+def mask_urls(text: str) -> str:
+    """``text`` with the credentials in any URL in it masked: ``https://***@host/...``."""
+    return _URL_CREDENTIALS.sub(rf"\1{MASK}@", text)
 
 
 def home() -> Path:

@@ -253,6 +253,16 @@ def _check_disk(report: dict) -> list[dict]:
     return [_check("disk", "ok", f"{free} (models and the turn log).")]
 
 
+def _check_home() -> list[dict]:
+    from rpra.store import write_problem  # one home for "can the log be written"
+
+    where = config.home()
+    problem = write_problem(where / "logs.db")
+    if problem:
+        return [_check("home", "fail", problem)]
+    return [_check("home", "ok", f"RPRA_HOME {where} is writable (models, the turn log, the config file).")]
+
+
 def _check_model(report: dict) -> list[dict]:
     model = report["model"]
     if not model:
@@ -347,10 +357,7 @@ def _check_profile(settings: Settings, recommended: tuple[str, str]) -> list[dic
 
 
 def _public_settings(settings: Settings) -> dict[str, Any]:
-    values = {name: getattr(settings, name) for name in config.setting_names()}
-    for secret in ("remote_api_key", "server_api_key"):
-        values[secret] = "set" if values[secret] else None  # a report gets pasted into bug reports
-    return values
+    return {name: config.masked(name, getattr(settings, name)) for name in config.setting_names()}
 
 
 def machine_report(settings: Settings) -> dict:
@@ -395,6 +402,7 @@ def machine_report(settings: Settings) -> dict:
         ("memory", _check_memory, (report, settings)),
         ("mlock", _check_mlock, (report, settings)),
         ("disk", _check_disk, (report,)),
+        ("home", _check_home, ()),
         ("model", _check_model, (report,)),
         ("files", _check_files, (settings, report)),
         ("remote", _check_remote, (settings,)),
@@ -402,7 +410,8 @@ def machine_report(settings: Settings) -> dict:
         ("profile", _check_profile, (settings, recommended)),
     ):
         checks.extend(guarded(name, judge, *args) or [])
-    report["checks"] = checks
+    # A report gets pasted into bug reports, and messages quote URLs and what servers answered.
+    report["checks"] = [{**c, "message": config.mask_text(c["message"], settings)} for c in checks]
     report["status"] = max((c["status"] for c in checks), key=_STATUSES.index, default="ok")
     return report
 

@@ -10,6 +10,7 @@ the tables it describes.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import uuid
@@ -99,6 +100,29 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+class LogNotWritableError(RpraError):
+    """The turn log cannot be written: RPRA_HOME, or the file in it, is read-only or not a directory."""
+
+
+def write_problem(path: Path | str) -> str | None:
+    """Why the log file ``path`` cannot be written, as an error message that says what to do, or
+    None when it can be. Looks without creating: a missing directory is judged by the nearest one
+    above it, where first use will create it. (`rpra doctor` asks this too.)"""
+    path = Path(path)
+    where = path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    fix = "point RPRA_HOME at a writable directory, or run with --set log=false (RPRA_LOG=0)"
+    if not where.is_dir():
+        return f"{where} is not a directory, so the turn log {path} cannot be created: move that file aside, {fix}."
+    # SQLite writes beside the file (its -wal and -shm files), so the directory must be writable too.
+    if not os.access(where, os.W_OK | os.X_OK):
+        return f"{where} is not writable, so the turn log {path} cannot be written: make it writable, {fix}."
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"The turn log {path} is read-only: make it writable, {fix}."
+    return None
+
+
 class LogStore:
     """A SQLite file of conversations and turns, safe to share between threads and processes.
 
@@ -107,23 +131,37 @@ class LogStore:
     threads; one connection per call would buy parallel reads nobody needs for the price of
     reopening the file on every write. Processes (a CLI next to a server): WAL lets readers
     proceed during a write, and the busy timeout makes a writer wait its turn instead of failing.
+
+    ``read_only`` opens an existing log for reading only, e.g. where RPRA_HOME is not writable;
+    it applies no migration, and every write raises LogNotWritableError.
     """
 
-    def __init__(self, path: Path | str, *, timeout: float = 10.0) -> None:
+    def __init__(self, path: Path | str, *, timeout: float = 10.0, read_only: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self._lock = threading.Lock()
-        # isolation_level=None: autocommit. Each INSERT/UPDATE is durable when execute() returns;
-        # the only multi-statement transaction (migrations) is opened explicitly.
-        self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
+        self._db: sqlite3.Connection | None = None
         try:
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA foreign_keys = ON")
-            self._migrate()
+            if read_only:
+                self._db = self._connect_read_only(timeout)
+                self._check_version(self._db.execute("PRAGMA user_version").fetchone()[0])
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # isolation_level=None: autocommit. Each INSERT/UPDATE is durable when execute()
+                # returns; the only multi-statement transaction (migrations) is opened explicitly.
+                self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA foreign_keys = ON")
+                self._migrate()
+            self._db.row_factory = sqlite3.Row
             self._columns = {row["name"] for row in self._db.execute("PRAGMA table_info(turns)")}
         except BaseException as exc:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+            # Ask why only once opening failed: a read-only home is the common cause, and SQLite's
+            # own words for it ("attempt to write a readonly database") read like damage.
+            if isinstance(exc, (OSError, sqlite3.DatabaseError)) and not read_only and (problem := write_problem(self.path)):
+                raise LogNotWritableError(problem) from exc
             if isinstance(exc, sqlite3.DatabaseError):
                 raise RpraError(
                     f"Cannot open the log database {self.path}: {exc}. If it is damaged or not an rpra "
@@ -132,24 +170,54 @@ class LogStore:
             raise
 
     @classmethod
-    def default(cls) -> LogStore:
-        """The store at ``RPRA_HOME/logs.db``."""
+    def default(cls, *, for_reading: bool = False) -> LogStore:
+        """The store at ``RPRA_HOME/logs.db``. ``for_reading`` (`rpra logs`): where RPRA_HOME is
+        not writable, open an existing log read-only instead of failing."""
         from rpra.config import home
 
-        return cls(home() / "logs.db")
+        path = home() / "logs.db"
+        try:
+            return cls(path)
+        except LogNotWritableError:
+            if for_reading and path.is_file():
+                return cls(path, read_only=True)
+            raise
+
+    def _connect_read_only(self, timeout: float) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise RpraError(f"No log at {self.path}: nothing has been logged there yet.")
+        uri = self.path.resolve().as_uri()
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, check_same_thread=False)
+        try:
+            db.execute("PRAGMA user_version").fetchone()
+            return db
+        except sqlite3.OperationalError:
+            db.close()
+        # A WAL file cannot be read where its -shm index is missing and cannot be created (a
+        # read-only directory). A missing index means no connection is open on the file, so no
+        # writer is active: reading it as immutable sees every committed turn.
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=timeout, check_same_thread=False)
+
+    def _check_version(self, version: int) -> None:
+        latest = max(number for number, _ in MIGRATIONS)
+        if version > latest:
+            raise RpraError(
+                f"The log database {self.path} has schema version {version}, written by a newer rpra "
+                f"(this one knows up to {latest}). Upgrade rpra, or set RPRA_HOME to another directory."
+            )
+        if self.read_only and version < latest:
+            raise RpraError(
+                f"The log database {self.path} has schema version {version}, older than this rpra's {latest}, "
+                "and cannot be upgraded read-only: run an rpra command that logs once with write access."
+            )
 
     def _migrate(self) -> None:
-        latest = max(number for number, _ in MIGRATIONS)
         # IMMEDIATE takes the write lock before reading the version, so two processes opening a
         # fresh file at once cannot both apply migration 1.
         self._db.execute("BEGIN IMMEDIATE")
         try:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > latest:
-                raise RpraError(
-                    f"The log database {self.path} has schema version {version}, written by a newer rpra "
-                    f"(this one knows up to {latest}). Upgrade rpra, or set RPRA_HOME to another directory."
-                )
+            self._check_version(version)
             for number, statements in MIGRATIONS:
                 if number > version:
                     for statement in statements:
@@ -162,6 +230,11 @@ class LogStore:
             raise
 
     def _execute(self, sql: str, params: tuple | list = ()) -> sqlite3.Cursor:
+        """Run a write (reads go through _rows)."""
+        if self.read_only:
+            raise LogNotWritableError(
+                f"The log {self.path} is open read-only; writing needs a writable RPRA_HOME, or --set log=false."
+            )
         with self._lock:
             return self._db.execute(sql, params)
 

@@ -82,3 +82,66 @@ def test_write_settings_updates_one_key_and_keeps_the_rest(tmp_path):
     with pytest.raises(ConfigError):
         write_settings(cfg, {"threshold": "high"})
     assert load_settings(cfg).threshold == 4.25  # a bad value leaves the file as it was
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"temperature": "-1"}, "temperature must be in [0, 2]"),
+        ({"temperature": "2.5"}, "temperature must be in [0, 2]"),
+        ({"repeat_penalty": "0"}, "repeat_penalty must be positive"),
+        ({"remote_timeout": "0"}, "remote_timeout must be positive"),
+        ({"n_threads": "0"}, "n_threads must be at least 1"),
+        ({"threshold": "-1"}, "threshold must be in [0, 11]"),
+        ({"threshold": "12"}, "threshold must be in [0, 11]"),
+        ({"remote_retries": "-1"}, "remote_retries cannot be negative"),
+    ],
+)
+def test_out_of_range_values_are_refused_wherever_they_come_from(overrides, message, monkeypatch):
+    pattern = message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")
+    with pytest.raises(ConfigError, match=pattern):
+        load_settings(None, overrides)  # a flag or --set
+    for name, value in overrides.items():
+        monkeypatch.setenv(f"RPRA_{name.upper()}", value)
+    with pytest.raises(ConfigError, match=pattern):
+        load_settings()  # an environment variable
+
+
+def test_the_edges_of_the_ranges_are_allowed():
+    s = load_settings(None, {"temperature": "0", "threshold": "11", "n_threads": "1"})
+    assert (s.temperature, s.threshold, s.n_threads) == (0.0, 11.0, 1)
+    assert load_settings(None, {"temperature": "2", "threshold": "0"}).temperature == 2.0
+
+
+def test_the_secrets_are_marked_on_their_fields():
+    from rpra.config import secret_names
+
+    assert set(secret_names()) == {"remote_api_key", "server_api_key"}
+
+
+@pytest.mark.parametrize(
+    "name, value, shown",
+    [
+        ("server_api_key", "srv-secret", "***"),
+        ("remote_api_key", "sk-secret", "***"),
+        ("remote_api_key", None, None),  # unset stays visibly unset
+        ("remote_url", "https://user:pa55@api.example.com/v1", "https://***@api.example.com/v1"),
+        ("remote_url", "https://ghp_token@api.example.com/v1", "https://***@api.example.com/v1"),
+        ("remote_url", "https://api.example.com/v1/a@b", "https://api.example.com/v1/a@b"),  # an @ in the path is no credential
+        ("model", "https://u:p@host/m.gguf", "https://***@host/m.gguf"),
+        ("threshold", 5.0, 5.0),
+    ],
+)
+def test_masked_hides_secrets_and_credentials_in_urls(name, value, shown):
+    from rpra.config import masked
+
+    assert masked(name, value) == shown
+
+
+def test_mask_text_hides_secret_values_and_url_credentials_in_a_message():
+    from rpra.config import Settings, mask_text
+
+    s = Settings(remote_url="https://user:pa55@h/v1", remote_api_key="sk-secret", server_api_key="srv-secret")
+    text = mask_text("sk-secret failed at https://user:pa55@h/v1 (key srv-secret)", s)
+    assert "sk-secret" not in text and "pa55" not in text and "srv-secret" not in text
+    assert "https://***@h/v1" in text

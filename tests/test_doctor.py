@@ -246,7 +246,33 @@ def test_the_report_never_contains_the_keys():
                         privacy="never-defer")  # fmt: skip
     text = json.dumps(doctor.machine_report(settings))
     assert "sk-secret-1" not in text and "srv-secret-2" not in text
-    assert '"remote_api_key": "set"' in text
+    assert '"remote_api_key": "***"' in text
+
+
+def test_the_report_never_contains_credentials_in_urls():
+    # The remote is used (privacy allow), so its URL appears in the remote check's message too.
+    settings = Settings(remote_url="http://user:pa55w0rd@127.0.0.1:9/v1", remote_retries=0,
+                        model="https://dl:t0ken@example.com/m.gguf")  # fmt: skip
+    report = doctor.machine_report(settings)
+    text = json.dumps(report)
+    assert "pa55w0rd" not in text and "t0ken" not in text
+    assert report["settings"]["remote_url"] == "http://***@127.0.0.1:9/v1"
+    assert "http://***@127.0.0.1:9/v1" in check(report, "remote")["message"]
+
+
+def test_a_home_that_is_not_a_directory_fails_with_what_to_do(tmp_path, monkeypatch):
+    # A file where RPRA_HOME should be: nothing can be written under it, even by root.
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("RPRA_HOME", str(blocker / "home"))
+    home = check(doctor.machine_report(Settings()), "home")
+    assert home["status"] == "fail" and str(blocker) in home["message"]
+    assert "RPRA_HOME" in home["message"] and "log=false" in home["message"]
+
+
+def test_a_writable_home_is_ok(isolated_home):
+    assert check(doctor.machine_report(Settings()), "home")["status"] == "ok"
+    assert not isolated_home.exists()  # the doctor looks, it does not create
 
 
 def test_a_missing_probe_file_fails(tmp_path):

@@ -76,3 +76,37 @@ def test_the_random_baseline_is_the_expectation_of_random_deferral():
     r = evaluate(records(), n_boot=20)["routers"]["random"]
     assert r["apgr"]["value"] == pytest.approx(0.5)
     assert r["curve"]["share"] == [0.0, 1.0]
+
+
+def test_under_exact_verifiers_the_plot_shows_the_share_of_correct_answers():
+    from rpra.benchmarks.report import curve_figure
+
+    recs = records()
+    res = evaluate(recs, quality="exact", n_boot=20)
+    fig = curve_figure(res)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "share of correct answers"
+    always = next(c for c in ax.collections)  # the always-local / always-remote points
+    correct = np.mean([r["exact_local"] for r in recs])
+    assert always.get_offsets()[:, 1].tolist() == pytest.approx([correct, 1.0])
+    for line in ax.get_lines():
+        assert 0.0 <= min(line.get_ydata()) and max(line.get_ydata()) <= 1.0
+
+
+def test_under_the_llm_judge_the_plot_shows_the_mean_score():
+    from rpra.benchmarks.report import curve_figure
+
+    res = evaluate(records(), n_boot=20)
+    ax = curve_figure(res).axes[0]
+    assert ax.get_ylabel() == "mean quality (llm judge, 1-10)"
+    assert ax.collections[0].get_offsets()[:, 1].tolist() == pytest.approx([res["mean_local_quality"], res["mean_remote_quality"]])
+
+
+def test_the_markdown_header_speaks_of_correct_answers_under_exact_verifiers():
+    from rpra.benchmarks.report import markdown
+
+    recs = records()
+    correct = np.mean([r["exact_local"] for r in recs])
+    md = markdown(evaluate(recs, quality="exact", n_boot=20))
+    assert f"Share of correct answers: local {correct:.1%}, remote 100.0%" in md
+    assert "Mean quality: local" in markdown(evaluate(recs, n_boot=20))

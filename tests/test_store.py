@@ -250,3 +250,33 @@ def test_concurrent_writers_do_not_lock_each_other_out(tmp_path, shared):
     assert len(stores[0].turns(limit=-1)) == 100
     for s in set(stores):
         s.close()
+
+
+def test_a_home_that_cannot_be_written_is_a_clear_error_not_a_sqlite_one(tmp_path):
+    # A file where the directory should be stops even root (chmod does not): the same error path
+    # as a read-only directory. test_cli_manage.py covers the read-only directory itself.
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.raises(store_module.LogNotWritableError) as info:
+        LogStore(blocker / "home" / "logs.db")
+    message = str(info.value)
+    assert isinstance(info.value, RpraError)
+    assert str(blocker) in message and "not a directory" in message
+    assert "RPRA_HOME" in message and "--set log=false" in message
+    assert "damaged" not in message
+
+
+def test_read_only_opens_an_existing_log_for_reading_and_refuses_writes(tmp_path):
+    path = tmp_path / "logs.db"
+    with LogStore(path) as s:
+        _start(s, s.new_conversation(source="ask"), "kept")
+    with LogStore(path, read_only=True) as reader:
+        assert [t["prompt"] for t in reader.turns()] == ["kept"]
+        with pytest.raises(store_module.LogNotWritableError, match="read-only"):
+            reader.new_conversation(source="ask")
+
+
+def test_read_only_on_a_missing_log_says_there_is_nothing_to_read(tmp_path):
+    with pytest.raises(RpraError, match="No log at"):
+        LogStore(tmp_path / "none" / "logs.db", read_only=True)
+    assert not (tmp_path / "none").exists()

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from rpra.cli.common import ConfigOpt, JsonOpt, SetOpt, load, out, settings_command, short
 
@@ -20,7 +20,8 @@ def models_list(json_out: JsonOpt = False) -> None:
     if json_out:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("name", "present", "size", "source", "description")
+    # The name is what other commands take.
+    table = Table(_keep("name"), _keep("present"), _keep("size"), _fold("source"), _fold("description"))
     for row in rows:
         size = f"{row['size'] / 1e6:,.0f} MB" if row.get("size") else "?"
         table.add_row(row["name"], "yes" if row["present"] else "no", size, row["source"], row.get("description", ""))
@@ -92,28 +93,34 @@ def logs(
     requests: Annotated[bool, typer.Option("--requests", help="List the HTTP requests `rpra serve` received instead (refused ones too).")] = False,
 ) -> None:
     """List and search the logged turns (newest first)."""
+    from rpra.errors import RpraError
     from rpra.store import LogStore
 
     if requests:
-        with LogStore.default() as store:
+        with LogStore.default(for_reading=True) as store:
             rows = store.requests(limit=limit)
         if json_out:
             print(json.dumps(rows, indent=2))
             return
-        table = Table("id", "time", "client", "status", "mode", "turn", "ms", "error")
+        table = Table(_keep("id"), _keep("time"), *map(_fold, ("client", "status", "mode", "turn", "ms", "error")))
         for r in rows:
             ms = f"{r['duration_ms']:.0f}" if r.get("duration_ms") is not None else "-"
             table.add_row(str(r["id"]), r["created_at"][:19], r.get("client") or "-", str(r["status"]), r.get("mode") or "-",
                           str(r.get("turn_id") or "-"), ms, short(r.get("error") or "", 50))  # fmt: skip
         out.print(table)
         return
-    with LogStore.default() as store:
-        rows = [store.get_turn(turn)] if turn is not None else store.turns(query=query, conversation=conversation, route=route, limit=limit)
-    rows = [r for r in rows if r]
-    if json_out or turn is not None:
-        print(json.dumps(rows if turn is None else rows[:1], indent=2, default=str))
+    with LogStore.default(for_reading=True) as store:
+        if turn is not None:
+            found = store.get_turn(turn)
+            if found is None:
+                raise RpraError(f"No turn {turn} in the log {store.path}. `rpra logs` lists the turns with their ids.")
+            print(json.dumps([found], indent=2, default=str))
+            return
+        rows = store.turns(query=query, conversation=conversation, route=route, limit=limit)
+    if json_out:
+        print(json.dumps(rows, indent=2, default=str))
         return
-    table = Table("id", "time", "route", "predicted", "answered by", "ms", "prompt")
+    table = Table(_keep("id"), _keep("time"), *map(_fold, ("route", "predicted", "answered by", "ms", "prompt")))
     for r in rows:
         predicted = f"{r['expected']:.1f}" if r.get("expected") is not None else "-"
         route_text = (r.get("route") or r["status"]) + (" (fallback)" if r.get("fallback") else "")
@@ -122,17 +129,24 @@ def logs(
     out.print(table)
 
 
+def _keep(header: str) -> Column:
+    """A column whose cells are never cut or wrapped (names, ids, times: what a user copies or
+    scans for); the ``_fold`` columns give way instead when the terminal is narrow."""
+    return Column(header, no_wrap=True)
+
+
+def _fold(header: str) -> Column:
+    """A column that wraps to fit, breaking a word too long for it rather than cutting it short."""
+    return Column(header, overflow="fold")
+
+
 def config_show(config: ConfigOpt = None, set_: SetOpt = None, json_out: JsonOpt = False) -> None:
     """Print every effective setting and where its value came from."""
-    from rpra.config import default_config_path, home, setting_help, setting_names
+    from rpra.config import default_config_path, home, masked, setting_help, setting_names
 
     settings = load(config, set_)
-    rows = []
-    for name in setting_names():
-        value = getattr(settings, name)
-        if name == "remote_api_key" and value:
-            value = "***"  # never print secrets
-        rows.append({"name": name, "value": value, "source": settings.sources[name], "help": setting_help(name)})
+    rows = [{"name": name, "value": masked(name, getattr(settings, name)), "source": settings.sources[name], "help": setting_help(name)}
+            for name in setting_names()]  # fmt: skip
     where = config or default_config_path()
     if json_out:
         print(json.dumps({"home": str(home()), "config_file": str(where), "settings": rows}, indent=2))
