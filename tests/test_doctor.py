@@ -297,3 +297,14 @@ def test_doctor_command_prints_json_and_lists_profiles(isolated_home):
     assert any(c["name"] == "model" and c["status"] == "fail" for c in report["checks"])
     listed = subprocess.run([rpra, "doctor", "--profiles", "--json"], capture_output=True, text=True, timeout=60)
     assert {p["name"] for p in json.loads(listed.stdout)} >= {"arm-board-4gb", "laptop"}
+
+
+def test_doctor_counts_threads_within_the_affinity_mask_as_the_runtime_does(monkeypatch):
+    # 8 physical cores, but this process may run on 2 of them (taskset, a container's cpuset).
+    fake_machine(monkeypatch, logical=16, physical=8)
+    real_cpu = doctor._cpu
+    monkeypatch.setattr(doctor, "_cpu", lambda: {**real_cpu(), "allowed_cores": 2})
+    threads = check(doctor.machine_report(Settings()), "threads")
+    assert threads["status"] == "ok" and threads["message"].startswith("2 llama.cpp threads") and "affinity mask" in threads["message"]
+    over = check(doctor.machine_report(Settings(n_threads=8)), "threads")
+    assert over["status"] == "warn" and "n_threads = 2" in over["message"]
