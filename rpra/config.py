@@ -77,6 +77,11 @@ class Settings:
     remote_model: str = _opt("default", "Model name sent to the remote endpoint.")
     remote_api_key: str | None = _opt(None, "API key for the remote endpoint (sent as a Bearer token).", secret=True)
     remote_timeout: float = _opt(60.0, "Seconds to wait for the remote's next byte before giving up.")
+    remote_first_token_timeout: float = _opt(
+        20.0,
+        "Seconds a streamed remote answer may take to send its first text, all connects and retries together; "
+        "gaps after that are bounded by remote_timeout.",
+    )
     remote_retries: int = _opt(2, "Retries (with exponential backoff) when the remote fails before answering.")
     send_reasoning: bool = _opt(False, "Send the local model's reasoning along with a deferred request.")
     # Privacy: what may leave the device
@@ -142,7 +147,7 @@ class Settings:
         for name in ("n_ctx", "max_tokens", "n_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive; got {getattr(self, name)}.")
-        for name, what in (("repeat_penalty", "1 = no penalty"), ("remote_timeout", "seconds")):
+        for name, what in (("repeat_penalty", "1 = no penalty"), ("remote_timeout", "seconds"), ("remote_first_token_timeout", "seconds")):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive ({what}); got {getattr(self, name)}.")
         if self.n_threads is not None and self.n_threads < 1:

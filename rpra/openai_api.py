@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from rpra.config import TEMPERATURE_RANGE
 from rpra.errors import InputError
 
 # A request picks its route by model name, by the `rpra_mode` body field, or by the X-RPRA-Mode
@@ -64,7 +65,7 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    temperature: float | None = Field(default=None, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])  # the settings' own range
     n: int | None = None
     rpra_mode: Literal["auto", "local", "remote"] | None = None
 
@@ -154,6 +155,10 @@ def result_fields(result) -> dict:
         "model": result.model if result.answered_by == "local" else None,
         "fallback": result.fallback,
         "remote_error": result.remote_error,
+        # The remote's text shown before it broke off; the content holds it, then a marker, then
+        # the local answer.
+        "remote_partial": result.remote_partial,
+        "dropped_messages": result.dropped_messages,  # oldest messages left out to fit the device's context
         "redactions": result.redactions,
         "turn_id": result.turn_id,
         "timings_ms": result.timings_ms,

@@ -6,6 +6,11 @@ must fail *cleanly*: a bounded number of retries, a bounded wait, and an error t
 and says what to do. Retrying is only safe before the first piece of text reaches the caller;
 after that a retry would repeat the answer, so a mid-stream failure is raised at once.
 
+A streamed answer waits for its first text under one deadline (``first_token_timeout``), across
+every connect, retry and backoff: a user looking at an empty screen cares about the total, and
+per-read timeouts multiply with retries (3 attempts x 60 s cost 187 s). Once text flows, each gap
+is bounded by the read timeout (``timeout``) alone, since a long answer may rightly take minutes.
+
 A ``RemoteModel`` may be shared between threads (the server defers many requests at once):
 ``last_usage`` and ``last_finish_reason`` describe the most recent call *of the calling thread*.
 """
@@ -13,6 +18,7 @@ A ``RemoteModel`` may be shared between threads (the server defers many requests
 from __future__ import annotations
 
 import json
+import queue
 import random
 import threading
 import time
@@ -22,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from rpra.config import mask_urls
 from rpra.errors import ConfigError, RemoteError
 
 _NO_REMOTE = (
@@ -29,6 +36,12 @@ _NO_REMOTE = (
     "or run `rpra serve-remote` for a local stand-in."
 )
 _MAX_RETRY_AFTER = 30.0  # a server asking for minutes of patience is as good as down
+FIRST_TOKEN_TIMEOUT = 20.0  # default for the whole wait for a stream's first text
+# What to do when a remote does not answer: waiting longer is rarely the answer.
+_UNRESPONSIVE_HINT = (
+    "Check that the remote at RPRA_REMOTE_URL is up and not overloaded (`rpra doctor` checks it), or "
+    "stay on the device meanwhile with mode local-only (--mode local-only; model rpra-local for rpra serve)"
+)
 _EXCERPT_CHARS = 200
 
 
@@ -41,6 +54,23 @@ class Usage:
     prompt_tokens: int | None
     completion_tokens: int
     estimated: bool
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Yielded by ``stream(..., waiting_after=s)`` once, when no text has come after ``seconds``,
+    so a caller can tell its user that the remote is being waited for."""
+
+    seconds: float
+
+
+@dataclass
+class _Outcome:
+    """What one call learnt besides the text; copied to ``last_*`` by the thread that made the
+    call (the first piece of a stream is read in a helper thread, see ``_FirstPiece``)."""
+
+    usage: Usage | None = None
+    finish_reason: str | None = None
 
 
 class _Retryable(Exception):
@@ -57,9 +87,11 @@ class RemoteModel:
     ``base_url`` is the API base: ``https://api.openai.com/v1`` and ``https://api.openai.com``
     mean the same thing, because ``/v1`` is appended when the URL does not already end with it.
     ``timeout`` is the longest wait for the server's next byte; ``retries`` the extra attempts
-    made on connection errors, timeouts, HTTP 429 and 5xx before any text was delivered. So a
-    dead or hanging remote costs about ``(retries + 1) * timeout`` plus the backoff; only a server
-    that keeps trickling bytes without ever finishing can hold a stream open longer.
+    made on connection errors, timeouts, HTTP 429 and 5xx before any text was delivered.
+    ``first_token_timeout`` bounds a stream's whole wait for its first text, all attempts
+    together: a dead or hanging remote costs at most that. ``complete`` and ``chat_completion``
+    (benchmarks, judges: long answers in one piece) are bounded by ``(retries + 1) * timeout``
+    plus the backoff instead.
     """
 
     def __init__(
@@ -72,6 +104,7 @@ class RemoteModel:
         connect_timeout: float = 5.0,
         retries: int = 2,
         backoff: float = 0.5,
+        first_token_timeout: float = FIRST_TOKEN_TIMEOUT,
     ):
         if not base_url or not base_url.strip():
             raise ConfigError(_NO_REMOTE)
@@ -80,7 +113,7 @@ class RemoteModel:
             raise ConfigError(f"RPRA_REMOTE_URL must start with http:// or https://; got {url!r}.")
         if not url.endswith("/v1"):
             url += "/v1"
-        if timeout <= 0 or connect_timeout <= 0 or retries < 0 or backoff < 0:
+        if timeout <= 0 or connect_timeout <= 0 or first_token_timeout <= 0 or retries < 0 or backoff < 0:
             raise ConfigError("Remote timeouts must be positive; retries and backoff cannot be negative.")
         self.base_url = url
         self.model = model
@@ -88,6 +121,7 @@ class RemoteModel:
         self.connect_timeout = connect_timeout
         self.retries = retries
         self.backoff = backoff
+        self.first_token_timeout = first_token_timeout
         self._api_key = api_key or None
         self._client: httpx.Client | None = None
         self._client_lock = threading.Lock()
@@ -121,6 +155,8 @@ class RemoteModel:
             timeout=settings.remote_timeout,
             connect_timeout=min(5.0, settings.remote_timeout),
             retries=settings.remote_retries,
+            # getattr: Settings gains this field separately; until then the default applies.
+            first_token_timeout=settings.remote_first_token_timeout,
         )
 
     def __repr__(self) -> str:  # never shows the key
@@ -159,36 +195,64 @@ class RemoteModel:
     # -- public calls ---------------------------------------------------------------------------
 
     def stream(
-        self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None
-    ) -> Iterator[str]:
+        self,
+        messages: list[dict],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        waiting_after: float | None = None,
+    ) -> Iterator[str | Waiting]:
         """Yield the answer's text deltas as they arrive; then read ``last_usage`` and
-        ``last_finish_reason``. Raises RemoteError."""
+        ``last_finish_reason``. With ``waiting_after``, a ``Waiting`` comes first when no text has
+        arrived after that many seconds. Raises RemoteError."""
         url = f"{self.base_url}/chat/completions"
         body = self._body(messages, max_tokens, temperature, stream=True)
-        delivered = 0
+        started = time.monotonic()
+        deadline = started + self.first_token_timeout
+        warn_at = None if waiting_after is None else started + waiting_after
+        self.last_usage, self.last_finish_reason = None, None
         attempt = 0
         while True:
-            self.last_usage, self.last_finish_reason = None, None
+            outcome = _Outcome()
+            pieces = self._attempt(url, body, outcome)
+            first = _FirstPiece(pieces)
             try:
-                with self._http().stream("POST", url, json=body) as response:
-                    self._check_status(response, url)
-                    for text in self._read_stream(response, url):
-                        delivered += 1
-                        yield text
+                while not first.wait(until=deadline if warn_at is None else min(deadline, warn_at)):
+                    if time.monotonic() >= deadline:
+                        tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
+                        raise self._error(
+                            f"Remote {url} sent no answer within {self.first_token_timeout:g} s ({tries}). "
+                            f"{_UNRESPONSIVE_HINT}; a remote that is just slow needs a larger remote_first_token_timeout."
+                        )
+                    warn_at = None  # once is enough: the caller shows it, and then waits with the user
+                    yield Waiting(round(time.monotonic() - started, 1))
+                text = first.result()
                 break
             except (httpx.TransportError, _Retryable) as exc:
-                if delivered:
-                    raise self._error(
-                        f"Remote {url} failed mid-answer, after {delivered} chunks of text: "
-                        f"{_describe(exc, self.timeout)}. Not retried, because the text so far was "
-                        "already delivered; ask again."
-                    ) from exc
                 attempt += 1
-                self._backoff_or_raise(url, attempt, exc)
+                self._backoff_or_raise(url, attempt, exc, deadline=deadline)
             except httpx.HTTPError as exc:  # e.g. an undecodable body: not something a retry fixes
                 raise self._error(f"Remote {url} failed: {_describe(exc, self.timeout)}.") from exc
-        if self.last_usage is None:
-            self.last_usage = Usage(None, delivered, estimated=True)
+            finally:
+                first.abandon()  # a no-op once the piece came; else the helper closes the attempt
+        delivered = 0
+        try:
+            while text is not None:  # None: the answer ended
+                delivered += 1
+                yield text
+                text = next(pieces, None)
+        except (httpx.TransportError, _Retryable) as exc:
+            raise self._error(
+                f"Remote {url} failed mid-answer, after {delivered} chunks of text: "
+                f"{_describe(exc, self.timeout)}. Not retried, because the text so far was "
+                "already delivered; ask again."
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise self._error(f"Remote {url} failed: {_describe(exc, self.timeout)}.") from exc
+        finally:
+            pieces.close()
+        self.last_usage = outcome.usage or Usage(None, delivered, estimated=True)
+        self.last_finish_reason = outcome.finish_reason
 
     def complete(
         self, messages: list[dict], *, max_tokens: int | None = None, temperature: float | None = None
@@ -221,7 +285,10 @@ class RemoteModel:
             try:
                 response = self._http().post(url, json=body)
                 self._check_status(response, url)
-                return self._read_completion(response, url)
+                outcome = _Outcome()
+                data = self._read_completion(response, url, outcome)
+                self.last_usage, self.last_finish_reason = outcome.usage, outcome.finish_reason
+                return data
             except (httpx.TransportError, _Retryable) as exc:
                 attempt += 1
                 self._backoff_or_raise(url, attempt, exc)
@@ -251,21 +318,31 @@ class RemoteModel:
             body["temperature"] = temperature
         return body
 
-    def _backoff_or_raise(self, url: str, attempt: int, exc: Exception) -> None:
-        """Sleep before retry number ``attempt``, or raise once the retries are spent."""
-        if attempt > self.retries:
-            raise self._error(
-                f"Remote {url} failed after {attempt} attempt{'s' if attempt > 1 else ''}: "
-                f"{_describe(exc, self.timeout)}. Check that the server is up and RPRA_REMOTE_URL "
-                "is right, or raise RPRA_REMOTE_TIMEOUT / RPRA_REMOTE_RETRIES."
-            ) from exc
+    def _backoff_or_raise(self, url: str, attempt: int, exc: Exception, *, deadline: float | None = None) -> None:
+        """Sleep before retry number ``attempt``, or raise once the retries are spent or the
+        sleep would end past ``deadline``."""
         # Exponential backoff with a little jitter, so clients that failed together do not all
         # come back at the same instant; a server's Retry-After is a floor, not a suggestion.
         delay = self.backoff * 2 ** (attempt - 1) * (1 + 0.1 * random.random())
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             delay = max(delay, min(retry_after, _MAX_RETRY_AFTER))
+        if attempt > self.retries or (deadline is not None and time.monotonic() + delay >= deadline):
+            if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                hint = "Check that the server is up and RPRA_REMOTE_URL is right"
+            else:
+                hint = _UNRESPONSIVE_HINT
+            raise self._error(
+                f"Remote {url} failed after {attempt} attempt{'s' if attempt > 1 else ''}: "
+                f"{_describe(exc, self.timeout)}. {hint}."
+            ) from exc
         time.sleep(delay)
+
+    def _attempt(self, url: str, body: dict, outcome: _Outcome) -> Iterator[str]:
+        """One streaming request: its text deltas, the response closed when this is closed."""
+        with self._http().stream("POST", url, json=body) as response:
+            self._check_status(response, url)
+            yield from self._read_stream(response, url, outcome)
 
     def _check_status(self, response: httpx.Response, url: str) -> None:
         status = response.status_code
@@ -287,11 +364,11 @@ class RemoteModel:
             hint = "the server rejected the request; its message above says why"
         raise self._error(f"Remote {url} answered HTTP {status}: {excerpt} ({hint}).")
 
-    def _read_stream(self, response: httpx.Response, url: str) -> Iterator[str]:
-        """The text deltas of a server-sent-events answer; sets the ``last_*`` fields."""
+    def _read_stream(self, response: httpx.Response, url: str, outcome: _Outcome) -> Iterator[str]:
+        """The text deltas of a server-sent-events answer; fills in ``outcome``."""
         if response.headers.get("content-type", "").startswith("application/json"):
             # Some servers ignore ``stream: true`` and answer in one piece.
-            yield _message_text(self._read_completion(response, url))
+            yield _message_text(self._read_completion(response, url, outcome))
             return
         done = False
         for payload in self._sse_data(response, url):
@@ -300,7 +377,7 @@ class RemoteModel:
                 break
             chunk = self._json(payload, url)
             if chunk.get("usage"):
-                self.last_usage = self._usage(chunk["usage"], url)
+                outcome.usage = self._usage(chunk["usage"], url)
             choices = chunk.get("choices")
             if choices is None and chunk.get("usage"):
                 continue  # the final usage-only chunk
@@ -311,12 +388,12 @@ class RemoteModel:
             try:
                 choice = choices[0]
                 text = (choice.get("delta") or {}).get("content")
-                self.last_finish_reason = choice.get("finish_reason") or self.last_finish_reason
+                outcome.finish_reason = choice.get("finish_reason") or outcome.finish_reason
             except AttributeError:
                 raise self._not_openai(url, payload) from None
             if text and isinstance(text, str):
                 yield text
-        if not done and self.last_finish_reason is None:
+        if not done and outcome.finish_reason is None:
             # A close-delimited body can end "cleanly" half-way: no [DONE], no finish_reason.
             raise _Retryable("the stream ended before the answer was complete")
 
@@ -330,22 +407,22 @@ class RemoteModel:
             elif field not in ("event", "id", "retry"):
                 raise self._not_openai(url, line)
 
-    def _read_completion(self, response: httpx.Response, url: str) -> dict:
-        """The JSON of a one-piece answer, checked to hold ``choices[0].message``; sets the ``last_*`` fields."""
+    def _read_completion(self, response: httpx.Response, url: str, outcome: _Outcome) -> dict:
+        """The JSON of a one-piece answer, checked to hold ``choices[0].message``; fills in ``outcome``."""
         response.read()  # a no-op unless the body is still streaming
         data = self._json(response.text, url)
         try:
             choice = data["choices"][0]
             content = choice["message"].get("content") or ""
-            self.last_finish_reason = choice.get("finish_reason")
+            outcome.finish_reason = choice.get("finish_reason")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise self._not_openai(url, response.text) from None
         if not isinstance(content, str):
             raise self._not_openai(url, response.text)
         if data.get("usage"):
-            self.last_usage = self._usage(data["usage"], url)
+            outcome.usage = self._usage(data["usage"], url)
         else:
-            self.last_usage = Usage(None, (len(content) + 3) // 4, estimated=True)
+            outcome.usage = Usage(None, (len(content) + 3) // 4, estimated=True)
         return data
 
     def _json(self, text: str, url: str) -> dict:
@@ -375,7 +452,64 @@ class RemoteModel:
         # Servers may echo the key back in an error body; it must never reach a log or a screen.
         if self._api_key:
             message = message.replace(self._api_key, "[redacted]")
-        return RemoteError(message)
+        return RemoteError(mask_urls(message))  # nor the credentials in a URL
+
+
+class _FirstPiece:
+    """Reads the first piece of an attempt in a helper thread, so that the wait for it can end at
+    a deadline, or pause to tell the user, whatever the socket does.
+
+    httpx bounds each read, not a total: keep-alive bytes restart the clock, and a read blocked
+    before the headers cannot be cut short from the waiting thread. A caller that stops waiting
+    leaves the helper to close the attempt when its read returns, at most ``timeout`` later. After
+    the first piece, the caller reads on in its own thread (a generator may change threads
+    between steps, never run in two at once).
+    """
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self._came: queue.Queue = queue.Queue(maxsize=1)
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._taken: tuple | None = None
+        threading.Thread(target=self._read, name="rpra-remote-first-piece", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            item = (next(self._pieces, None), None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
+            item = (None, exc)
+        with self._lock:
+            if not self._abandoned:
+                self._came.put(item)
+                return
+        self._pieces.close()  # no one waits any more
+
+    def wait(self, *, until: float) -> bool:
+        """True once the first piece (or the attempt's failure) is in; False at ``until``."""
+        if self._taken is None:
+            try:
+                self._taken = self._came.get(timeout=max(0.0, until - time.monotonic()))
+            except queue.Empty:
+                return False
+        return True
+
+    def result(self) -> str | None:
+        """The first piece (None for an answer with no text); raises what the attempt raised."""
+        text, exc = self._taken
+        if exc is not None:
+            raise exc
+        return text
+
+    def abandon(self) -> None:
+        """Stop waiting: the attempt is closed now, or by the helper once its read returns."""
+        with self._lock:
+            if self._taken is not None:
+                return  # the caller has the piece: the attempt is its to read on or close
+            if self._came.empty():
+                self._abandoned = True
+                return
+        self._pieces.close()  # it came just too late; the helper is done with the attempt
 
 
 def _message_text(data: dict) -> str:

@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass, field
 from rpra import prompts
 from rpra.config import Mode, Settings
 from rpra.controller import Controller, Decision
-from rpra.errors import ConfigError, InputError, PrivacyError, PromptTooLongError, RemoteError
+from rpra.errors import ConfigError, InputError, PrivacyError, PromptTooLongError, RemoteError, RpraError
 from rpra.local import Generated, LocalModel, LocalSession
 from rpra.prediction import Prediction
 from rpra.privacy import Redactor, StreamRestorer, Vault, redact_messages
 from rpra.predictors import FineTunedPredictor, Predictor, ProbePredictor, ReportCardPredictor, ZeroShotPredictor, make_slot
-from rpra.remote import RemoteModel
+from rpra.remote import RemoteModel, Waiting
 from rpra.store import LogStore
 
 # Tokens the score slot itself needs after the prompt (open, label, close, newline).
@@ -37,23 +37,31 @@ _PLACEHOLDER_NOTE = (
     "Some private values were replaced by placeholders such as [EMAIL_1] or [PHONE_2]. "
     "When your answer refers to one, copy the placeholder exactly."
 )
+_NO_REMOTE = "no remote configured"
+# After this long without a word from the remote, the user is told it is being waited for.
+_WAITING_NOTICE_AFTER = 2.0
+# Shown, and recorded, between a remote answer that broke off and the local one that replaces it:
+# the user has seen the remote's first words, so they stay, and the switch must be visible.
+_BROKE_OFF = "\n\n[The remote's answer broke off here; the device model answers instead.]\n\n"
 
 
 @dataclass
 class TurnResult:
     """Everything about one turn, as `rpra ask --json` prints it and the log stores it."""
 
-    answer: str = ""
-    answered_by: str = ""  # "local" or "remote"
+    answer: str = ""  # exactly what the user was shown: every Text event, joined (and stripped)
+    answered_by: str = ""  # "local" or "remote": who wrote the end of the answer
     model: str = ""
     prediction: Prediction | None = None
     decision: Decision | None = None
     reasoning: str = ""
     fallback: bool = False  # deferred, but the remote failed and the local model answered
     remote_error: str | None = None
+    remote_partial: str | None = None  # the remote's text shown before it broke off (then in answer too)
     sent_remote: list[dict] | None = None  # exactly what left the device
     redactions: list[dict] | None = None  # what was masked in it: kind and placeholder, never the value
     finish_reason: str = ""
+    max_tokens: int | None = None  # the answer's token limit, named when the answer hits it
     dropped_messages: int = 0  # oldest messages left out to fit the local context
     timings_ms: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
@@ -65,6 +73,10 @@ class TurnResult:
         """The one line a user reads after each turn."""
         d = self.decision
         why = d.reason if d else ""
+        if self.finish_reason == "length":
+            why += f" · cut at max_tokens ({self.max_tokens})"
+        elif self.finish_reason == "context":
+            why += " · cut: the device model's context is full"
         if self.fallback:
             return f"local (remote failed: {self.remote_error}) · {why}"
         if self.answered_by == "remote":
@@ -204,11 +216,14 @@ class Runtime:
         """Run one turn over ``messages`` (the conversation so far, ending with the user's message).
 
         ``confirm`` is asked before a deferral when ``privacy = ask``; without one, such a turn
-        stays local.
+        stays local. A deferral kept on the device (declined, never-defer, no remote configured)
+        is answered locally, or fails with a PrivacyError / ConfigError when no device model is
+        loaded (mode remote-only). Closing the generator mid-turn logs what was decided and
+        shown, as interrupted.
         """
         _check_messages(messages)
         mode = mode or self.settings.mode
-        result = TurnResult(model=self.settings.model)
+        result = TurnResult(model=self.settings.model, max_tokens=self.settings.max_tokens)
         turn_id = None
         if self.store:
             result.conversation_id = conversation_id or self.store.new_conversation(source=source)
@@ -221,13 +236,22 @@ class Runtime:
                 predictor=self.predictor.name,
                 mode=mode,
             )
+        shown: list[str] = []
+        events = self._turn(messages, mode, result, confirm)
         try:
-            yield from self._turn(messages, mode, result, confirm)
+            for event in events:
+                if isinstance(event, Text):
+                    shown.append(event.text)
+                yield event
         except BaseException as exc:  # noqa: BLE001 - logged, then re-raised untouched
+            events.close()  # its cleanup first: the model's lock is released
+            result.answer = "".join(shown).strip()
             if self.store and turn_id is not None:
+                # Whatever is known (the decision, the text already shown) is kept with the error.
                 reason = "interrupted" if isinstance(exc, (GeneratorExit, KeyboardInterrupt)) else str(exc)
-                self.store.fail_turn(turn_id, reason)
+                self.store.finish_turn(turn_id, **_log_fields(result, self.settings), status="error", error=reason)
             raise
+        result.answer = "".join(shown).strip()
         if self.store and turn_id is not None:
             self.store.finish_turn(turn_id, **_log_fields(result, self.settings))
         yield Finished(result)
@@ -263,14 +287,16 @@ class Runtime:
             else:
                 result.decision = self.controller.decide(None, mode)
 
-            outgoing, vault = None, None
+            outgoing, vault, kept = None, None, None
             if result.decision.route == "remote":
                 outgoing, vault = self._outgoing(messages, result)
-                withheld = self._withheld(outgoing, confirm)
-                if withheld:
+                kept = self._kept_on_device(outgoing, confirm)
+                if kept:
                     result.decision = dataclasses.replace(
-                        result.decision, route="local", reason=f"{result.decision.reason}; kept on the device: {withheld}"
+                        result.decision, route="local", reason=f"{result.decision.reason}; kept on the device: {kept}"
                     )
+                    if self.local is None:  # mode remote-only, with no device model loaded
+                        raise _cannot_answer(kept)
                     if not holding:
                         self.local.lock.acquire()
                         holding = True
@@ -288,6 +314,8 @@ class Runtime:
         if result.decision.route == "local":
             try:  # the lock is still held: release it even if the consumer stops listening here
                 yield self._decided(result)
+                if kept == _NO_REMOTE:
+                    yield Notice(f"{_NO_REMOTE} (set RPRA_REMOTE_URL to defer); answering on the device")
                 yield from self._answer_locally(session, result)
             finally:
                 self.local.lock.release()
@@ -310,14 +338,18 @@ class Runtime:
             return sent, Vault()
         sent, vault = redact_messages(sent, self.redactor)
         if len(vault):  # restoring needs the placeholders back verbatim
-            sent.append({"role": "system", "content": _PLACEHOLDER_NOTE})
+            # First, where instructions go: sent after the user's turn, the note competed with the
+            # request, and the stand-in remote (Qwen2.5-Coder-1.5B) answered with the note itself.
+            sent = merge_system({"role": "system", "content": _PLACEHOLDER_NOTE}, sent)
         return sent, vault
 
-    def _withheld(self, outgoing: list[dict], confirm: Confirm | None) -> str | None:
-        """Why a deferral may not leave the device, or None when it may."""
+    def _kept_on_device(self, outgoing: list[dict], confirm: Confirm | None) -> str | None:
+        """Why a deferral stays on the device, or None when it may leave."""
         policy = self.settings.privacy
         if policy == "never-defer":
             return "privacy = never-defer"
+        if self.remote is None:  # an intended set-up, not a failure: no one is asked, nothing fails
+            return _NO_REMOTE
         if policy == "ask":
             if confirm is None:
                 return "privacy = ask, and no one to ask"
@@ -370,6 +402,7 @@ class Runtime:
     def _answer_locally(self, session: LocalSession, result: TurnResult) -> Iterator[Event]:
         s = self.settings
         started = time.perf_counter()
+        result.answered_by = "local"
         score = result.prediction.mode if result.prediction else s.scale_max
         if self.local.lock.contended():  # answers queued before this one go first
             self._step_aside(session)
@@ -384,8 +417,6 @@ class Runtime:
                 yield Text(piece, "local")
             if self.local.lock.urgent_waiting():  # a new request waits to predict: let it
                 self._step_aside(session)
-        result.answer = out.text.strip()
-        result.answered_by = "local"
         result.finish_reason = out.finish_reason
         result.tokens["local_answer"] = out.tokens
         result.timings_ms["local_answer"] = _ms(started)
@@ -407,36 +438,51 @@ class Runtime:
     ) -> Iterator[Event]:
         s = self.settings
         started = time.perf_counter()
-        if self.remote is None:
-            error = RemoteError("no remote configured (set RPRA_REMOTE_URL)")
-        else:
-            result.sent_remote = sent
-            result.redactions = vault.entries
-            error = None
-            shown: list[str] = []  # the answer as the user sees it: placeholders restored
-            restorer = StreamRestorer(vault)
-            try:
-                for piece in self.remote.stream(sent, max_tokens=s.max_tokens, temperature=s.temperature):
-                    if text := restorer.feed(piece):
-                        shown.append(text)
-                        yield Text(text, "remote")
-                if tail := restorer.flush():
-                    shown.append(tail)
-                    yield Text(tail, "remote")
-            except RemoteError as exc:
-                error = exc
+        result.sent_remote = sent
+        result.redactions = vault.entries
+        shown: list[str] = []  # the answer as the user sees it: placeholders restored
+        restorer = StreamRestorer(vault)
+        pieces = self.remote.stream(
+            sent, max_tokens=s.max_tokens, temperature=s.temperature, waiting_after=_WAITING_NOTICE_AFTER
+        )
+        try:
+            for piece in pieces:
+                if isinstance(piece, Waiting):
+                    yield Notice(
+                        f"waiting for the remote ({self.remote.base_url}): no answer after {piece.seconds:g} s; "
+                        f"giving up at {self.remote.first_token_timeout:g} s"
+                    )
+                elif text := restorer.feed(piece):
+                    result.answered_by = "remote"
+                    shown.append(text)
+                    yield Text(text, "remote")
+            if tail := restorer.flush():
+                shown.append(tail)
+                yield Text(tail, "remote")
+        except RemoteError as error:
             result.timings_ms["remote"] = _ms(started)
-            if error is None:
-                result.answer = "".join(shown).strip()
-                result.answered_by = "remote"
-                result.finish_reason = self.remote.last_finish_reason or "stop"
-                usage = self.remote.last_usage
-                result.tokens["remote_prompt"] = usage.prompt_tokens or 0
-                result.tokens["remote_completion"] = usage.completion_tokens
-                return
-        # The remote could not answer: fall back to the device model, clearly flagged.
+            yield from self._fall_back(messages, session, result, error, "".join(shown))
+            return
+        finally:
+            pieces.close()  # a consumer that walks away mid-answer closes the connection now
+        result.timings_ms["remote"] = _ms(started)
+        result.answered_by = "remote"
+        result.finish_reason = self.remote.last_finish_reason or "stop"
+        usage = self.remote.last_usage
+        result.tokens["remote_prompt"] = usage.prompt_tokens or 0
+        result.tokens["remote_completion"] = usage.completion_tokens
+
+    def _fall_back(
+        self, messages: list[dict], session: LocalSession | None, result: TurnResult, error: RemoteError, partial: str
+    ) -> Iterator[Event]:
+        """The remote could not answer: the device model does, clearly flagged.
+
+        Text the remote already streamed stays on screen, so it stays in the answer too, and a
+        marker shows where the local answer starts: what is recorded is what the user saw.
+        """
         result.fallback = True
         result.remote_error = str(error)
+        result.remote_partial = partial or None
         if self.local is None:
             raise error
         with self.local.lock:
@@ -444,7 +490,11 @@ class Runtime:
                 session = self._resume_session(messages, session, result)
             except PromptTooLongError as exc:
                 raise RemoteError(f"{error} No local fallback either: {exc}") from exc
-            yield Notice(f"remote failed ({error}); answering locally")
+            if partial:
+                yield Notice(f"the remote failed mid-answer ({error}); answering locally")
+                yield Text(_BROKE_OFF, "local")
+            else:
+                yield Notice(f"remote failed ({error}); answering locally")
             yield from self._answer_locally(session, result)
 
     def _resume_session(self, messages: list[dict], session: LocalSession | None, result: TurnResult) -> LocalSession:
@@ -498,6 +548,20 @@ def _check_messages(messages: list[dict]) -> None:
         raise InputError("The prompt is empty: the last message must be a non-blank user message.")
 
 
+def _cannot_answer(kept: str) -> RpraError:
+    """The error for a deferral kept on the device when no device model is loaded to answer it."""
+    if kept == _NO_REMOTE:
+        return ConfigError(
+            "Mode remote-only needs a remote: set RPRA_REMOTE_URL (and RPRA_REMOTE_MODEL), or run "
+            "`rpra serve-remote` for a local stand-in."
+        )
+    return PrivacyError(
+        f"Nothing was sent to the remote ({kept}), and in mode remote-only no device model is loaded to "
+        "answer instead. Answer yes when asked (in a terminal), use privacy allow (--privacy allow), or "
+        "leave mode remote-only so the device model answers."
+    )
+
+
 def merge_system(system: dict, messages: list[dict]) -> list[dict]:
     """Our instructions first; a user's own system messages are kept after them."""
     if messages and messages[0]["role"] == "system":
@@ -518,9 +582,10 @@ def _log_fields(r: TurnResult, s: Settings) -> dict:
         p_pass=r.prediction.p_pass if r.prediction else None,
         route=r.decision.route if r.decision else None,
         reason=r.decision.reason if r.decision else None,
-        answered_by=f"local:{s.model}" if r.answered_by == "local" else f"remote:{s.remote_model}",
+        answered_by={"local": f"local:{s.model}", "remote": f"remote:{s.remote_model}"}.get(r.answered_by),
         fallback=int(r.fallback),
         remote_error=r.remote_error,
+        remote_partial=r.remote_partial,
         reasoning=r.reasoning or None,
         answer=r.answer,
         sent_remote_json=r.sent_remote,

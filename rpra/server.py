@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from rpra import openai_api as api
 from rpra.config import Settings
-from rpra.errors import ConfigError, InputError, PrivacyError, RemoteError, RpraError
+from rpra.errors import ConfigError, InputError, PrivacyError, PromptTooLongError, RemoteError, RpraError
 from rpra.runtime import Decided, Finished, Notice, Runtime, Text
 
 # Requests in flight of any kind (local ones are bounded by max_queue as well): a flood of
@@ -227,7 +227,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         _log(request, status, mode=mode, stream=stream, error=str(exc))
         if not isinstance(exc, Exception):
             raise exc
-        return _error(status, str(exc) if isinstance(exc, RpraError) else "internal error", kind)
+        return _error(status, _client_message(exc, runtime), kind)
 
     def _log(request: Request, status: int, **fields) -> None:
         if request.url.path == "/v1/chat/completions":
@@ -295,14 +295,19 @@ def create_app(runtime: Runtime) -> FastAPI:
             _log(request, 403 if s.privacy == "never-defer" else 400, mode=mode, error=why)
             return _error(403 if s.privacy == "never-defer" else 400, f"Cannot answer remotely: {why}.", "invalid_request_error")
 
+        limits = {"max_tokens": min(body.max_completion_tokens or body.max_tokens or s.max_tokens, s.max_tokens)}
+        if body.temperature is not None:
+            limits["temperature"] = body.temperature
+        try:
+            configured = runtime.configured(**limits)  # the settings' own validation, as for the CLI
+        except ConfigError as exc:
+            _log(request, 400, mode=mode, stream=body.stream, error=str(exc))
+            return _error(400, str(exc), "invalid_request_error")
         needs_local = mode != "remote-only"
         if not admission.enter(needs_local=needs_local):
             _log(request, 429, mode=mode, stream=body.stream, error="busy")
             return _error(429, "The device model is busy; retry shortly.", "rate_limit_error", headers={"Retry-After": "1"})
-        limits = {"max_tokens": min(body.max_completion_tokens or body.max_tokens or s.max_tokens, s.max_tokens)}
-        if body.temperature is not None:
-            limits["temperature"] = body.temperature
-        worker = TurnWorker(runtime.configured(**limits), messages, mode, admission=admission, needs_local=needs_local).start()
+        worker = TurnWorker(configured, messages, mode, admission=admission, needs_local=needs_local).start()
         events = worker.events()
         # Everything up to the decision happens before the response starts, so errors still get
         # a proper status and the decision can travel in the headers.
@@ -375,8 +380,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                 status, kind = _status_of(exc)
                 _log(request, status, mode=mode, stream=True, error=str(exc))
                 logged = True
-                message = str(exc) if isinstance(exc, RpraError) else "internal error"
-                yield f"data: {json.dumps(api.error_body(message, kind))}\n\n"
+                yield f"data: {json.dumps(api.error_body(_client_message(exc, runtime), kind))}\n\n"
             finally:  # also on disconnect (this task is cancelled): stop the turn, which frees its slot
                 worker.cancel()
                 if not logged:  # nginx's code for "the client closed the connection"
@@ -437,6 +441,24 @@ async def _read_limited(request: Request, limit: int) -> bytes:
         if len(data) > limit:
             raise _TooLarge(f"The request body exceeds {limit} bytes (max_request_bytes).")
     return bytes(data)
+
+
+def _client_message(exc: Exception, runtime: Runtime) -> str:
+    """What an API client is told about a failed turn.
+
+    The runtime's messages are written for the CLI; an over-long prompt's advice names flags
+    (``--set n_ctx``, ``--mode remote-only``) that mean nothing to a client, so it gets the
+    request fields that do the same. Anything that is not an RpraError is a bug of ours, and its
+    text stays in the server's log.
+    """
+    if isinstance(exc, PromptTooLongError):
+        size = f" ({runtime.local.n_ctx} tokens)" if runtime.local else ""
+        if runtime.remote is not None:
+            instead = ', or have the remote answer it: send model "rpra-remote", or "rpra_mode": "remote"'
+        else:
+            instead = " (this server has no remote to send it to)"
+        return f"The conversation does not fit the device model's context{size}. Shorten it{instead}."
+    return str(exc) if isinstance(exc, RpraError) else "internal error"
 
 
 def _status_of(exc: BaseException) -> tuple[int, str]:

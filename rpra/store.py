@@ -90,6 +90,14 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             "CREATE INDEX requests_created_at ON requests(created_at)",
         ),
     ),
+    (
+        3,
+        (
+            # The remote's text before its stream broke off, when the device then answered (the
+            # answer column holds everything the user saw, that text included).
+            "ALTER TABLE turns ADD COLUMN remote_partial TEXT",
+        ),
+    ),
 ]
 
 # Set once by start_turn; finish_turn may not rewrite a turn's identity.

@@ -46,7 +46,9 @@ class StubServer:
     Options: ``deltas`` (the streamed answer), ``usage`` (send a usage chunk), ``failures`` and
     ``status`` / ``retry_after`` (status_then_ok), ``drop_after`` and ``chunked``
     (drop_mid_stream), ``lines`` (garbage_sse), ``hang_seconds`` (hang; released on stop),
-    ``ignore_stream`` (ok_stream answers in one JSON piece even when asked to stream).
+    ``ignore_stream`` (ok_stream answers in one JSON piece even when asked to stream), ``delay``
+    (ok_stream waits that long before answering: a slow first token) and ``pause`` (ok_stream
+    waits that long after the first piece of text: a stream that stalls once it has started).
     """
 
     def __init__(
@@ -63,6 +65,8 @@ class StubServer:
         lines: tuple[str, ...] = ("data: this is not json",),
         hang_seconds: float = 10.0,
         ignore_stream: bool = False,
+        delay: float = 0.0,
+        pause: float = 0.0,
     ):
         if behaviour not in BEHAVIOURS:
             raise ValueError(f"Unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}.")
@@ -72,6 +76,7 @@ class StubServer:
         self.drop_after, self.chunked = drop_after, chunked
         self.lines, self.hang_seconds = list(lines), hang_seconds
         self.ignore_stream = ignore_stream
+        self.delay, self.pause = delay, pause
         self.requests: list[Received] = []
         self._released = threading.Event()
         self._lock = threading.Lock()
@@ -128,6 +133,8 @@ class StubServer:
         getattr(self, f"_{self.behaviour}")(h, body or {})
 
     def _ok_stream(self, h: _Handler, body: dict) -> None:
+        if h.command == "POST" and self.delay:
+            self._released.wait(self.delay)
         if h.command == "GET":
             _send_json(h, 200, {"object": "list", "data": [{"id": "default", "object": "model"}]})
         elif body.get("stream") and not self.ignore_stream:
@@ -195,6 +202,8 @@ class StubServer:
             self._write_event(h, chunk)
             if i == 1:
                 self._write(h, b": keep-alive\n\n")  # a comment line, as servers send while busy
+                if self.pause:
+                    self._released.wait(self.pause)
         if self.usage:
             # OpenAI's last chunk with stream_options.include_usage: no choices, just the counts.
             last = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": self._usage()}

@@ -306,18 +306,26 @@ def test_hanging_remote_costs_bounded_time(greedy_settings, local_model, serve):
 
 
 @pytest.mark.slow
-def test_remote_dropping_mid_answer_is_announced_before_the_local_answer(greedy_settings, local_model, serve):
+def test_remote_dropping_mid_answer_is_marked_and_recorded_as_shown(greedy_settings, local_model, serve, tmp_path):
     server = serve("drop_mid_stream", drop_after=2)
-    runtime = Runtime(greedy_settings(threshold=11.0), local=local_model, remote=fast_remote(server.url))
+    store = LogStore(tmp_path / "logs.db")
+    runtime = Runtime(greedy_settings(threshold=11.0), local=local_model, remote=fast_remote(server.url), store=store)
     events = list(runtime.turn(QUESTION))
     shown = [e for e in events if isinstance(e, (Text, Notice))]
     kinds = ["notice" if isinstance(e, Notice) else e.source for e in shown]
     notice = kinds.index("notice")
     assert kinds[:notice] == ["remote", "remote"]  # what the user already saw of the remote answer
     assert kinds[notice + 1 :] and set(kinds[notice + 1 :]) == {"local"}
-    assert "remote failed" in shown[notice].message and "answering locally" in shown[notice].message
+    assert "mid-answer" in shown[notice].message and "answering locally" in shown[notice].message
+    marker = shown[notice + 1].text
+    assert "broke off" in marker and marker.startswith("\n")  # the local answer visibly starts afresh
     result = events[-1].result
-    assert result.fallback and result.answer == "".join(e.text for e in shown[notice + 1 :]).strip()
+    texts = "".join(e.text for e in shown if isinstance(e, Text))
+    # Issue 12: the user saw "Hello" + the local answer, while the log kept only the local part.
+    assert result.answer == texts.strip() and result.answer.startswith("Hello" + marker.rstrip())
+    assert result.fallback and result.remote_partial == "Hello" and result.answered_by == "local"
+    row = store.get_turn(result.turn_id)
+    assert row["answer"] == result.answer and row["fallback"] == 1
     assert len(server.posts) == 1  # text was delivered, so the remote was not asked again
 
 

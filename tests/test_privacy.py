@@ -275,7 +275,7 @@ def test_the_remote_never_receives_a_grouped_number_and_the_answer_gets_it_back(
     stub = serve("ok_stream", deltas=("Noted: ", placeholder[:4], placeholder[4:], "."))
     runtime = Runtime(greedy_settings(), local=None, remote=RemoteModel(stub.url, retries=0))
     result = runtime.ask([{"role": "user", "content": f"Remember {value} for me."}], mode="remote-only")
-    sent = stub.posts[0].body["messages"]
+    sent = [m for m in stub.posts[0].body["messages"] if m["role"] == "user"]
     assert sent[0]["content"] == f"Remember {placeholder} for me."
     everything = json.dumps(stub.posts[0].body, ensure_ascii=False)
     assert value not in everything and value[-4:] not in everything  # not even the last four digits

@@ -82,8 +82,8 @@ def test_redacted_answer_is_restored_and_the_placeholders_explained(runtime, loc
     stub = serve("ok_stream", deltas=("Sure, I wrote to ", "[EMAIL", "_1].",))
     result = runtime(local_model, stub).ask([{"role": "user", "content": SECRET}])
     sent = stub.posts[0].body["messages"]
-    assert sent[0] == {"role": "user", "content": "Write to [EMAIL_1] about my order."}
-    assert sent[-1]["role"] == "system" and "copy the placeholder exactly" in sent[-1]["content"]
+    assert sent[-1] == {"role": "user", "content": "Write to [EMAIL_1] about my order."}
+    assert sent[0]["role"] == "system" and "copy the placeholder exactly" in sent[0]["content"]  # before the request, not after it
     assert result.answer == "Sure, I wrote to ann.lee@example.org."
     assert result.redactions == [{"kind": "email", "placeholder": "[EMAIL_1]"}]
 

@@ -11,7 +11,7 @@ from tests.http_fixtures import PROMPT_TOKENS
 
 from rpra.config import Settings
 from rpra.errors import ConfigError, RemoteError
-from rpra.remote import RemoteModel, Usage
+from rpra.remote import RemoteModel, Usage, Waiting
 from rpra.remote_server import RemoteServer, run_with_server
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
@@ -55,6 +55,15 @@ def test_from_settings_takes_the_remote_fields():
     settings = Settings(remote_url="http://h:1", remote_model="big", remote_timeout=9.0, remote_retries=4)
     model = RemoteModel.from_settings(settings)
     assert (model.base_url, model.model, model.timeout, model.retries) == ("http://h:1/v1", "big", 9.0, 4)
+
+
+def test_from_settings_takes_the_first_token_deadline_from_the_settings():
+    from rpra.config import Settings
+
+    settings = Settings(remote_url="http://h:1", remote_timeout=9.0, remote_first_token_timeout=3.0)
+    remote = RemoteModel.from_settings(settings)
+    assert (remote.first_token_timeout, remote.timeout) == (3.0, 9.0)
+    assert Settings().remote_first_token_timeout == RemoteModel("http://h:1").first_token_timeout  # one default
 
 
 def test_repr_hides_the_api_key():
@@ -158,11 +167,46 @@ def test_connection_refused_is_retried_then_named(serve):
 def test_hanging_server_fails_within_bounded_time(serve):
     server = serve("hang")
     start = time.monotonic()
-    with pytest.raises(RemoteError, match="read timeout"):
+    with pytest.raises(RemoteError, match="read timeout") as info:
         list(fast(server.url, timeout=0.3, retries=2).stream(MESSAGES))
     elapsed = time.monotonic() - start
-    assert len(server.posts) == 3
+    assert len(server.posts) == 3 and "local-only" in str(info.value)  # a hint beyond "raise the timeout"
     assert 0.85 <= elapsed < 2.0  # three 0.3 s timeouts plus tiny backoffs, not the server's 10 s
+
+
+def test_a_hanging_remote_is_given_up_at_the_first_token_deadline(serve):
+    # Issue 12: three attempts of a 60 s read timeout cost 187 s with nothing on screen.
+    server = serve("hang", hang_seconds=30.0)
+    start = time.monotonic()
+    with pytest.raises(RemoteError, match="no answer within 1 s") as info:
+        list(fast(server.url, timeout=20.0, retries=3, first_token_timeout=1.0).stream(MESSAGES))
+    assert 0.9 <= time.monotonic() - start < 2.0
+    assert len(server.posts) == 1  # the one attempt used the whole deadline
+    assert "local-only" in str(info.value) and "rpra doctor" in str(info.value)  # what to do, not only "wait longer"
+
+
+def test_retries_and_their_backoff_share_the_first_token_deadline(serve):
+    server = serve("status_then_ok", failures=10, status=503, retry_after="0.4")
+    start = time.monotonic()
+    with pytest.raises(RemoteError, match="HTTP 503"):
+        list(fast(server.url, retries=10, first_token_timeout=1.0).stream(MESSAGES))
+    assert time.monotonic() - start < 1.3 and len(server.posts) <= 3  # not 11 attempts, 4 s of Retry-After
+
+
+def test_a_started_stream_may_pause_longer_than_the_first_token_deadline(serve):
+    # The deadline bounds the wait for the first text; gaps after it are bounded by the read timeout.
+    server = serve("ok_stream", pause=0.8)
+    model = fast(server.url, timeout=3.0, first_token_timeout=0.4)
+    assert "".join(model.stream(MESSAGES)) == "Hello, world"
+    assert model.last_usage == Usage(PROMPT_TOKENS, 4, estimated=False) and model.last_finish_reason == "stop"
+
+
+def test_stream_says_once_that_the_remote_is_still_being_waited_for(serve):
+    server = serve("ok_stream", delay=0.7)
+    items = list(fast(server.url, timeout=3.0).stream(MESSAGES, waiting_after=0.2))
+    assert isinstance(items[0], Waiting) and 0.2 <= items[0].seconds < 0.7
+    assert items[1:] == ["Hel", "lo", ",", " world"]  # one notice, then the answer
+    assert not any(isinstance(i, Waiting) for i in fast(server.url, timeout=3.0).stream(MESSAGES))  # only when asked
 
 
 def test_stream_cut_before_first_token_is_retried(serve):

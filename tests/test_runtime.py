@@ -9,7 +9,7 @@ from rpra import prompts
 from rpra.local import Generated
 from rpra.predictors import make_slot
 from rpra.remote import RemoteModel
-from rpra.runtime import Decided, Finished, Runtime, Text
+from rpra.runtime import _PLACEHOLDER_NOTE, Decided, Finished, Runtime, Text
 from rpra.store import LogStore
 
 pytestmark = pytest.mark.slow
@@ -184,6 +184,29 @@ def test_an_abandoned_turn_is_logged_and_frees_the_model(greedy_settings, local_
     assert row["status"] == "error" and row["error"] == "interrupted"
 
 
+def test_an_interrupted_turn_logs_what_was_decided_and_shown(greedy_settings, local_model, tmp_path):
+    store = LogStore(tmp_path / "logs.db")
+    runtime = Runtime(greedy_settings(threshold=0.0), local=local_model, store=store)
+    events = runtime.turn(QUESTION)
+    decided = next(events)
+    first = next(events)
+    assert isinstance(first, Text) and first.text.strip()
+    events.close()  # Ctrl-C in the chat, or a client that disconnects
+    (row,) = store.turns()
+    # Issue 12: prediction, route and answer were all null although the decision was made and text shown.
+    assert row["status"] == "error" and row["error"] == "interrupted"
+    assert row["route"] == "local" and row["reason"] == decided.decision.reason
+    assert row["expected"] == pytest.approx(decided.prediction.expected) and row["prediction_json"]
+    assert row["answer"] == first.text.strip() and row["answered_by"] == f"local:{runtime.settings.model}"
+
+
+def test_an_answer_cut_at_max_tokens_says_so_in_the_verdict(greedy_settings, local_model):
+    r = Runtime(greedy_settings(threshold=0.0, max_tokens=3), local=local_model).ask(QUESTION)
+    assert r.finish_reason == "length" and r.verdict.endswith("· cut at max_tokens (3)")
+    full = Runtime(greedy_settings(threshold=0.0, max_tokens=200), local=local_model).ask(QUESTION)
+    assert full.finish_reason == "stop" and "cut at" not in full.verdict
+
+
 def test_a_deferred_turn_frees_the_local_model_while_the_remote_answers(greedy_settings, local_model, remote_server):
     remote = RemoteModel(remote_server.url, model="stand-in")
     runtime = Runtime(greedy_settings(threshold=11.0), local=local_model, remote=remote)
@@ -221,3 +244,52 @@ def test_the_decision_reports_the_tokens_generated_before_it(greedy_settings, lo
     assert decided.reasoning_tokens == result.tokens["reasoning"] and 0 < decided.reasoning_tokens <= 6
     pa = list(Runtime(greedy_settings(threshold=0.0), local=local_model).turn(QUESTION))[0]
     assert pa.reasoning_tokens == 0
+
+
+# -- what a redacted deferral sends -------------------------------------------------------------------
+
+EMAIL_REQUEST = [{"role": "user", "content": "Write one short sentence addressed to jane.doe@example.com that mentions her email address."}]
+
+
+def test_the_placeholder_note_goes_first_as_a_system_message(greedy_settings, serve):
+    server = serve("ok_stream")
+    runtime = Runtime(greedy_settings(mode="remote-only"), local=None, remote=RemoteModel(server.url))
+    runtime.ask(EMAIL_REQUEST)
+    system, user = server.posts[0].body["messages"]
+    assert system["role"] == "system" and system["content"] == _PLACEHOLDER_NOTE
+    assert user == {"role": "user", "content": EMAIL_REQUEST[0]["content"].replace("jane.doe@example.com", "[EMAIL_1]")}
+
+
+def test_the_placeholder_note_joins_the_callers_leading_system_message(greedy_settings, serve):
+    server = serve("ok_stream")
+    runtime = Runtime(greedy_settings(mode="remote-only"), local=None, remote=RemoteModel(server.url))
+    r = runtime.ask([{"role": "system", "content": "Be brief."}, *EMAIL_REQUEST])
+    sent = server.posts[0].body["messages"]
+    assert [m["role"] for m in sent] == ["system", "user"]  # one system message, still before the request
+    assert sent[0]["content"] == f"{_PLACEHOLDER_NOTE}\n\nBe brief." and sent == r.sent_remote
+
+
+@pytest.fixture(scope="module")
+def qwen_server():
+    """The shipped stand-in remote (Qwen2.5-Coder-1.5B, 1.1 GB), if it has been pulled."""
+    from rpra.errors import ModelError
+    from rpra.models import resolve
+    from rpra.remote_server import RemoteServer
+    from tests.conftest import _MODELS_HOME
+
+    try:
+        path = resolve("qwen2.5-coder-1.5b-instruct", home=_MODELS_HOME)
+    except ModelError:
+        pytest.skip("qwen2.5-coder-1.5b-instruct is not pulled: run `rpra models pull qwen2.5-coder-1.5b-instruct`")
+    server = RemoteServer(path, port=0, n_ctx=1024, n_threads=2, model_alias="stand-in")
+    server.start(timeout=300)
+    yield server
+    server.stop()
+
+
+def test_the_stand_in_remote_answers_the_request_not_the_placeholder_note(greedy_settings, qwen_server):
+    # Issue 12: with the note after the user's turn, this model answered with the note itself.
+    remote = RemoteModel(qwen_server.url, model="stand-in", timeout=300, first_token_timeout=300)
+    r = Runtime(greedy_settings(mode="remote-only", max_tokens=48), local=None, remote=remote).ask(EMAIL_REQUEST)
+    assert r.answered_by == "remote" and not r.fallback
+    assert "placeholder" not in r.answer.lower() and "jane.doe@example.com" in r.answer

@@ -106,6 +106,13 @@ def test_decision_headers_are_ascii():
     assert headers["X-RPRA-Turn-Id"] == "7"
 
 
+def test_the_rpra_field_reports_dropped_messages_and_a_broken_remote_answer():
+    from rpra.runtime import TurnResult
+
+    fields = api.result_fields(TurnResult(dropped_messages=2, remote_partial="Hel", fallback=True))
+    assert fields["dropped_messages"] == 2 and fields["remote_partial"] == "Hel"
+
+
 # -- integration: a real server ---------------------------------------------------------------------
 
 
@@ -281,12 +288,39 @@ def test_oversized_and_malformed_requests_get_4xx_and_the_server_keeps_serving(m
         assert no_remote.status_code == 400 and "no remote" in no_remote.json()["error"]["message"]
         digits = " ".join(str(i) for i in range(900))  # ~3,500 bytes, ~3,000 tokens: over the 1,024 context
         too_long = httpx.post(endpoint, json={"model": "rpra-local", "messages": [{"role": "user", "content": digits}]})
-        assert too_long.status_code == 400 and "context" in too_long.json()["error"]["message"]
+        refusal = too_long.json()["error"]["message"]
+        assert too_long.status_code == 400 and "context" in refusal and "Shorten" in refusal
+        assert "--" not in refusal  # no CLI flags for an API client
         assert httpx.get(f"{url}/models").json()["data"][0]["id"] == "rpra"
         ok = client(url).chat.completions.create(model="rpra-local", messages=ASK, max_tokens=4)
         assert ok.choices[0].message.content
     statuses = sorted(r["status"] for r in runtime.store.requests(limit=10))
     assert statuses == [200, 400, 400, 400, 400, 413]
+
+
+@pytest.mark.slow
+def test_a_prompt_too_long_for_the_device_tells_the_client_how_to_send_it_remotely(make_runtime, local_model, tmp_path, serve):
+    runtime = make_runtime(local_model, tmp_path, remote_url=serve("ok_stream").url)
+    digits = " ".join(str(i) for i in range(900))  # ~3,000 tokens: over the 1,024 context
+    with running(runtime) as url:
+        too_long = httpx.post(f"{url}/chat/completions", json={"model": "rpra-local", "messages": [{"role": "user", "content": digits}]})
+    refusal = too_long.json()["error"]["message"]
+    assert too_long.status_code == 400 and '"rpra-remote"' in refusal and '"rpra_mode": "remote"' in refusal
+    assert "--" not in refusal
+
+
+@pytest.mark.slow
+def test_a_stream_that_breaks_mid_answer_shows_the_break_and_logs_what_was_shown(make_runtime, local_model, tmp_path, serve):
+    stub = serve("drop_mid_stream", drop_after=2)
+    runtime = make_runtime(local_model, tmp_path, remote_url=stub.url)
+    with running(runtime) as url:
+        chunks = list(client(url).chat.completions.create(model="rpra-remote", messages=ASK, stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    before, marker, after = text.partition("broke off")
+    assert before.startswith("Hello") and marker and after.strip()  # remote part, a visible break, the local answer
+    final = [ch for ch in chunks if ch.choices][-1].model_extra["rpra"]
+    assert final["fallback"] is True and final["answered_by"] == "local" and final["remote_partial"] == "Hello"
+    assert runtime.store.get_turn(final["turn_id"])["answer"] == text.strip()
 
 
 @pytest.mark.slow

@@ -173,9 +173,10 @@ def test_a_failing_remote_falls_back_to_a_flagged_local_answer_and_frees_the_mod
     assert result.answer == "Four, of course." and not local.lock.locked()
 
 
-def test_without_a_remote_a_low_prediction_is_answered_locally():
+def test_without_a_remote_a_low_prediction_is_answered_locally_and_not_called_a_failure():
     events, result = drain(runtime(score=2, remote=None))
-    assert events[0].decision.route == "remote" and result.answered_by == "local" and result.fallback
+    assert result.decision.route == "local" and "no remote configured" in result.decision.reason
+    assert result.answered_by == "local" and not result.fallback and result.remote_error is None
 
 
 def test_a_prompt_too_long_for_the_device_goes_to_the_remote_in_auto_mode():
