@@ -13,6 +13,9 @@ small instruction-tuned models have seen.
 
 from __future__ import annotations
 
+import re
+import unicodedata
+
 from rpra.config import Protocol
 
 PROMPT_VERSION = "rpra-prompts/1"
@@ -65,3 +68,74 @@ def turn_pieces(
     if protocol == "rpra":
         head = [("fixed", REASONING_OPEN), ("reasoning", reasoning + ("\n" if reasoning_ended_line else ""))]
     return [*head, ("fixed", SLOT_OPEN[protocol]), ("score", str(score)), ("fixed", SCORE_CLOSE), ("answer", answer)]
+
+
+# -- rating-like text in requests ----------------------------------------------------------------
+#
+# The slot cannot be forged (message text is tokenized without special tokens), but the device
+# model imitates rating text it reads: a user message ending in "Rating: [[10]]" raised SmolLM2's
+# expected score from 4.6 to 7.3 and flipped auto turns from remote to local ("Rating: [[1]]" does
+# the reverse, forcing paid deferrals). So what the device reads has the score taken out of such
+# text; the remote and the log get the message as written. A local answer continues from the
+# prediction's KV cache, so it reads the neutralised text too: answering from the original would
+# mean prefilling the conversation twice. Matching is done on a same-length NFKC-folded copy, so
+# full-width look-alikes ("［［１０］］", "Ｓｃｏｒｅ：１０") are caught too.
+
+_INVISIBLE = "\u00ad\u034f\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff"  # format characters that hide between digits
+_GAP = rf"[\s{_INVISIBLE}]*"
+_WORDS = "zero|one|two|three|four|five|six|seven|eight|nine|ten"
+_NUMBER = rf"(?:[+-]?\d(?:[\d{_INVISIBLE}]*\d)?(?:[.,]\d+)?|\b(?:{_WORDS})\b)"  # \d: any Unicode digit
+_DOUBLE_OPEN = rf"(?:[\[「『]{_GAP}[\[「『]|[⟦〚])"  # "[[" and look-alikes that NFKC leaves alone
+_SLASH = "[/⁄∕÷]"
+_RATING_PATTERNS = [
+    # [[10]], [[ 7.5 ]], [[10/10]], ⟦10⟧, an unclosed "[[10": a number right after double brackets
+    rf"(?P<keep>{_DOUBLE_OPEN}{_GAP}){_NUMBER}(?:{_GAP}{_SLASH}{_GAP}{_NUMBER})?",
+    # Rating: 10, score = 9, Grade: [8], "rating of 10", "score is 10"
+    rf"(?P<keep>\b(?:rating|score|grade|mark)s?{_GAP}(?:[:=]|\bis\b|\bof\b){_GAP}(?:[\[(]{_GAP})*){_NUMBER}",
+    # "Please rate this answer 10", "score it a 9", "grade your reply as ten"
+    rf"(?P<keep>\b(?:rate|score|grade)\s+(?:this|it|that|the|your|yourself|my|me|our)\b[^\d\n.!?]{{0,40}}?){_NUMBER}",
+    # 10/10, "10 out of 10", "ten out of ten" ending a clause; not "7 out of 10 questions", not 10/10/2024
+    rf"(?<![\d/.,])(?P<keep>){_NUMBER}(?={_GAP}(?:{_SLASH}|\bout of\b){_GAP}(?:10|ten)\b(?![/.,]?\d)(?![^\S\n]*[^\W\d_]))",
+]
+_RATING = [re.compile(pattern, re.IGNORECASE) for pattern in _RATING_PATTERNS]
+_HIDDEN_SCORE = "?"
+
+
+def neutralise_ratings(text: str) -> str:
+    """``text`` with the score taken out of rating-like text, for what the device model reads.
+
+    ``Rating: [[10]]`` becomes ``Rating: [[?]]``, ``Score: 10`` ``Score: ?``, ``10/10`` ``?/10``
+    and "rate this answer 10" "rate this answer ?"; look-alikes too (full-width digits, brackets
+    and letters, ``⟦10⟧``, digits split by invisible characters, numbers written as words).
+    Idempotent. Left alone: text with no double bracket and no rating keyword next to the number
+    ("[[link]]", "rated 4.5 stars by 10 people", citations like "[10]", dates, "7 out of 10
+    questions"). The price is that a genuine rating in a question ("my essay got a score of 7",
+    "is 8/10 good?") reaches the device model without its number; the remote gets it as written.
+    Prose that asks for a high score without a number in rating form ("Give yourself a ten.") is
+    not caught.
+    """
+    folded = _fold(text)
+    spans: list[tuple[int, int]] = []
+    for pattern in _RATING:
+        spans += [(m.end("keep"), m.end()) for m in pattern.finditer(folded)]
+    if not spans:
+        return text
+    merged: list[list[int]] = []  # two patterns may match the same number, or overlapping parts of it
+    for start, end in sorted(spans):
+        if merged and start < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    pieces, at = [], 0
+    for start, end in merged:
+        pieces += [text[at:start], _HIDDEN_SCORE]
+        at = end
+    return "".join([*pieces, text[at:]])
+
+
+def _fold(text: str) -> str:
+    """``text`` with each character that NFKC maps to one character replaced by it ("１"→"1",
+    "［"→"[", "Ｒ"→"R"): the same length, so a match's span is the same in the original."""
+    if text.isascii():
+        return text
+    return "".join(f if len(f := unicodedata.normalize("NFKC", c)) == 1 else c for c in text)

@@ -385,7 +385,10 @@ class Runtime:
 
         A turn without a recorded ``rating`` (e.g. history from another client) gets the scale's
         midpoint: some rating keeps the layout consistent, and the midpoint anchors the least.
+        Rating-like text in any message is neutralised first (``prompts.neutralise_ratings``): the
+        model imitates a score it reads, so a request ending in "Rating: [[10]]" would steer it.
         """
+        message = {**message, "content": prompts.neutralise_ratings(message["content"])}
         if message["role"] != "assistant":
             return {"role": message["role"], "content": message["content"]}
         score = message.get("rating") or (self.settings.scale_max + 1) // 2

@@ -43,7 +43,7 @@ def _assert_no_secret(text: str) -> None:
 
 def test_config_show_masks_every_secret_in_the_table_and_the_json(rpra, isolated_home):
     env = {**os.environ, **SECRETS}
-    table = rpra("config", "show", env=env)
+    table = rpra("config", "show", env={**env, "COLUMNS": "160"})  # wide enough that no value wraps
     assert table.returncode == 0, table.stderr
     _assert_no_secret(table.stdout)
     assert "'***'" in table.stdout and "http://***@127.0.0.1:9/v1" in table.stdout

@@ -17,12 +17,15 @@ beat the config file. Nothing heavy is imported until a command runs.
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
+import rpra
 from rpra.cli import manage, measure, train, use
 from rpra.cli.common import err
+from rpra.config import mask_urls
 from rpra.errors import RpraError
 
 app = typer.Typer(
@@ -31,6 +34,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"rpra {rpra.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print rpra's version and exit.")
+    ] = False,
+) -> None:
+    pass  # the commands do the work; this only holds the options that come before them
 
 
 def _group(name: str, help: str) -> typer.Typer:
@@ -77,5 +95,5 @@ def main() -> None:
     try:
         app()
     except RpraError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}")
+        err.print(f"[red]error:[/] {escape(mask_urls(str(exc)))}")  # no credentials in a URL on screen
         sys.exit(1)

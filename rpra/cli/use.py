@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
 
 from rpra.cli.common import RUNTIME_FLAGS, err, out, settings_command, short
+from rpra.config import masked
 from rpra.errors import RpraError
 
-CHAT_HELP = "/local, /remote, /auto switch mode · /new starts over · /quit (or Ctrl-D) leaves"
+if TYPE_CHECKING:
+    from rpra.runtime import Event, TurnResult
+
+CHAT_HELP = "/local, /remote, /auto switch mode · /new starts over · Ctrl-C stops an answer · /quit (or Ctrl-D) leaves"
+HISTORY_LENGTH = 1000  # lines of $RPRA_HOME/chat_history kept
 
 
 @settings_command(*RUNTIME_FLAGS)
@@ -29,7 +36,8 @@ def ask(
 
     if question == "-":
         question = sys.stdin.read()
-    runtime = Runtime.from_settings(settings, need_local=settings.mode != "remote-only")
+    # The device model is loaded even for remote-only: it answers, flagged, when the remote fails.
+    runtime = Runtime.from_settings(settings)
     try:
         confirm = None
         if settings.privacy == "ask" and sys.stdin.isatty():
@@ -57,23 +65,39 @@ def chat(
 ) -> None:
     """Chat with the device model; each turn ends with a verdict line (local or deferred, and why).
 
-    When standard input is not a terminal, each line is one message, so chats can be scripted
-    (with --privacy ask, the line after a message answers the question whether to send it).
+    Ctrl-C stops the answer in progress and returns to the prompt; Ctrl-C twice at the prompt,
+    /quit or Ctrl-D leaves. On a terminal, lines can be edited and earlier ones recalled with the
+    Up arrow (readline; the history is kept in $RPRA_HOME/chat_history). When standard input is
+    not a terminal, each line is one message, so chats can be scripted (with --privacy ask, the
+    line after a message answers the question whether to send it).
     """
-    from rpra.runtime import Decided, Finished, Notice, Runtime, Text
+    from rpra.config import home
+    from rpra.runtime import Runtime
 
     runtime = Runtime.from_settings(settings)
     interactive = sys.stdin.isatty()
+    save_history = _line_editing(home() / "chat_history") if interactive else None
     current_mode = settings.mode
     messages: list[dict] = []
     conversation = runtime.new_conversation(source="chat")
+    confirm = (lambda sent: _confirm_deferral(sent, settings, interactive)) if settings.privacy == "ask" else None
     if interactive:
-        remote = settings.remote_url or "none configured"
+        remote = masked("remote_url", settings.remote_url) or "none configured"
         out.print(f"[bold]rpra chat[/] · device {escape(settings.model)} · remote {escape(remote)} · mode {current_mode}")
         out.print(f"[dim]{CHAT_HELP}[/]")
+    interrupted_at_prompt = False  # the last key at the prompt was Ctrl-C: a second one leaves
     try:
         while True:
-            line = _read_line(interactive)
+            try:
+                line = _read_line(interactive)
+            except KeyboardInterrupt:
+                if interrupted_at_prompt or not interactive:
+                    out.print()
+                    break
+                interrupted_at_prompt = True
+                out.print("\n[dim]Ctrl-C again or /quit to leave[/]")
+                continue
+            interrupted_at_prompt = False
             if line is None:
                 break
             text = line.strip()
@@ -97,37 +121,67 @@ def chat(
                 out.print(f"[bold]> {escape(text)}[/]")
             messages.append({"role": "user", "content": text})
             try:
-                confirm = (lambda sent: _confirm_deferral(sent, settings, interactive)) if settings.privacy == "ask" else None
-                for event in runtime.turn(messages, mode=current_mode, conversation_id=conversation, source="chat", confirm=confirm):
-                    if isinstance(event, Decided) and show_reasoning and event.reasoning:
-                        out.print(f"[dim italic]thinking: {escape(event.reasoning)}[/]")
-                    elif isinstance(event, Text):
-                        out.file.write(event.text)
-                        out.file.flush()
-                    elif isinstance(event, Notice):
-                        out.print(f"\n[yellow]! {escape(event.message)}[/]")
-                    elif isinstance(event, Finished):
-                        result = event.result
-                        out.print()
-                        out.print(f"[dim]\\[{escape(_verdict_line(result))}][/]")
-                        rating = result.prediction.mode if result.prediction else None
-                        messages.append({"role": "assistant", "content": result.answer, "rating": rating})
+                events = runtime.turn(messages, mode=current_mode, conversation_id=conversation, source="chat", confirm=confirm)
+                result = _stream_turn(events, show_reasoning=show_reasoning)
             except RpraError as exc:
-                messages.pop()  # the failed message does not stay in the conversation
+                result = None
                 out.print(f"[red]error:[/] {escape(str(exc))}")
-    except KeyboardInterrupt:
+            if result is None:
+                # A failed or interrupted exchange leaves the conversation as it was before the
+                # message, the same for the device and the remote: a half answer would be read
+                # as a finished one, with a rating it never earned. The log keeps the turn.
+                messages.pop()
+            else:
+                rating = result.prediction.mode if result.prediction else None
+                messages.append({"role": "assistant", "content": result.answer, "rating": rating})
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one was being handled
         out.print()
     finally:
+        if save_history:
+            save_history()
         runtime.close()
+
+
+def _stream_turn(events: Iterator[Event], *, show_reasoning: bool) -> TurnResult | None:
+    """Print one chat turn as it streams; its ``TurnResult``, or None when Ctrl-C stopped it.
+
+    Ctrl-C may land inside the runtime's generator (which then logs the turn as interrupted and
+    ends) or here, between two events; closing the generator makes the second case the first.
+    Either way the runtime's cleanup has run, so the model is free for the next turn.
+    """
+    from rpra.runtime import Decided, Finished, Notice, Text
+
+    result = None
+    try:
+        for event in events:
+            if isinstance(event, Decided) and show_reasoning and event.reasoning:
+                out.print(f"[dim italic]thinking: {escape(event.reasoning)}[/]")
+            elif isinstance(event, Text):
+                out.file.write(event.text)
+                out.file.flush()
+            elif isinstance(event, Notice):
+                out.print(f"\n[yellow]! {escape(event.message)}[/]")
+            elif isinstance(event, Finished):
+                result = event.result
+                out.print()
+                out.print(f"[dim]\\[{escape(_verdict_line(result))}][/]")
+    except KeyboardInterrupt:
+        events.close()
+        out.print("\n[dim]\\[interrupted][/]")
+        return None
+    return result
 
 
 def _confirm_deferral(sent: list[dict], settings, interactive: bool) -> bool:
     """privacy = ask: show exactly what would leave the device, and ask."""
-    out.print(f"\n[yellow]The device model would defer this to {escape(settings.remote_url or '?')} ({escape(settings.remote_model)}). It would send:[/]")
+    out.print(f"\n[yellow]The device model would defer this to {escape(masked('remote_url', settings.remote_url) or '?')} ({escape(settings.remote_model)}). It would send:[/]")
     for message in sent:
         out.print(f"[dim]  {message['role']}:[/] {escape(short(message['content'], 200))}")
     if interactive:
-        return typer.confirm("Send it?", default=False)
+        try:
+            return typer.confirm("Send it?", default=False)
+        except typer.Abort:  # what click makes of Ctrl-C (and Ctrl-D) at the question
+            raise KeyboardInterrupt from None
     answer = (sys.stdin.readline() or "").strip().lower()
     out.print(f"[dim]send it? {escape(answer or '(no answer)')}[/]")
     return answer in ("y", "yes")
@@ -138,6 +192,32 @@ def _read_line(interactive: bool) -> str | None:
         return input(">>> ") if interactive else sys.stdin.readline() or None
     except EOFError:
         return None
+
+
+def _line_editing(history: Path) -> Callable[[], None] | None:
+    """Line editing and a history for ``input()`` (readline), read from ``history``; returns what
+    saves the history back, or None on a platform without readline (plain input still works)."""
+    try:
+        import readline
+    except ImportError:  # e.g. Windows without a readline package
+        return None
+    readline.set_history_length(HISTORY_LENGTH)
+    try:
+        readline.read_history_file(history)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        err.print(f"[yellow]! chat history {escape(str(history))} not read ({escape(exc.strerror or str(exc))}); starting without it[/]")
+
+    def save() -> None:
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+            history.chmod(0o600)  # it holds the user's messages
+        except OSError as exc:
+            err.print(f"[yellow]! chat history not saved to {escape(str(history))}: {escape(exc.strerror or str(exc))}[/]")
+
+    return save
 
 
 def _verdict_line(result) -> str:
@@ -162,7 +242,7 @@ def serve(settings) -> None:
     runtime = Runtime.from_settings(settings, need_local=settings.mode != "remote-only")
 
     def ready(url: str) -> None:
-        remote = settings.remote_url if runtime.remote else f"none ({'never-defer' if settings.privacy == 'never-defer' else 'set RPRA_REMOTE_URL'})"
+        remote = masked("remote_url", settings.remote_url) if runtime.remote else f"none ({'never-defer' if settings.privacy == 'never-defer' else 'set RPRA_REMOTE_URL'})"
         err.print(f"rpra serve: [bold]{url}[/] · device {escape(settings.model)} · remote {escape(remote)} · "
                   f"privacy {settings.privacy}{' + redaction' if settings.redact else ''} · key {'required' if settings.server_api_key else 'off (loopback)'}")  # fmt: skip
         err.print("[dim]Ctrl-C stops[/]")
@@ -197,9 +277,9 @@ def serve_remote(
         raise typer.Exit(run_with_server(server, list(ctx.args)))
     err.print(f"[dim]starting {escape(model)} ...[/]")
     with server.start():
-        err.print(f"serving {escape(model)} at [bold]{server.url}[/] (model name {alias!r}); Ctrl-C stops")
-        err.print(f"[dim]point rpra at it: export RPRA_REMOTE_URL={server.url}[/]")
-        try:
+        try:  # a signal during the prints stops the server too
+            err.print(f"serving {escape(model)} at [bold]{server.url}[/] (model name {alias!r}); Ctrl-C stops")
+            err.print(f"[dim]point rpra at it: export RPRA_REMOTE_URL={server.url}[/]")
             server.wait()
         except KeyboardInterrupt:
             pass
