@@ -135,3 +135,13 @@ def test_models_list_shows_the_registry_and_what_is_downloaded(rpra, isolated_ho
     by_name = {r["name"]: r for r in rows}
     assert {"smollm2-135m-instruct", "qwen2.5-coder-1.5b-instruct"} <= set(by_name)
     assert not by_name["smollm2-135m-instruct"]["present"]  # a fresh RPRA_HOME has nothing yet
+
+
+@pytest.mark.slow
+def test_ask_remote_only_with_a_failing_remote_answers_locally_and_flags_it(rpra, env):
+    # The same rule as the chat's /remote and the server's rpra-remote: a local answer, flagged.
+    env |= {"RPRA_REMOTE_URL": DEAD_REMOTE, "RPRA_REMOTE_RETRIES": "0"}
+    run = rpra("ask", "Name a color.", "--mode", "remote-only", "--json", env=env)
+    assert run.returncode == 0, run.stderr
+    turn = json.loads(run.stdout)
+    assert turn["answered_by"] == "local" and turn["fallback"] and turn["answer"] and turn["remote_error"]
