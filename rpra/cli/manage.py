@@ -120,12 +120,12 @@ def logs(
     if json_out:
         print(json.dumps(rows, indent=2, default=str))
         return
-    table = Table(_keep("id"), _keep("time"), *map(_fold, ("route", "predicted", "answered by", "ms", "prompt")))
+    table = Table(_keep("id"), _keep("time"), *map(_fold, ("route", "score", "by", "ms", "prompt")))  # short headers: room for the prompt at 80 columns
     for r in rows:
         predicted = f"{r['expected']:.1f}" if r.get("expected") is not None else "-"
         route_text = (r.get("route") or r["status"]) + (" (fallback)" if r.get("fallback") else "")
         ms = f"{r['total_ms']:.0f}" if r.get("total_ms") is not None else "-"
-        table.add_row(str(r["id"]), r["created_at"][:19], route_text, predicted, r.get("answered_by") or "-", ms, short(r["prompt"]))
+        table.add_row(str(r["id"]), r["created_at"][:19], route_text, predicted, _who(r.get("answered_by")), ms, short(r["prompt"]))
     out.print(table)
 
 
@@ -138,6 +138,12 @@ def _keep(header: str) -> Column:
 def _fold(header: str) -> Column:
     """A column that wraps to fit, breaking a word too long for it rather than cutting it short."""
     return Column(header, overflow="fold")
+
+
+def _who(answered_by: str | None) -> str:
+    """Who answered, without the model: at 80 columns the prompt needs the room, and the model is
+    in `rpra logs --turn ID` and --json."""
+    return (answered_by or "-").partition(":")[0]
 
 
 def config_show(config: ConfigOpt = None, set_: SetOpt = None, json_out: JsonOpt = False) -> None:
