@@ -88,10 +88,13 @@ def load_items(suite: str, *, limit: int | None = None, seed: int = 0, report=pr
     return items
 
 
-def items_for(suite: str, which: str, *, limit: int | None, seed: int = 0) -> list[Item]:
-    """The first ``limit`` items of a split. Splits hash item ids, so an item's split never changes."""
+def items_for(suite: str, which: str, *, limit: int | None, seed: int = 0, keyed: bool = False) -> list[Item]:
+    """The first ``limit`` items of a split (``keyed``: of those with an answer key). Splits hash
+    item ids, so an item's split never changes."""
     pool = load_items(suite, limit=None if limit is None else max(4 * limit, 40), seed=seed, report=_warn)
     chosen = split(pool, seed=seed)[which]
+    if keyed:
+        chosen = [item for item in chosen if item.gold is not None]
     return chosen if limit is None else chosen[:limit]
 
 
@@ -110,16 +113,28 @@ def bench_settings(settings: Settings) -> Settings:
 
 def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None, seed: int = 0, judge_url: str | None = None,
                 judge_grammar: bool | None = None, remote_max_tokens: int = 256, progress: bool = True,
-                remote_answers: bool = True) -> tuple[list[dict], Path]:  # fmt: skip
+                remote_answers: bool = True, verified: bool = False) -> tuple[list[dict], Path]:  # fmt: skip
     """Collect (or extend) the collection for ``suite``/``which``; returns its records and folder.
 
     ``judge_grammar`` forces the judge's reply format with llama-cpp-python's GBNF extension (only
     for such servers; a cloud API rejects the field). Default: on for the stand-in we start.
+
+    ``verified``: device side only, and only the items with an answer key, labelled by the
+    verifier: no remote, no judge, no RPRA reasoning. What a predictor trains on, at device speed.
     """
     settings = bench_settings(settings)
-    items = items_for(suite, which, limit=limit, seed=seed)
+    items = items_for(suite, which, limit=limit, seed=seed, keyed=verified)
     local = LocalModel.from_settings(settings)
     cache = CallCache.default()
+    if verified:
+        collector = Collector(
+            pa=Runtime(replace(settings, protocol="pa"), local=local), rpra=None, remote=None, judge=None, cache=cache,
+            provenance=provenance_for(settings, local, suite=suite, split=which, remote_id="none", judge_id="verifier"),
+        )  # fmt: skip
+        collection = Collection.open(collection_dir(settings.model, suite, which))
+        records = collect(items, collector, collection, progress=progress)
+        wanted = {item.id for item in items}
+        return [r for r in records if r["id"] in wanted], collection.folder
     with endpoints(settings, judge_url=judge_url) as ep:
         collector = Collector(
             pa=Runtime(replace(settings, protocol="pa"), local=local),

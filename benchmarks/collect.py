@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 
 from rpra.benchmarks.cache import CallCache, cached
-from rpra.benchmarks.collection import Collection, Provenance
+from rpra.benchmarks.collection import Collection, Provenance, label
 from rpra.benchmarks.data import Item, verify
 from rpra.benchmarks.judge import Judge
 from rpra import prompts
@@ -39,25 +39,31 @@ def predict_only(runtime: Runtime, messages: list[dict]) -> dict:
     }
 
 
-def device_record(pa: Runtime, rpra: Runtime, item: Item) -> dict:
-    """PA prediction and the local answer (one turn, as the device runs it), then the RPRA prediction.
+def device_record(pa: Runtime, rpra: Runtime | None, item: Item) -> dict:
+    """PA prediction and the local answer (one turn, as the device runs it), then the RPRA
+    prediction unless ``rpra`` is None (a verified collection skips it: it costs a reasoning decode).
 
     ``pa`` and ``rpra`` share one LocalModel; they differ only in the protocol setting.
     """
     messages = [{"role": "user", "content": item.prompt}]
     result = pa.ask(messages, mode="local-only")
-    reasoned = predict_only(rpra, messages)
-    return {
+    record = {
         "pa": result.prediction.to_dict(),
         "pa_decision_ms": result.timings_ms["decision"],
-        "rpra": reasoned["prediction"],
-        "rpra_reasoning": reasoned["reasoning"],
-        "rpra_reasoning_tokens": reasoned["reasoning_tokens"],
-        "rpra_decision_ms": reasoned["decision_ms"],
         "local_answer": result.answer,
         "local_tokens": result.tokens.get("local_answer", 0),
         "local_ms": result.timings_ms["total"],
+        "local_finish": result.finish_reason,
     }
+    if rpra is not None:
+        reasoned = predict_only(rpra, messages)
+        record.update({
+            "rpra": reasoned["prediction"],
+            "rpra_reasoning": reasoned["reasoning"],
+            "rpra_reasoning_tokens": reasoned["reasoning_tokens"],
+            "rpra_decision_ms": reasoned["decision_ms"],
+        })  # fmt: skip
+    return record
 
 
 def remote_record(remote: RemoteModel, item: Item, max_tokens: int) -> dict:
@@ -74,16 +80,18 @@ def remote_record(remote: RemoteModel, item: Item, max_tokens: int) -> dict:
 class Collector:
     """Runs items through the device model, the remote and the judge, caching every call.
 
-    Without a ``remote`` only the device side is collected and judged (enough to train on).
+    Without a ``remote`` only the device side is collected (enough to train on). Without a
+    ``judge`` (a verified collection) only items with an answer key are collected, and the
+    verifier alone labels them: fast, and no weak judge's opinion where a key decides.
     """
 
     def __init__(
         self,
         *,
         pa: Runtime,
-        rpra: Runtime,
+        rpra: Runtime | None,
         remote: RemoteModel | None,
-        judge: Judge,
+        judge: Judge | None,
         cache: CallCache,
         provenance: Provenance,
         remote_max_tokens: int = 256,
@@ -94,39 +102,51 @@ class Collector:
 
     def record(self, item: Item) -> dict:
         p = self.provenance
+        if self.judge is None and item.gold is None:
+            raise InputError(f"{item.id} has no answer key, and a verified collection has no judge to label it.")
         device_key = {"prompt": item.prompt, "prompts": p.prompts_version, "settings": p.settings}
+        if self.rpra is None:
+            device_key["rpra"] = False  # such records hold no RPRA prediction: cached apart
         device = cached(self.cache, "device", p.device_sha256, device_key, lambda: device_record(self.pa, self.rpra, item))
-        judged_local = self.judge.score(item.prompt, device["local_answer"], reference=item.reference)
+        judged_local = None if self.judge is None else self.judge.score(item.prompt, device["local_answer"], reference=item.reference).to_dict()
         remote, judged_remote = {"remote_answer": None, "remote_tokens": None, "remote_ms": None}, None
         if self.remote is not None:
             remote_key = {"prompt": item.prompt, "max_tokens": self.remote_max_tokens}
             remote = cached(self.cache, "remote", p.remote_id, remote_key, lambda: remote_record(self.remote, item, self.remote_max_tokens))
-            judged_remote = self.judge.score(item.prompt, remote["remote_answer"], reference=item.reference).to_dict()
-        return {
+            if self.judge is not None:
+                judged_remote = self.judge.score(item.prompt, remote["remote_answer"], reference=item.reference).to_dict()
+        record = {
             "id": item.id, "suite": item.suite, "category": item.category, "kind": item.kind,
             "prompt": item.prompt, "reference": item.reference, "gold": item.gold,
             **device, **remote,
-            "judge_local": judged_local.to_dict(),
+            "judge_local": judged_local,
             "judge_remote": judged_remote,
             "exact_local": verify(item, device["local_answer"]),
             "exact_remote": None if remote["remote_answer"] is None else verify(item, remote["remote_answer"]),
         }  # fmt: skip
+        record["label"] = label(record, pass_mark=p.settings.get("pass_mark", 7))
+        return record
 
 
 def collect(items: list[Item], collector: Collector, collection: Collection, *, progress: bool = True) -> list[dict]:
-    """Collect every item not yet in ``collection``; return all its records (old and new)."""
+    """Collect every item not yet in ``collection``; return all its records (old and new).
+
+    Each run's throughput is appended to the collection's ``runs.jsonl`` (items per hour).
+    """
     collection.set_provenance(collector.provenance)
     done = collection.ids
     todo = [item for item in items if item.id not in done]
     skipped = []
+    started, before = time.perf_counter(), len(collection.records)
     with collection.appender() as add, _progress(len(todo), len(done), progress) as advance:
         for item in todo:
             try:
                 add(collector.record(item))
-            except InputError as exc:  # e.g. longer than the device's context: cannot be scored
+            except InputError as exc:  # e.g. longer than the device's context, or no key to verify
                 skipped.append({"id": item.id, "reason": str(exc)})
             advance()
     collection.write_skipped(skipped)
+    collection.log_run(new=len(collection.records) - before, seconds=time.perf_counter() - started)
     collection.save_dataset()
     return collection.records
 

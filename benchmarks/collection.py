@@ -8,15 +8,21 @@ One collection per (device model, suite, split), in ``RPRA_HOME/collections/<mod
     records.parquet   the same records as a ``datasets`` dataset, rewritten at the end of a run
     skipped.json      items that could not be scored this run (e.g. too long for the context)
 
+A collection can be exported (``Collection.export``) as one gzipped JSON Lines file with its
+provenance under ``benchmarks/results/collections/``, where it is committed: an empty collection
+is seeded from it, so a fresh machine re-evaluates or trains without redoing hours of calls.
+
 ``benchmarks.collect`` fills a collection; the benchmark, the report cards and ``training/``
 read it through ``Collection.load`` here and nowhere else.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +30,23 @@ from rpra.config import home
 from rpra.errors import ConfigError
 
 # Bump when a field changes meaning; readers can then tell old records from new.
-RECORD_VERSION = 1
+# 2: every record has a ``label`` (below); judge_local may be null where a key decides.
+RECORD_VERSION = 2
+
+# Committed collections that seed empty ones (a few MB of gzipped JSON Lines, with provenance).
+SEEDS = Path(__file__).parent / "results" / "collections"
+
+
+def seeds_dir() -> Path | None:
+    """Where seeds are read from: ``SEEDS``, or ``RPRA_SEEDS`` if set (empty: no seeding, as in
+    tests that must start from nothing)."""
+    value = os.environ.get("RPRA_SEEDS")
+    if value is None:
+        return SEEDS
+    return Path(value).expanduser() if value.strip() else None
+
+# The judge's three-level label, as the RPRA paper's report cards use: scores 1-3, 4-6, 7-10.
+LEVELS = {"bad": (1, 3), "ok": (4, 6), "great": (7, 10)}
 
 # Every field of a record and what it means. A prediction is ``Prediction.to_dict()``:
 # {"distribution", "expected", "p_pass", "mode", "pass_mark", "scale_max", "predictor"}.
@@ -49,9 +71,48 @@ FIELDS = {
     "judge_remote": "the judge's verdict on the remote answer, or null",
     "exact_local": "the exact verifier's 1 / 0 for the local answer, or null (no answer key)",
     "exact_remote": "the same for the remote answer",
+    "local_logprobs": "mean and min log-probability of the local answer's tokens, or null",
+    "label": "what the predictors learn and are scored on (``label()``): {pass, source, level, remote_better}",
 }  # fmt: skip
 # Predictors added later by the benchmark (``benchmarks.bench.add_predictions``) store
 # ``<field>``, ``<field>_decision_ms`` and for RPRA ``<field>_reasoning_tokens``.
+
+
+def label(record: dict, *, pass_mark: int = 7) -> dict:
+    """The quality label of a record's local answer, and where it comes from.
+
+    - ``pass``: the exact verifier's verdict where the item has an answer key (``source``
+      "verified": no judge is needed and none is trusted over the key), else the judge's score
+      at or above ``pass_mark`` (``source`` "judge"); None when neither exists.
+    - ``level``: the judge's three-level label (``LEVELS``: bad / ok / great), or None.
+    - ``remote_better``: whether the remote's answer is better than the local one, the pairwise
+      label APGR rewards: by the verifier where both answers have one, else by the judge; None
+      without a remote answer. Ties are not better.
+    """
+    exact_local, exact_remote = record.get("exact_local"), record.get("exact_remote")
+    local = (record.get("judge_local") or {}).get("score")
+    remote = (record.get("judge_remote") or {}).get("score")
+    if exact_local is not None:
+        passed, source = bool(exact_local >= 0.5), "verified"
+    elif local is not None:
+        passed, source = bool(local >= pass_mark), "judge"
+    else:
+        passed, source = None, None
+    level = None if local is None else next(name for name, (lo, hi) in LEVELS.items() if lo <= min(max(round(local), 1), 10) <= hi)
+    if exact_local is not None and exact_remote is not None:
+        remote_better = bool(exact_remote > exact_local)
+    elif local is not None and remote is not None:
+        remote_better = bool(remote > local)
+    else:
+        remote_better = None
+    return {"pass": passed, "source": source, "level": level, "remote_better": remote_better}
+
+
+def upgrade(record: dict, *, pass_mark: int = 7) -> dict:
+    """A record of any version in the current format (older ones gain their ``label``)."""
+    if "label" not in record:
+        record["label"] = label(record, pass_mark=pass_mark)
+    return record
 
 
 @dataclass(frozen=True)
@@ -88,6 +149,7 @@ class Collection:
     folder: Path
     records: list[dict] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    last_run: dict | None = None  # this process's last collection run (``log_run``)
 
     @property
     def journal(self) -> Path:
@@ -109,6 +171,7 @@ class Collection:
         A torn last line (killed mid-write) is dropped and the journal rewritten without it, so
         the next append starts on a clean line.
         """
+        _seed(folder)
         records, torn = _read_journal(folder / "records.jsonl")
         if torn:
             _atomic_write(folder / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
@@ -116,7 +179,8 @@ class Collection:
             provenance = json.loads((folder / "provenance.json").read_text())
         except (OSError, ValueError):
             provenance = {}
-        return cls(folder, records, provenance)
+        pass_mark = provenance.get("settings", {}).get("pass_mark", 7)
+        return cls(folder, [upgrade(r, pass_mark=pass_mark) for r in records], provenance)
 
     @classmethod
     def load(cls, model: str, suite: str, split: str) -> Collection:
@@ -131,9 +195,30 @@ class Collection:
         return collection
 
     def set_provenance(self, provenance: Provenance) -> None:
+        """Record what produces this collection; refuses one made with another device model file,
+        so records of two models are never mixed."""
+        had = self.provenance.get("device_sha256")
+        if self.records and had and had != provenance.device_sha256:
+            raise ConfigError(
+                f"{self.folder} holds records of another device model file (sha256 {had[:12]}…, not "
+                f"{provenance.device_sha256[:12]}…). Move that folder away to collect for this model."
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         self.provenance = asdict(provenance)
         _atomic_write(self.folder / "provenance.json", json.dumps(self.provenance, indent=2))
+
+    def export(self, dest: Path = SEEDS) -> Path:
+        """The records as ``dest/<folder name>.jsonl.gz`` and the provenance beside it, written
+        reproducibly (no timestamp in the gzip header) so an unchanged export is byte-identical."""
+        dest.mkdir(parents=True, exist_ok=True)
+        path = dest / f"{self.folder.name}.jsonl.gz"
+        body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in self.records).encode()
+        tmp = path.with_name(path.name + ".part")
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
+            f.write(body)
+        os.replace(tmp, path)
+        _atomic_write(dest / f"{self.folder.name}.provenance.json", json.dumps(self.provenance, indent=2, sort_keys=True) + "\n")
+        return path
 
     def appender(self) -> _Appender:
         """``with collection.appender() as add: add(record)``: each record is on disk (fsynced)
@@ -151,6 +236,17 @@ class Collection:
         Dataset.from_list(flat).to_parquet(str(tmp))
         os.replace(tmp, path)
         return path
+
+    def log_run(self, *, new: int, seconds: float) -> dict:
+        """Append one run's throughput to ``runs.jsonl``; returns it."""
+        from datetime import datetime, timezone
+
+        run = {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "new_records": new,
+               "seconds": round(seconds, 1), "items_per_hour": round(3600 * new / seconds) if seconds > 0 and new else None}  # fmt: skip
+        with open(self.folder / "runs.jsonl", "a") as f:
+            f.write(json.dumps(run) + "\n")
+        self.last_run = run
+        return run
 
     def write_skipped(self, skipped: list[dict]) -> None:
         """Items that could not be scored this run; they are not in the journal, so a re-run
@@ -174,6 +270,23 @@ class _Appender:
 
     def __exit__(self, *exc) -> None:
         self._file.close()
+
+
+def _seed(folder: Path) -> bool:
+    """Fill an empty collection from its committed export, if there is one; True if it did."""
+    seeds = seeds_dir()
+    if seeds is None:
+        return False
+    journal, seed = folder / "records.jsonl", seeds / f"{folder.name}.jsonl.gz"
+    if (journal.exists() and journal.stat().st_size) or not seed.exists():
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(seed, "rt") as f:
+        _atomic_write(journal, f.read())
+    provenance = seeds / f"{folder.name}.provenance.json"
+    if provenance.exists():
+        shutil.copyfile(provenance, folder / "provenance.json")
+    return True
 
 
 def _read_journal(path: Path) -> tuple[list[dict], int]:

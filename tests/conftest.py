@@ -30,6 +30,7 @@ def isolated_home(tmp_path, monkeypatch) -> Path:
     for name in list(os.environ):
         if name.startswith("RPRA_") and name not in ("RPRA_HOME", "RPRA_TEST_MODEL"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("RPRA_SEEDS", "")  # no committed records: a test's collection starts empty
     return home
 
 

@@ -44,7 +44,15 @@ def load_collection(model: str, suite: str, split: str) -> Collection:
 
 
 def target_score(record: dict, *, target: str, scale_max: int) -> int | None:
-    """The integer score the adapter learns to put in the slot (None: the record has no usable score)."""
+    """The integer score a predictor learns for a record (None: the record has no usable one).
+
+    ``llm``: the judge's score; ``exact``: the verifier's verdict as scale_max / 1; ``pass``: the
+    record's label (``benchmarks.collection.label``: verified where keyed, else the judge at the
+    pass mark) as scale_max / 1, the target P(pass) is read from.
+    """
+    if target == "pass":
+        passed = (record.get("label") or {}).get("pass")
+        return None if passed is None else (scale_max if passed else 1)
     if target == "exact":
         exact = record.get("exact_local")
         return None if exact is None else (scale_max if exact >= 0.5 else 1)

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from rpra.benchmarks.metrics import spearman
+from rpra.benchmarks.metrics import auroc, spearman
 from rpra.config import Settings
 from rpra.errors import RpraError
 from rpra.local import LocalModel, LocalSession
@@ -109,6 +109,8 @@ def fit_probe(x: np.ndarray, y: np.ndarray, *, scale_max: int, folds: int = 5, s
         "cv_rmse_by_alpha": {str(a): round(v, 4) for a, v in scores.items()},
         "mean_baseline_rmse": mean_rmse(y),
         "cv_spearman": float(spearman(oof, y)),
+        # How well the out-of-fold predictions rank passing above failing answers (when y is pass / fail).
+        "cv_auroc_pass": float(auroc(oof, y == y.max())) if len(np.unique(y)) == 2 else None,
         "examples": int(len(y)),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -126,13 +128,15 @@ def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: 
     from rpra.benchmarks.bench import bench_settings
     from rpra.models import file_sha256, resolve
     from rpra.probe import default_probe_path
-    from rpra.training.data import load_collection
+    from rpra.training.data import load_collection, target_score
 
     settings = bench_settings(settings)
     collection = load_collection(settings.model, suite, split)
-    records = [r for r in collection.records if r["judge_local"]["score"] is not None]
+    # The target is the record's pass label (verified where the item has a key, else the judge at
+    # the pass mark), as scale_max / 1: the probe's P(pass) is what the controller routes on.
+    records = [r for r in collection.records if target_score(r, target="pass", scale_max=settings.scale_max) is not None]
     x = slot_states(LocalModel.from_settings(settings), [r["prompt"] for r in records], settings, progress=progress(len(records)))
-    y = np.asarray([r["judge_local"]["score"] for r in records], float)
+    y = np.asarray([target_score(r, target="pass", scale_max=settings.scale_max) for r in records], float)
     model_path = resolve(settings.model)
     meta = {"model": settings.model, "model_sha256": file_sha256(model_path), "collection": str(collection.folder)}
     probe, report = fit_probe(x, y, scale_max=settings.scale_max, folds=folds, meta=meta)

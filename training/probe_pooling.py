@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     settings = load_settings()
-    records = [r for r in load_collection(settings.model, args.suite, "train").records if r["judge_local"]["score"] is not None]
+    records = [r for r in load_collection(settings.model, args.suite, "train").records if (r.get("judge_local") or {}).get("score") is not None]
     records = records[: args.limit]
     score = np.asarray([r["judge_local"]["score"] for r in records], float)
     passed = score >= settings.pass_mark

@@ -36,11 +36,26 @@ def collect(
     judge_url: JudgeOpt = None,
     judge_grammar: GrammarOpt = None,
     remote: Annotated[bool, typer.Option("--remote/--no-remote", help="Also collect and judge the remote's answers (not needed to train).")] = True,
+    verified: Annotated[bool, typer.Option("--verified", help="Device side only, items with an answer key only, labelled by the verifier (no remote, judge or RPRA reasoning): fast training data. Bound answers with --set max_tokens=96.")] = False,
+    export: Annotated[bool, typer.Option("--export", help="Then write the collection to benchmarks/results/collections/ (gzipped, with provenance) to commit it.")] = False,
 ) -> None:
-    """Run items through the device model, the remote and the judge; resumable, every call cached."""
-    records, out_dir = bench_module().run_collect(settings, suite=suite, which=split, limit=limit, seed=seed, judge_url=judge_url,
-                                                  judge_grammar=judge_grammar, remote_answers=remote)  # fmt: skip
-    err.print(f"{len(records)} records in {out_dir}")
+    """Run items through the device model, the remote and the judge; resumable, every call cached.
+
+    An empty collection starts from its committed export, if there is one, so only new items cost calls.
+    """
+    bench = bench_module()
+    records, out_dir = bench.run_collect(settings, suite=suite, which=split, limit=limit, seed=seed, judge_url=judge_url,
+                                         judge_grammar=judge_grammar, remote_answers=remote and not verified, verified=verified)  # fmt: skip
+    from rpra.benchmarks.collection import Collection
+
+    collection = Collection.open(out_dir)
+    runs = (out_dir / "runs.jsonl").read_text().splitlines() if (out_dir / "runs.jsonl").exists() else []
+    rate = json.loads(runs[-1]) if runs else {}
+    passed = [r["label"]["pass"] for r in records if r.get("label", {}).get("pass") is not None]
+    err.print(f"{len(records)} records in {out_dir}" + (f" · this run: {rate['new_records']} new, {rate['items_per_hour']} items/hour" if rate.get("items_per_hour") else "")
+              + (f" · pass rate {sum(passed) / len(passed):.1%} of {len(passed)} labelled" if passed else ""))  # fmt: skip
+    if export:
+        err.print(f"exported {collection.export()} ({len(collection.records)} records)")
 
 
 @settings_command()

@@ -96,7 +96,7 @@ def train_probe(
     folds: Annotated[int, typer.Option(help="Cross-validation folds for choosing the ridge strength.")] = 5,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Probe file (default: next to the model).")] = None,
 ) -> None:
-    """Fit the activation probe: a ridge regression from the hidden state at the PA slot to the judge score."""
+    """Fit the activation probe: a ridge regression from the hidden state at the PA slot to the pass label (verified where keyed, else the judge)."""
     bench_module()  # the probe reads a benchmark collection
     from rich.progress import Progress
 
@@ -110,5 +110,6 @@ def train_probe(
 
         path, report = fit(settings, suite=suite, split=split, folds=folds, output=output, progress=progress)
     out.print(f"probe: {path} ({path.stat().st_size / 1e3:.0f} kB) · {report['examples']} examples · ridge alpha {report['alpha']:g} · "
-              f"CV RMSE {report['cv_rmse']:.2f} (always-the-mean: {report['mean_baseline_rmse']:.2f}) · CV Spearman {report['cv_spearman']:.2f}")  # fmt: skip
+              f"CV RMSE {report['cv_rmse']:.2f} (always-the-mean: {report['mean_baseline_rmse']:.2f}) · CV Spearman {report['cv_spearman']:.2f}"
+              + (f" · CV AUROC (pass) {report['cv_auroc_pass']:.2f}" if report.get("cv_auroc_pass") is not None else ""))  # fmt: skip
     out.print("[dim]use it with --set predictor=probe[/]")

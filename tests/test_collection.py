@@ -1,0 +1,91 @@
+"""The collection: labels and their source, seeding from a committed export, one model per folder,
+and a verified collection on the real device model."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from rpra.benchmarks.collection import Collection, Provenance, collection_dir, label, upgrade
+from rpra.errors import ConfigError
+
+
+def _judged(score, *, exact=None, remote=None, exact_remote=None) -> dict:
+    return {"id": "x", "judge_local": {"score": score}, "judge_remote": None if remote is None else {"score": remote},
+            "exact_local": exact, "exact_remote": exact_remote}  # fmt: skip
+
+
+def test_a_key_decides_the_label_whatever_the_judge_says():
+    assert label(_judged(9.0, exact=0.0)) == {"pass": False, "source": "verified", "level": "great", "remote_better": None}
+    assert label(_judged(2.0, exact=1.0))["pass"] is True
+    assert label({"id": "x", "judge_local": None, "exact_local": 1.0})["source"] == "verified"
+
+
+def test_without_a_key_the_judge_labels_at_the_pass_mark():
+    assert label(_judged(7.0)) == {"pass": True, "source": "judge", "level": "great", "remote_better": None}
+    assert label(_judged(6.9), pass_mark=7)["pass"] is False and label(_judged(6.0), pass_mark=6)["pass"] is True
+    assert label({"id": "x", "judge_local": {"score": None}, "exact_local": None}) == {"pass": None, "source": None, "level": None, "remote_better": None}
+
+
+def test_three_levels_cover_the_scale():
+    assert [label(_judged(s))["level"] for s in (1, 3, 3.4, 4, 6, 6.6, 7, 10)] == ["bad", "bad", "bad", "ok", "ok", "great", "great", "great"]
+
+
+def test_remote_better_by_the_key_where_both_have_one_else_by_the_judge():
+    assert label(_judged(3.0, exact=0.0, remote=2.0, exact_remote=1.0))["remote_better"] is True  # the key wins
+    assert label(_judged(3.0, remote=8.0))["remote_better"] is True
+    assert label(_judged(5.0, remote=5.0))["remote_better"] is False  # a tie is not better
+
+
+def test_old_records_gain_their_label_when_read(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "records.jsonl").write_text(json.dumps(_judged(8.0)) + "\n")
+    (folder / "provenance.json").write_text(json.dumps({"settings": {"pass_mark": 9}}))
+    record = Collection.open(folder).records[0]
+    assert record["label"]["pass"] is False and record["label"]["source"] == "judge"  # 8 < the collection's pass mark 9
+    assert upgrade(dict(record))["label"] == record["label"]
+
+
+def _provenance(sha: str) -> Provenance:
+    return Provenance("arithmetic", "train", "m", sha, "none", "verifier", "v", {"pass_mark": 7})
+
+
+def test_an_export_seeds_an_empty_collection_and_is_byte_identical_when_unchanged(tmp_path, monkeypatch, isolated_home):
+    seeds = tmp_path / "seeds"
+    source = Collection(tmp_path / "m--arithmetic--train", [upgrade({**_judged(5.0 + i), "id": f"i{i}"}) for i in range(3)])
+    source.set_provenance(_provenance("a" * 64))
+    first = source.export(seeds).read_bytes()
+    assert source.export(seeds).read_bytes() == first  # reproducible: safe to re-export and commit
+    assert [json.loads(line)["id"] for line in gzip.decompress(first).decode().splitlines()] == ["i0", "i1", "i2"]
+
+    monkeypatch.setenv("RPRA_SEEDS", str(seeds))
+    seeded = Collection.load("m", "arithmetic", "train")  # the home has nothing: the export fills it
+    assert seeded.folder == collection_dir("m", "arithmetic", "train") and seeded.ids == {"i0", "i1", "i2"}
+    assert seeded.provenance["device_sha256"] == "a" * 64
+    with seeded.appender() as add:
+        add({**_judged(1.0), "id": "i3"})
+    assert len(Collection.open(seeded.folder).records) == 4  # a collection with records is never reseeded
+
+
+def test_records_of_another_model_file_are_never_mixed_in(tmp_path):
+    collection = Collection(tmp_path / "c")
+    collection.set_provenance(_provenance("a" * 64))
+    with collection.appender() as add:
+        add({**_judged(5.0), "id": "i0"})
+    with pytest.raises(ConfigError, match="another device model file"):
+        Collection.open(tmp_path / "c").set_provenance(_provenance("b" * 64))
+
+
+@pytest.mark.slow
+def test_a_verified_collection_labels_keyed_items_by_the_verifier_alone(rpra, env, isolated_home):
+    run = rpra("collect", "--suite", "arithmetic", "--split", "train", "--limit", "4", "--verified", "--set", "max_tokens=24", env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "items/hour" in run.stderr and "pass rate" in run.stderr
+    records = Collection.load(env["RPRA_MODEL"], "arithmetic", "train").records
+    assert len(records) == 4
+    for r in records:
+        assert r["judge_local"] is None and r["remote_answer"] is None and "rpra" not in r
+        assert r["label"]["source"] == "verified" and r["label"]["pass"] == (r["exact_local"] == 1.0)
