@@ -225,6 +225,31 @@ def add_trained_predictions(records: list[dict], settings: Settings, *, log: Cal
     return added
 
 
+def add_baselines(records: list[dict], settings: Settings, *, log: Callable[[str], None] = print) -> list[str]:
+    """The baselines every predictor must beat (``benchmarks.baselines``), added to ``records``:
+    the category prior from the model's train collections of the records' suites, and the local
+    answer's confidence where the records hold its log-probabilities. Returns the fields added."""
+    from rpra.benchmarks.baselines import answer_confidence, as_prediction, category_prior
+
+    added = []
+    train = [r for suite in sorted({r.get("suite") for r in records} | {"rpra-mix"}) if suite
+             for r in Collection.open(collection_dir(settings.model, suite, "train")).records]  # fmt: skip
+    if train:
+        prior = category_prior(train)
+        for r in records:
+            r["prior"] = as_prediction(prior(r), predictor="category prior", scale_max=settings.scale_max)
+        added.append("prior")
+    else:
+        log("no train collection for this model: no category prior (`rpra collect --split train --verified`)")
+    for which in ("mean", "min"):
+        scores = [answer_confidence(r, which=which) for r in records]
+        if all(s is not None for s in scores):
+            for r, score in zip(records, scores):
+                r[f"confidence_{which}"] = as_prediction(score, predictor=f"answer confidence ({which})", scale_max=settings.scale_max)
+            added.append(f"confidence_{which}")
+    return added
+
+
 def report(records: list[dict], settings: Settings, out_dir: Path, *, quality: str = "llm", seed: int = 0,
            log: Callable[[str], None] = print) -> tuple[dict, dict | None, dict[str, Path]]:  # fmt: skip
     """Evaluate every predictor on ``records`` (adding the trained ones first) with the settings'
@@ -237,6 +262,7 @@ def report(records: list[dict], settings: Settings, out_dir: Path, *, quality: s
     from rpra.benchmarks.report import evaluate, write_reports
 
     add_trained_predictions(records, settings, log=log)
+    add_baselines(records, settings, log=log)
     results = evaluate(records, quality=quality, pass_mark=settings.pass_mark, threshold=settings.threshold,
                        route_on=settings.route_on, seed=seed)  # fmt: skip
     pairs = [(r[f"judge_{side}"]["score"], r[f"exact_{side}"]) for r in records for side in ("local", "remote")

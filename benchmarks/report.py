@@ -25,7 +25,9 @@ EXACT_CORRECT, EXACT_WRONG = 10.0, 1.0
 
 # Record fields holding a prediction dict, and the predictor each stands for.
 PREDICTORS = {"pa": "zero-shot PA", "rpra": "zero-shot RPRA", "card_pa": "report card PA", "sft_pa": "SFT PA", "sft_rpra": "SFT RPRA",
-              "probe_pa": "probe (PA slot)"}
+              "probe_pa": "probe (PA slot)", "prior": "category prior (train)",
+              "confidence_mean": "answer confidence: mean (after the answer)", "confidence_min": "answer confidence: min (after the answer)"}
+BASELINES = {"prior", "confidence_mean", "confidence_min"}  # benchmarks.baselines: P(pass) only
 
 
 @dataclass
@@ -111,7 +113,9 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
         pred, p_pass, label = _prediction(a.kept, field, route_on)
         deferred = defers(pred, threshold)
         row = router_row(pred)
-        if quality == "llm":  # how well the judge's score is predicted; under exact verifiers there is no score to hit
+        # How well the judge's score is predicted: under exact verifiers there is no score to hit,
+        # and the baselines give only P(pass), no score.
+        if quality == "llm" and field not in BASELINES:
             row["exact_acc"] = ci(M.exact_accuracy, label, a.judged)
             row["within1_acc"] = ci(M.within_one_accuracy, label, a.judged)
         row.update({

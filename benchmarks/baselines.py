@@ -1,0 +1,62 @@
+"""Baselines a trained predictor must beat, as predictions a record can hold (pure: no model).
+
+- **Category prior**: the pass rate of the item's suite and category on the train split. It is
+  what a report card mostly supplies; a predictor that does not beat it has learned nothing
+  about the item itself, only its category.
+- **Answer confidence**: the local answer's mean (or minimum) token log-probability. It sees the
+  answer, so it is a baseline for decisions made *after* the draft, not before it.
+
+Each is written as a prediction dict with ``p_pass`` (and an ``expected`` score on the 1..10
+scale, monotone in it) so the benchmark ranks and thresholds it with the controller's rule like
+any predictor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+# Smoothing towards the next coarser rate: a category seen 3 times does not get a rate of 0 or 1.
+_PSEUDO = 2.0
+
+
+def category_prior(train: Iterable[dict]) -> Callable[[dict], float]:
+    """P(pass) of a record from the train records' labels: the rate of its (suite, category),
+    shrunk towards its suite's rate, shrunk towards the overall rate (``_PSEUDO`` pseudo-counts
+    each)."""
+    counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])  # key -> [passed, seen]
+    for r in train:
+        passed = (r.get("label") or {}).get("pass")
+        if passed is None:
+            continue
+        for key in ((), (r.get("suite"),), (r.get("suite"), r.get("category"))):
+            counts[key][0] += int(passed)
+            counts[key][1] += 1
+    if not counts[()][1]:
+        raise ValueError("The category prior needs labelled train records; there are none.")
+
+    def rate(key: tuple, toward: float) -> float:
+        passed, seen = counts.get(key, (0, 0))
+        return (passed + _PSEUDO * toward) / (seen + _PSEUDO)
+
+    overall = counts[()][0] / counts[()][1]
+
+    def prior(record: dict) -> float:
+        suite = rate((record.get("suite"),), overall)
+        return rate((record.get("suite"), record.get("category")), suite)
+
+    return prior
+
+
+def as_prediction(p_pass: float, *, predictor: str, scale_max: int = 10) -> dict:
+    """A P(pass) as the prediction fields the benchmark reads."""
+    return {"predictor": predictor, "p_pass": p_pass, "expected": 1 + (scale_max - 1) * p_pass}
+
+
+def answer_confidence(record: dict, *, which: str = "mean") -> float | None:
+    """exp(mean or min token log-probability) of the local answer, in (0, 1]; None if not recorded."""
+    logprobs = record.get("local_logprobs")
+    if not logprobs or logprobs.get(which) is None:
+        return None
+    return math.exp(logprobs[which])

@@ -1,0 +1,40 @@
+"""The baselines reproduce hand-computed cases."""
+
+import math
+
+import pytest
+
+from rpra.benchmarks.baselines import answer_confidence, as_prediction, category_prior
+
+
+def _r(suite, category, passed):
+    return {"suite": suite, "category": category, "label": {"pass": passed}}
+
+
+TRAIN = [_r("a", "x", True)] * 3 + [_r("a", "x", False)] + [_r("a", "y", False)] * 4 + [_r("b", "z", True)] * 2
+
+
+def test_the_prior_shrinks_a_category_towards_its_suite_and_the_suite_towards_all():
+    prior = category_prior(TRAIN)
+    overall = 5 / 10
+    suite_a = (3 + 2 * overall) / (8 + 2)  # 3 of 8 passed in suite a
+    assert prior({"suite": "a", "category": "x"}) == pytest.approx((3 + 2 * suite_a) / (4 + 2))
+    assert prior({"suite": "a", "category": "y"}) == pytest.approx((0 + 2 * suite_a) / (4 + 2))
+    assert prior({"suite": "a", "category": "new"}) == pytest.approx(suite_a)  # unseen category: the suite's rate
+    assert prior({"suite": "c", "category": None}) == pytest.approx(overall)  # unseen suite: the overall rate
+
+
+def test_unlabelled_records_are_ignored_and_none_at_all_is_an_error():
+    assert category_prior(TRAIN + [_r("a", "x", None)] * 50)({"suite": "a", "category": "x"}) == category_prior(TRAIN)({"suite": "a", "category": "x"})
+    with pytest.raises(ValueError):
+        category_prior([_r("a", "x", None)])
+
+
+def test_answer_confidence_is_the_geometric_mean_token_probability():
+    record = {"local_logprobs": {"mean": math.log(0.5), "min": math.log(0.1)}}
+    assert answer_confidence(record) == pytest.approx(0.5) and answer_confidence(record, which="min") == pytest.approx(0.1)
+    assert answer_confidence({}) is None
+
+
+def test_a_baseline_prediction_is_monotone_on_the_judge_scale():
+    assert as_prediction(0.0, predictor="p")["expected"] == 1 and as_prediction(1.0, predictor="p")["expected"] == 10
