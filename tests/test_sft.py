@@ -35,7 +35,7 @@ def _write_collection(model_path, n: int = 6) -> None:
 
 def _tiny(model_path, **overrides) -> SFTConfig:
     values = dict(name="tiny", model=str(model_path), max_steps=4, learning_rate=3e-3, batch_size=2, micro_batch_size=2,
-                  eval_fraction=0.0, lora_r=8, threads=2, save_steps=2, protocols="pa")  # fmt: skip
+                  eval_fraction=0.0, lora_r=8, threads=2, save_steps=2, protocols="pa", target="llm")  # fmt: skip
     values.update(overrides)
     return SFTConfig(**values)
 

@@ -87,6 +87,9 @@ def test_build_examples_reports_what_it_leaves_out(local_model):
 
 
 def test_target_scores():
+    assert target_score({"label": {"pass": True}}, target="pass", scale_max=10) == 10
+    assert target_score({"label": {"pass": False}}, target="pass", scale_max=10) == 1
+    assert target_score({"label": {"pass": None}}, target="pass", scale_max=10) is None
     assert target_score(_record(1, 9.6), target="llm", scale_max=10) == 10
     assert target_score(_record(1, 0.2), target="llm", scale_max=10) == 1
     assert target_score(_record(1, None), target="llm", scale_max=10) is None

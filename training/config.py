@@ -17,6 +17,7 @@ from typing import Any, Literal
 from rpra.errors import ConfigError
 
 LossOn = Literal["prediction", "prediction+answer"]
+Target = Literal["pass", "llm", "exact"]
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -33,7 +34,11 @@ class SFTConfig:
     split: str = _opt("train", "Collection split to train on (never the test split you report on).")
     protocols: str = _opt("pa,rpra", "Turn layouts to train on, comma-separated: pa, rpra or both.")
     loss_on: LossOn = _opt("prediction", "Tokens with loss: the score only, or the score and the local answer.")
-    target: Literal["llm", "exact"] = _opt("llm", "Score target: the LLM judge's score, or the exact verifier (10 pass / 1 fail).")
+    target: Target = _opt(
+        "pass",
+        "Score target: pass, the record's label (verified where the item has a key, else the judge at the pass mark) as "
+        "10 pass / 1 fail; llm, the judge's score; exact, the verifier alone (10 / 1).",
+    )
     eval_fraction: float = _opt(0.1, "Share of the training records held out to report eval loss.")
     lora_r: int = _opt(16, "LoRA rank.")
     lora_alpha: int = _opt(32, "LoRA alpha (scale = alpha / r).")
@@ -57,7 +62,7 @@ class SFTConfig:
         bad = [p for p in self.protocol_list if p not in ("pa", "rpra")]
         if bad or not self.protocol_list:
             raise ConfigError(f"protocols must list pa and/or rpra; got {self.protocols!r}.")
-        for name, allowed in (("loss_on", LossOn), ("target", Literal["llm", "exact"])):
+        for name, allowed in (("loss_on", LossOn), ("target", Target)):
             if getattr(self, name) not in typing.get_args(allowed):
                 raise ConfigError(f"{name} must be one of {', '.join(typing.get_args(allowed))}; got {getattr(self, name)!r}.")
         if not 0 <= self.eval_fraction < 1:
