@@ -10,6 +10,10 @@ Requests take turns on the context through ``ModelLock``, where predictions go f
 answer in progress steps aside between two tokens (``LocalSession.suspend`` copies its KV cells
 out, ``resume`` puts them back, a few milliseconds) so that a new request's routing decision never
 waits for someone else's whole answer.
+
+A model opened with ``capture_layers`` also keeps those layers' residual stream from the prefill
+the request needs anyway (``LocalSession.layer_states``), read through llama.cpp's graph
+evaluation callback: features for probes on intermediate layers at no extra evaluation.
 """
 
 from __future__ import annotations
@@ -23,16 +27,19 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from rpra.errors import CorruptModelError, ModelError, PromptTooLongError
+from rpra.errors import ConfigError, CorruptModelError, ModelError, PromptTooLongError
 from rpra.slot import ScoreSlot
 
 # llama-cpp-python's default sampling chain; temperature and repeat penalty are settings.
 _SAMPLING = dict(top_k=40, top_p=0.95, min_p=0.05)
+
+Pool = Literal["last", "mean", "last-k"]
 
 
 class ModelLock:
@@ -117,6 +124,10 @@ class Generated:
     text: str = ""
     tokens: int = 0
     finish_reason: str = "stop"  # "stop" (end of turn or a stop string), "length" or "context"
+    # Per sampled token, its log-probability under the model's own distribution: the full softmax
+    # of the raw logits at temperature 1, before repeat penalty and top-k / top-p / min-p. Whatever
+    # the sampling settings, that is the model's confidence (mean / min: the answer-confidence baseline).
+    logprobs: list[float] = field(default_factory=list)
 
 
 class LocalModel:
@@ -134,7 +145,16 @@ class LocalModel:
         seed: int = 0,
         use_mmap: bool = True,
         use_mlock: bool = False,
+        capture_layers: Sequence[int] | None = None,
+        capture_tokens: int | None = 1,
     ):
+        """``capture_layers``: layers whose residual stream (llama.cpp's ``l_out-<i>``, the output of
+        block ``i``; 0-based) every prefill keeps, for ``LocalSession.layer_states``.
+        ``capture_tokens``: how many of the prompt's last tokens a capturing prefill always
+        evaluates, even where the cache holds them: only evaluated tokens are seen, so pooling over
+        the last ``k`` tokens needs ``k`` here, and over the whole prompt ``None`` (which turns prefix
+        reuse off). The default, 1, keeps prefix reuse whole and gives the last token's state.
+        """
         from rpra.config import default_threads
         from rpra.models import check_gguf
 
@@ -145,12 +165,16 @@ class LocalModel:
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        threads = n_threads or default_threads()
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(path),
                 lora_path=str(adapter) if adapter else None,
                 n_ctx=n_ctx,
-                n_threads=n_threads or default_threads(),
+                # The prompt's batches too: llama-cpp-python would give them every CPU, which
+                # oversubscribes the cores a profile or the affinity mask left to others.
+                n_threads=threads,
+                n_threads_batch=threads,
                 n_batch=n_batch,
                 seed=seed,
                 use_mmap=use_mmap,
@@ -180,14 +204,32 @@ class LocalModel:
         )
         self._vocab = model.vocab
         self._bos = model.token_bos() if model.add_bos_token() else None
+        self._n_vocab = self._llm.n_vocab()
+        self._n_layer = llama_cpp.llama_model_n_layer(self._llm.model)
+        self.capture_tokens = capture_tokens
+        self._tap: _LayerTap | None = None
+        if capture_layers is not None:
+            if capture_tokens is not None and capture_tokens < 1:
+                raise ConfigError(f"capture_tokens is {capture_tokens}; use 1 or more, or None for the whole prompt.")
+            layers = sorted(set(capture_layers))
+            if not layers or layers[0] < 0 or layers[-1] >= self.n_layer:
+                raise ConfigError(
+                    f"capture_layers {list(capture_layers)} is not a non-empty set of layers of {path.name}, "
+                    f"which has {self.n_layer} (0 to {self.n_layer - 1})."
+                )
+            self._tap = _LayerTap(layers, self.n_embd)
+            _recreate_context(self._llm, self._tap.callback)
 
     @classmethod
-    def from_settings(cls, settings) -> LocalModel:
+    def from_settings(
+        cls, settings, *, capture_layers: Sequence[int] | None = None, capture_tokens: int | None = 1
+    ) -> LocalModel:
         """The device model as ``settings`` name it: the model and adapter (resolved and checked
         against each other), context, threads, batch, seed, mmap / mlock.
 
         The one way the runtime, the benchmark and training open it; a caller that needs
         something else changes the settings (``dataclasses.replace``), not this call.
+        ``capture_layers`` / ``capture_tokens``: layer capture, as in ``LocalModel()`` (not a setting yet).
         """
         from rpra.adapters import resolve_adapter
         from rpra.models import resolve
@@ -203,6 +245,8 @@ class LocalModel:
             seed=settings.seed,
             use_mmap=settings.use_mmap,
             use_mlock=settings.use_mlock,
+            capture_layers=capture_layers,
+            capture_tokens=capture_tokens,
         )
 
     @property
@@ -213,6 +257,16 @@ class LocalModel:
     def n_embd(self) -> int:
         """Width of the model's hidden state (what ``LocalSession.hidden_state`` returns)."""
         return self._lib.llama_model_n_embd(self._llm.model)
+
+    @property
+    def n_layer(self) -> int:
+        """Number of transformer blocks (``capture_layers`` are 0 to ``n_layer - 1``)."""
+        return self._n_layer
+
+    @property
+    def capture_layers(self) -> list[int]:
+        """The layers each prefill captures (empty when the model was opened without capture)."""
+        return list(self._tap.layers) if self._tap else []
 
     @property
     def end_of_turn(self) -> int:
@@ -315,8 +369,9 @@ class LocalModel:
 
     # -- internals used by LocalSession -------------------------------------------------------
 
-    def _prefill(self, tokens: list[int]) -> int:
-        """Make the KV cache hold exactly ``tokens`` with fresh logits; return how many were reused."""
+    def _prefill(self, tokens: list[int]) -> tuple[int, dict[int, np.ndarray] | None]:
+        """Make the KV cache hold exactly ``tokens`` with fresh logits; return how many were reused
+        and, when capturing, each captured layer's rows for the evaluated tokens."""
         llm = self._llm
         cached = llm.input_ids[: llm.n_tokens]
         reuse = 0
@@ -327,13 +382,23 @@ class LocalModel:
         # The last token is always evaluated again: we need its logits, and llama.cpp only keeps
         # the logits of the last token of the last batch.
         reuse = min(reuse, len(tokens) - 1)
+        if self._tap is not None:  # the capture sees evaluated tokens only: evaluate the last capture_tokens
+            reuse = 0 if self.capture_tokens is None else max(0, min(reuse, len(tokens) - self.capture_tokens))
         if llm._is_recurrent or llm._is_hybrid:
             reuse = 0  # their state cannot be rolled back to an arbitrary position
         if reuse == 0:
             llm.reset()
         llm.n_tokens = reuse
-        llm.eval(tokens[reuse:])
-        return reuse
+        if self._tap is None:
+            llm.eval(tokens[reuse:])
+            return reuse, None
+        return reuse, self._tap.capture(lambda: llm.eval(tokens[reuse:]), keep=self.capture_tokens)
+
+    def _token_logprob(self, token: int) -> float:
+        """log P(token) at the last evaluated position: log-softmax of the raw logits (temperature 1)."""
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._llm.ctx, -1), shape=(self._n_vocab,))
+        top = logits.max()
+        return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
 
     def _logits(self) -> np.ndarray:
         ptr = self._lib.llama_get_logits_ith(self._llm.ctx, -1)
@@ -349,11 +414,13 @@ class LocalSession:
     def __init__(self, model: LocalModel, prompt: list[int]):
         self.model = model
         self.prompt_tokens = len(prompt)
-        self.reused_tokens = model._prefill(prompt)
+        self.reused_tokens, self._layer_rows = model._prefill(prompt)
         self.tokens = prompt
         # The last sampled token of a generate() is evaluated lazily, together with whatever comes
         # next, so stopping a generation never costs a wasted decode.
         self._pending: list[int] = []
+        # Where the runtime wrote its score slot (set by the runtime): a local answer rewinds to it.
+        self.slot_at: int | None = None
 
     def _flush(self, extra: Sequence[int] = ()) -> None:
         todo = self._pending + list(extra)
@@ -414,6 +481,39 @@ class LocalSession:
         finally:
             lib.llama_set_embeddings(llm.ctx, False)
 
+    def layer_states(self, pool: Pool = "last", *, k: int = 1) -> dict[int, np.ndarray]:
+        """The captured layers' residual stream over this session's prompt: layer -> ``n_embd`` floats.
+
+        ``"last"``: the prompt's last token (in the PA layout the score slot's "[[") for every
+        captured layer. ``"last-k"``: the mean over the prompt's last ``k`` tokens; ``"mean"``: over
+        the whole prompt. A cached prefix is reused rather than evaluated, and only evaluated tokens
+        are seen, so these need the model opened with ``capture_tokens`` >= ``k`` (or ``None``); the
+        session keeps that many rows per layer (SmolLM2, all 30 layers: 69 KB a token).
+        The pooled ones leave out the model's last layer: llama.cpp computes it for the output row
+        only. Read during the prefill alone: what the session evaluates later (reasoning, the
+        slot's branches, the answer) neither costs a copy nor changes them.
+        """
+        rows = self._layer_rows
+        if rows is None:
+            raise ValueError("This model captures no layers: open it with LocalModel(..., capture_layers=[...]).")
+        if pool == "last":
+            return {layer: r[-1].copy() for layer, r in rows.items()}
+        if pool not in ("mean", "last-k"):
+            raise ValueError(f"pool is {pool!r}; use 'last', 'mean' or 'last-k'.")
+        if pool == "last-k" and k < 1:
+            raise ValueError(f"k is {k}; pool over 1 or more of the prompt's last tokens.")
+        needed = None if pool == "mean" else k
+        covered = self.model.capture_tokens
+        if covered is not None and (needed is None or needed > covered):
+            raise ValueError(
+                f"pool={pool!r} needs the prefill to evaluate {'the whole prompt' if needed is None else f'its last {needed} tokens'}, "
+                f"and this model (capture_tokens={covered}) reuses a cached prefix, unseen, up to the prompt's last {covered}: "
+                f"open it with capture_tokens={needed}."
+            )
+        n = self.prompt_tokens if needed is None else min(needed, self.prompt_tokens)
+        last = self.model.n_layer - 1
+        return {layer: r[-n:].mean(axis=0) for layer, r in rows.items() if layer != last}
+
     def suspend(self) -> _Suspended:
         """Copy this session's state out of the context, so another request can use it.
 
@@ -441,6 +541,16 @@ class LocalSession:
         """Put chosen tokens (e.g. the score written into the slot) into the context."""
         self._flush(tokens)
 
+    def rewind(self, position: int) -> None:
+        """Forget everything after the first ``position`` tokens, e.g. the score slot, so that an
+        answer does not read its own predicted score. Nothing before ``position`` is evaluated
+        again: its last token is, lazily with whatever comes next, for fresh logits."""
+        if not 0 < position <= len(self.tokens):
+            raise ValueError(f"Cannot rewind to {position}: the session holds {len(self.tokens)} tokens.")
+        self.tokens = self.tokens[:position]
+        self.model._llm.n_tokens = min(self.model._llm.n_tokens, position - 1)
+        self._pending = [self.tokens[-1]]
+
     def generate(
         self,
         max_tokens: int,
@@ -453,7 +563,8 @@ class LocalSession:
         """Sample up to ``max_tokens`` tokens, yielding text as it becomes valid UTF-8.
 
         Stops at the model's end-of-turn token, at ``stop`` (which is not yielded), or when the
-        context is full. ``out`` receives the full text, token count and finish reason.
+        context is full. ``out`` receives the full text, token count, finish reason and each
+        token's log-probability.
         """
         out = out if out is not None else Generated()
         model, llm = self.model, self.model._llm
@@ -474,6 +585,7 @@ class LocalSession:
             self._pending = [token]
             self.tokens.append(token)
             out.tokens += 1
+            out.logprobs.append(model._token_logprob(token))
             held += decoder.decode(llm.detokenize([token]))
             if stop and stop in held:
                 before = held[: held.index(stop)]
@@ -491,6 +603,114 @@ class LocalSession:
         if held:
             out.text += held
             yield held
+
+
+class _TensorHead(ctypes.Structure):
+    """The first fields of ``struct ggml_tensor`` (ggml.h of llama-cpp-python 0.3.36's llama.cpp):
+    ctypes lays them out as the C compiler does, so ``ne`` lands at byte 16 as there."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4)]
+
+
+_GGML_TYPE_F32 = 0
+
+
+class _LayerTap:
+    """Copies chosen layers' residual stream (``l_out-<i>``) out of llama.cpp's graph as it runs.
+
+    llama.cpp's scheduler asks the callback about every graph node ("ask": do you want this
+    one?) and calls it again for each wanted node once computed ("data"). Outside ``capture`` the
+    tap wants nothing and answers at once, so the graph runs in one piece as without a callback
+    (generation measured no slower). Rows are tokens; a prompt longer than a micro-batch arrives
+    in several pieces, appended in order.
+    """
+
+    def __init__(self, layers: Sequence[int], n_embd: int):
+        import llama_cpp
+        from llama_cpp._ctypes_extensions import load_shared_library
+
+        ggml = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+        ggml.ggml_get_name.argtypes, ggml.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
+        ggml.ggml_nbytes.argtypes, ggml.ggml_nbytes.restype = [ctypes.c_void_p], ctypes.c_size_t
+        ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        ggml.ggml_backend_tensor_get.restype = None
+        self._ggml = ggml
+        self.layers = list(layers)
+        self._n_embd = n_embd
+        self._names = {f"l_out-{i}".encode(): i for i in self.layers}
+        self._rows: dict[int, list[np.ndarray]] = {}
+        self._on = False
+        self._error: Exception | None = None
+        # The context holds only the C pointer: this object keeps the trampoline alive.
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
+
+    def capture(self, evaluate, *, keep: int | None) -> dict[int, np.ndarray]:
+        """Run ``evaluate()`` with the tap on; each layer's last ``keep`` rows (tokens x n_embd) it
+        saw, or all of them (``None``)."""
+        self._rows = {layer: [] for layer in self.layers}
+        self._error = None
+        self._on = True
+        try:
+            evaluate()
+        finally:
+            self._on = False
+            pieces_by_layer, self._rows = self._rows, {}
+        if self._error is not None:
+            raise ModelError(f"Reading layer states from llama.cpp failed ({self._error}); open the model without capture_layers.") from self._error
+        missing = [layer for layer, pieces in pieces_by_layer.items() if not sum(len(p) for p in pieces)]
+        if missing:
+            raise ModelError(
+                f"llama.cpp's graph for this model has no l_out tensor for layers {missing}: its architecture "
+                "names layer outputs differently; open the model without capture_layers."
+            )
+        return {layer: np.concatenate(pieces)[-keep if keep else None :].copy() for layer, pieces in pieces_by_layer.items()}
+
+    def _eval(self, tensor: int, ask: bool, _user_data) -> bool:
+        if not self._on:
+            return not ask
+        try:
+            layer = self._names.get(self._ggml.ggml_get_name(tensor))
+            if ask:
+                return layer is not None
+            if layer is not None:
+                self._rows[layer].append(self._read(tensor))
+        except Exception as exc:  # noqa: BLE001 -- an exception cannot cross into C: capture() raises it afterwards
+            self._error = self._error or exc
+        # In the data phase False would stop the rest of the graph (ggml-backend.cpp): never.
+        return not ask
+
+    def _read(self, tensor: int) -> np.ndarray:
+        head = _TensorHead.from_address(tensor)
+        n_embd, n_rows = head.ne[0], head.ne[1]
+        nbytes = self._ggml.ggml_nbytes(tensor)
+        if head.type != _GGML_TYPE_F32 or n_embd != self._n_embd or head.ne[2] * head.ne[3] != 1 or nbytes != 4 * n_embd * n_rows:
+            raise ModelError(f"unexpected layer tensor (type {head.type}, shape {list(head.ne)}, {nbytes} bytes)")
+        rows = np.empty((n_rows, n_embd), dtype=np.float32)
+        if nbytes:
+            self._ggml.ggml_backend_tensor_get(tensor, rows.ctypes.data, 0, nbytes)
+        return rows
+
+
+def _recreate_context(llm, callback) -> None:
+    """Give ``llm`` a new context whose graph evaluation calls ``callback``.
+
+    ``Llama()`` takes no ``cb_eval``, and llama.cpp reads it only while creating a context, so the
+    context Llama made is replaced by one made from the same parameters plus the callback (about
+    30 ms for SmolLM2). A LoRA adapter is attached to a context, so it is attached again.
+    """
+    import llama_cpp
+    from llama_cpp import _internals
+
+    llm.context_params.cb_eval = callback
+    ctx = _internals.LlamaContext(model=llm._model, params=llm.context_params, verbose=False)
+    old, llm._ctx = llm._ctx, ctx
+    old.close()
+    llm._stack.callback(ctx.close)  # freed with the Llama, before its model
+    if llm._lora_adapter is not None:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
+        scales = (ctypes.c_float * 1)(llm.lora_scale)
+        if llama_cpp.llama_set_adapters_lora(ctx.ctx, adapters, 1, scales):
+            raise ModelError("llama.cpp could not attach the adapter to the layer-capturing context; open the model without capture_layers.")
 
 
 def _partial_suffix(text: str, stop: str) -> int:
