@@ -54,6 +54,7 @@ def device_record(pa: Runtime, rpra: Runtime | None, item: Item) -> dict:
         "local_tokens": result.tokens.get("local_answer", 0),
         "local_ms": result.timings_ms["total"],
         "local_finish": result.finish_reason,
+        "local_logprobs": result.local_logprobs,
     }
     if rpra is not None:
         reasoned = predict_only(rpra, messages)
@@ -178,7 +179,7 @@ class _progress:
 
 
 def provenance_for(settings: Settings, local: LocalModel, *, suite: str, split: str, remote_id: str, judge_id: str) -> Provenance:
-    keep = ("temperature", "max_tokens", "reason_tokens", "repeat_penalty", "scale_max", "pass_mark", "n_ctx", "seed")
+    keep = ("temperature", "max_tokens", "reason_tokens", "repeat_penalty", "scale_max", "pass_mark", "n_ctx", "seed", "answer_after_score")
     return Provenance(
         suite=suite,
         split=split,

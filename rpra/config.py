@@ -59,6 +59,12 @@ class Settings:
     temperature: float = _opt(0.2, "Sampling temperature of answers (0 = greedy).")
     repeat_penalty: float = _opt(1.1, "Penalty on repeating recent tokens (1 = none); small models loop without it.")
     seed: int = _opt(0, "Sampling seed, for reproducible answers.")
+    answer_after_score: bool = _opt(
+        False,
+        "Let a local answer continue after the score written into the slot (the RPRA paper's layout). Off: the "
+        "answer starts where the turn does, because SmolLM2 copied the score into short answers (level 1-2 "
+        "arithmetic: 17.5% right after the slot, 55% without it, 40 train items).",
+    )
     predictor: PredictorName = _opt(
         "zero-shot",
         "zero-shot: the prompt alone; report-card: with the card in report_card; fine-tuned: the model with "

@@ -57,6 +57,7 @@ class TurnResult:
     reasoning: str = ""
     fallback: bool = False  # deferred, but the remote failed and the local model answered
     remote_error: str | None = None
+    local_logprobs: dict | None = None  # mean and min log-probability of the local answer's tokens
     remote_partial: str | None = None  # the remote's text shown before it broke off (then in answer too)
     sent_remote: list[dict] | None = None  # exactly what left the device
     redactions: list[dict] | None = None  # what was masked in it: kind and placeholder, never the value
@@ -275,6 +276,7 @@ class Runtime:
                     if s.protocol == "rpra":
                         session = self._open_session(messages, result, opening=prompts.REASONING_OPEN)
                         result.reasoning = self._reason(session, result)
+                        session.slot_at = len(session.tokens)  # the answer follows the reasoning, not the score
                         session.extend(prompts.SLOT_OPEN["rpra"])  # evaluated with the last reasoning token
                     else:
                         session = self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
@@ -375,13 +377,15 @@ class Runtime:
             result.dropped_messages += 1
         started = time.perf_counter()
         session = self.local.session(tokens + self.local.tokenize(opening), reserve=reserve)
+        session.slot_at = len(tokens)  # where the assistant's turn starts: a local answer starts there too
         result.timings_ms["prefill"] = _ms(started)
         result.tokens["prompt"] = session.prompt_tokens
         result.tokens["prompt_reused"] = session.reused_tokens
         return session
 
     def _as_seen_locally(self, message: dict) -> dict:
-        """Earlier assistant turns in the turn layout, with the score the runtime wrote then.
+        """Earlier assistant turns in the turn layout: as generated, or with the score the runtime
+        wrote then (``answer_after_score``).
 
         A turn without a recorded ``rating`` (e.g. history from another client) gets the scale's
         midpoint: some rating keeps the layout consistent, and the midpoint anchors the least.
@@ -389,7 +393,9 @@ class Runtime:
         model imitates a score it reads, so a request ending in "Rating: [[10]]" would steer it.
         """
         message = {**message, "content": prompts.neutralise_ratings(message["content"])}
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or not self.settings.answer_after_score:
+            # Answers are generated without the score before them (answer_after_score off), so an
+            # earlier one is shown as it was generated, and the cache is reused through it.
             return {"role": message["role"], "content": message["content"]}
         score = message.get("rating") or (self.settings.scale_max + 1) // 2
         return {"role": "assistant", "content": prompts.past_answer(message["content"], score)}
@@ -406,10 +412,15 @@ class Runtime:
         s = self.settings
         started = time.perf_counter()
         result.answered_by = "local"
-        score = result.prediction.mode if result.prediction else s.scale_max
         if self.local.lock.contended():  # answers queued before this one go first
             self._step_aside(session)
-        session.commit(self.local.tokenize(str(score)) + self.local.tokenize(prompts.SCORE_CLOSE))
+        if s.answer_after_score:
+            score = result.prediction.mode if result.prediction else s.scale_max
+            session.commit(self.local.tokenize(str(score)) + self.local.tokenize(prompts.SCORE_CLOSE))
+        else:
+            # The slot goes: a small model's answer copies the score it reads ("[[1]]" ... "The
+            # answer is 1."). Its KV cells are dropped, so this costs one token's decode.
+            session.rewind(session.slot_at)
         out = Generated()
         started_text = False
         for piece in session.generate(s.max_tokens, temperature=s.temperature, repeat_penalty=s.repeat_penalty, out=out):
@@ -422,6 +433,8 @@ class Runtime:
                 self._step_aside(session)
         result.finish_reason = out.finish_reason
         result.tokens["local_answer"] = out.tokens
+        if out.logprobs:  # the answer's own confidence: a signal for decisions after the draft
+            result.local_logprobs = {"mean": sum(out.logprobs) / len(out.logprobs), "min": min(out.logprobs)}
         result.timings_ms["local_answer"] = _ms(started)
 
     def _step_aside(self, session: LocalSession) -> None:
@@ -507,7 +520,9 @@ class Runtime:
         holds the prompt, the reasoning and the slot, and only the last token is evaluated again.
         """
         if session is not None:
-            return self.local.session(session.tokens)
+            resumed = self.local.session(session.tokens)
+            resumed.slot_at = session.slot_at
+            return resumed
         # remote-only mode: no prediction was made, so answer in the PA layout without one.
         return self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
 

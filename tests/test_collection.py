@@ -89,3 +89,4 @@ def test_a_verified_collection_labels_keyed_items_by_the_verifier_alone(rpra, en
     for r in records:
         assert r["judge_local"] is None and r["remote_answer"] is None and "rpra" not in r
         assert r["label"]["source"] == "verified" and r["label"]["pass"] == (r["exact_local"] == 1.0)
+        assert r["local_logprobs"]["min"] <= r["local_logprobs"]["mean"] <= 0  # the answer-confidence baseline's input

@@ -38,6 +38,10 @@ class FakeSession:
     def commit(self, tokens) -> None:
         self.tokens += list(tokens)
 
+    def rewind(self, position: int) -> None:
+        assert position is not None and position <= len(self.tokens), "the answer rewinds to the slot the runtime marked"
+        self.tokens = self.tokens[:position]
+
     def generate(self, max_tokens: int, *, temperature: float, repeat_penalty: float = 1.0, stop=None, out: Generated | None = None) -> Iterator[str]:
         out = out if out is not None else Generated()
         assert self.model.lock.locked(), "the model is used without its lock"
