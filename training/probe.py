@@ -42,6 +42,21 @@ class _ReadState(ZeroShotPredictor):
         return super().predict(session, slot, pass_mark=pass_mark)
 
 
+class LayerReader(ZeroShotPredictor):
+    """The zero-shot predictor, also keeping every captured layer's state at the slot and its mean
+    over the tokens the prefill evaluated (a model opened with ``capture_layers``)."""
+
+    def __init__(self) -> None:
+        self.slot: np.ndarray | None = None
+        self.mean: np.ndarray | None = None
+
+    def predict(self, session: LocalSession, slot: ScoreSlot, *, pass_mark: int) -> Prediction:
+        last, mean = session.layer_states("last"), session.layer_states("mean")
+        self.slot = np.stack([last[layer] for layer in sorted(last)])
+        self.mean = np.stack([mean[layer] for layer in sorted(mean)])
+        return super().predict(session, slot, pass_mark=pass_mark)
+
+
 def read_slots(local: LocalModel, prompts: list[str], settings: Settings) -> Iterator[tuple[np.ndarray, list[int]]]:
     """For each prompt, the hidden state at the PA slot and the tokens up to it, read through the
     runtime's own turn (``Runtime.predict``: stopped at the decision, no answer generated)."""
