@@ -338,6 +338,7 @@ def test_levelled_suites_start_with_the_same_questions_as_when_they_were_made():
             firsts.setdefault(item.category and f"{suite} {item.category}", (item.id, item.prompt, item.gold))
     assert firsts["arithmetic-graded grade-1"] == ("arithmetic-graded:G1:2", "Calculate 2 + 8.", "10")
     assert firsts["arithmetic-graded grade-4"] == ("arithmetic-graded:G4:0", "Calculate 40 + 52.", "92")
+    assert firsts["arithmetic-graded grade-6"] == ("arithmetic-graded:G6:0", "Calculate 0 - 6 - 4.", "-10")
     assert firsts["arithmetic-graded grade-7"] == ("arithmetic-graded:G7:0", "Calculate 0 * 51.", "0")
     assert firsts["letter-counting level-1"] == (
         "letter-counting:L1:0", 'How many times does the letter "d" appear in the text: "distributing"?', "1")
@@ -348,8 +349,8 @@ def test_levelled_suites_start_with_the_same_questions_as_when_they_were_made():
 
 @pytest.mark.parametrize("grade,pattern,largest", [  # reasoning-gym's "n digits" draws from 0..10**n
     (1, r"(\d+) \+ (\d+)", 10), (2, r"(\d+) - (\d+)", 10), (3, r"(\d+) \* (\d+)", 10),
-    (4, r"(\d+) \+ (\d+)", 100), (5, r"(\d+) [+-] (\d+) [+-] (\d+)", 10),
-    (6, r"(\d+) [+-] (\d+)", 100), (7, r"(\d+) \* (\d+)", 100), (8, r"(\d+) [+-] (\d+) [+-] (\d+)", 100),
+    (4, r"(\d+) \+ (\d+)", 100), (5, r"(\d+) [+-] (\d+)", 100), (6, r"(\d+) [+-] (\d+) [+-] (\d+)", 10),
+    (7, r"(\d+) \* (\d+)", 100), (8, r"(\d+) [+-] (\d+) [+-] (\d+)", 100),
 ])
 def test_arithmetic_grades_are_the_questions_they_name(grade, pattern, largest):
     items = [item for item in load_suite("arithmetic-graded") if item.category == f"grade-{grade}"]
