@@ -139,3 +139,45 @@ def _fold(text: str) -> str:
     if text.isascii():
         return text
     return "".join(f if len(f := unicodedata.normalize("NFKC", c)) == 1 else c for c in text)
+
+
+# -- a rating line the model writes itself ------------------------------------------------------
+#
+# A local answer starts where the turn does, without the score before it (the runtime rewinds
+# past the slot). The system prompt still describes the layout "Rating: [[N]]" then the answer,
+# so some models (Qwen2.5-Coder-0.5B) open their answer with such a line: it is not part of the
+# answer, and the user should not see it.
+
+_LEADING_RATING = re.compile(r"\s*(?:rating|score)\s*[:=]?\s*\[*\s*\d{1,2}(?:\s*/\s*10)?\s*\]*[ \t]*(?:\n|$)", re.IGNORECASE)
+_HOLD_CHARS = 24  # a rating line is shorter: past this, the text is the answer
+
+
+class LeadingRatingFilter:
+    """Feeds an answer's streamed pieces through, minus a leading rating line ("Rating: [[8]]\\n").
+
+    Text is held back only while it could still be such a line (at most ``_HOLD_CHARS``
+    characters or up to the first newline), so the answer's first words arrive at once otherwise.
+    """
+
+    def __init__(self) -> None:
+        self._held, self._done = "", False
+
+    def feed(self, piece: str) -> str:
+        if self._done:
+            return piece
+        self._held += piece
+        head = self._held.lstrip()
+        word = re.match(r"[A-Za-z]*", head).group().lower()
+        could_be = bool(head) and any(w.startswith(word) or word.startswith(w) for w in ("rating", "score")) and bool(word)
+        if head and ("\n" in head or len(head) >= _HOLD_CHARS or not could_be):
+            return self._release()
+        return ""
+
+    def flush(self) -> str:
+        """What is still held at the end of the answer."""
+        return "" if self._done else self._release()
+
+    def _release(self) -> str:
+        self._done = True
+        match = _LEADING_RATING.match(self._held)
+        return self._held[match.end():] if match else self._held

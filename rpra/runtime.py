@@ -423,14 +423,22 @@ class Runtime:
             session.rewind(session.slot_at)
         out = Generated()
         started_text = False
-        for piece in session.generate(s.max_tokens, temperature=s.temperature, repeat_penalty=s.repeat_penalty, out=out):
+        rating_line = None if s.answer_after_score else prompts.LeadingRatingFilter()  # a score the model writes itself
+
+        def shown(piece: str) -> str:
+            nonlocal started_text
             if not started_text:  # the answer follows "\n"; models often lead with a space
                 piece = piece.lstrip()
                 started_text = bool(piece)
-            if piece:
+            return piece
+
+        for piece in session.generate(s.max_tokens, temperature=s.temperature, repeat_penalty=s.repeat_penalty, out=out):
+            if piece := shown(rating_line.feed(piece) if rating_line else piece):
                 yield Text(piece, "local")
             if self.local.lock.urgent_waiting():  # a new request waits to predict: let it
                 self._step_aside(session)
+        if rating_line and (tail := shown(rating_line.flush())):
+            yield Text(tail, "local")
         result.finish_reason = out.finish_reason
         result.tokens["local_answer"] = out.tokens
         if out.logprobs:  # the answer's own confidence: a signal for decisions after the draft

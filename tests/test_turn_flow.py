@@ -239,3 +239,14 @@ def test_finished_is_the_last_event_of_every_turn():
     for score in (2, 8):
         events, _ = drain(runtime(score=score, remote=FakeRemote()))
         assert isinstance(events[-1], Finished) and sum(isinstance(e, Finished) for e in events) == 1
+
+
+def test_a_rating_line_the_model_writes_itself_is_not_shown_or_kept():
+    events, result = drain(runtime(score=8, local=FakeModel(answer="Rating: [[8]]\nFour, of course.")))
+    assert "".join(e.text for e in events if isinstance(e, Text)) == "Four, of course." == result.answer
+
+
+def test_an_answer_that_only_starts_like_a_rating_is_shown_whole():
+    for answer in ("Scores of people came.", "Rating: 8 out of 10 is what critics gave it.", "Four."):
+        events, result = drain(runtime(score=8, local=FakeModel(answer=answer)))
+        assert result.answer == answer
