@@ -143,8 +143,12 @@ def test_only_role_and_content_leave_the_device(greedy_settings, local_model, re
     assert r.sent_remote == [{"role": m["role"], "content": m["content"]} for m in history]
 
 
-def test_earlier_answers_are_shown_to_the_device_model_in_the_turn_layout(greedy_settings, local_model):
+def test_earlier_answers_are_shown_to_the_device_model_as_they_were_generated(greedy_settings, local_model):
+    # By default an answer is generated without the score before it, and shown so again.
     runtime = Runtime(greedy_settings(), local=local_model)
+    assert runtime._as_seen_locally({"role": "assistant", "content": "Paris.", "rating": 8}) == {"role": "assistant", "content": "Paris."}
+    # With answer_after_score, in the turn layout with the score written then (the midpoint if unknown).
+    runtime = Runtime(greedy_settings(answer_after_score=True), local=local_model)
     seen = runtime._as_seen_locally({"role": "assistant", "content": "Paris.", "rating": 8})
     assert seen == {"role": "assistant", "content": "Rating: [[8]]\nParis."}
     assert runtime._as_seen_locally({"role": "assistant", "content": "Paris."})["content"] == "Rating: [[5]]\nParis."
@@ -293,3 +297,17 @@ def test_the_stand_in_remote_answers_the_request_not_the_placeholder_note(greedy
     r = Runtime(greedy_settings(mode="remote-only", max_tokens=48), local=None, remote=remote).ask(EMAIL_REQUEST)
     assert r.answered_by == "remote" and not r.fallback
     assert "placeholder" not in r.answer.lower() and "jane.doe@example.com" in r.answer
+
+
+def test_both_answer_layouts_answer_locally_and_the_default_drops_the_slot_first(greedy_settings, local_model):
+    slot = local_model.tokenize("Rating: [[")
+    slots_held = {}
+    for after_score in (True, False):
+        runtime = Runtime(greedy_settings(threshold=0.0, max_tokens=12, answer_after_score=after_score), local=local_model)
+        r = runtime.ask(QUESTION)
+        assert r.answered_by == "local" and r.answer and not r.answer.lower().startswith("rating")
+        held = list(local_model._llm.input_ids[: local_model._llm.n_tokens])
+        slots_held[after_score] = sum(held[i : i + len(slot)] == slot for i in range(len(held)))
+    # The system prompt describes the layout, so it holds the slot's text too; the default answer
+    # leaves exactly one occurrence fewer in the cache: the slot it dropped before answering.
+    assert slots_held[True] == slots_held[False] + 1
