@@ -113,7 +113,10 @@ def test_bench_run_through_the_cli_writes_table_json_plot_and_report(rpra_bin, s
     suites = {r["suite"] for r in Collection.load(settings.model, "rpra-mix", "test").records}
     assert len(suites) >= 3  # a few items from each of several suites
     assert {"zero-shot PA", "zero-shot RPRA", "random", "oracle", "always-local", "always-remote"} <= set(routers)
-    assert routers["oracle"]["apgr"]["value"] >= routers["random"]["apgr"]["value"] - 1e-9
+    # On a handful of items the local answers can match the remote's, where APGR is ill-defined;
+    # the oracle's curve is at least random's at every share of remote calls.
+    oracle, random = routers["oracle"]["curve"]["quality"], routers["random"]["curve"]["quality"]
+    assert all(o >= r - 1e-9 for o, r in zip(oracle, random, strict=True))
     for path in out["files"].values():
         assert os.path.getsize(path) > 0
 

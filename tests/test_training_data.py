@@ -31,7 +31,9 @@ def _context(local) -> list[int]:
 
 @pytest.mark.slow
 def test_pa_training_example_is_token_for_token_the_runtime_turn(greedy_settings, local_model):
-    settings = greedy_settings(protocol="pa")
+    # Training sequences put the answer after the score (what the adapter learns is the score; the
+    # answer is context, without loss), as the runtime's turn does with answer_after_score.
+    settings = greedy_settings(protocol="pa", answer_after_score=True)
     result = Runtime(settings, local=local_model).ask([{"role": "user", "content": PROMPT}], mode="local-only")
     held = _context(local_model)
     system = ZeroShotPredictor().system_prompt("pa", settings.scale_max)
