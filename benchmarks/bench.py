@@ -113,7 +113,7 @@ def bench_settings(settings: Settings) -> Settings:
 
 def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None, seed: int = 0, judge_url: str | None = None,
                 judge_grammar: bool | None = None, remote_max_tokens: int = 256, progress: bool = True,
-                remote_answers: bool = True, verified: bool = False) -> tuple[list[dict], Path]:  # fmt: skip
+                remote_answers: bool = True, verified: bool = False, permute: bool = True) -> tuple[list[dict], Path]:  # fmt: skip
     """Collect (or extend) the collection for ``suite``/``which``; returns its records and folder.
 
     ``judge_grammar`` forces the judge's reply format with llama-cpp-python's GBNF extension (only
@@ -121,6 +121,9 @@ def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None
 
     ``verified``: device side only, and only the items with an answer key, labelled by the
     verifier: no remote, no judge, no RPRA reasoning. What a predictor trains on, at device speed.
+
+    ``permute``: multiple-choice items are also answered with their options rotated, and labelled
+    correct only when both answers are (``Collector``).
     """
     settings = bench_settings(settings)
     items = items_for(suite, which, limit=limit, seed=seed, keyed=verified)
@@ -130,6 +133,7 @@ def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None
         collector = Collector(
             pa=Runtime(replace(settings, protocol="pa"), local=local), rpra=None, remote=None, judge=None, cache=cache,
             provenance=provenance_for(settings, local, suite=suite, split=which, remote_id="none", judge_id="verifier"),
+            permute=permute,
         )  # fmt: skip
         collection = Collection.open(collection_dir(settings.model, suite, which))
         records = collect(items, collector, collection, progress=progress)
@@ -145,6 +149,7 @@ def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None
             cache=cache,
             provenance=provenance_for(settings, local, suite=suite, split=which, remote_id=ep.remote_id, judge_id=ep.judge_id),
             remote_max_tokens=remote_max_tokens,
+            permute=permute,
         )
         collection = Collection.open(collection_dir(settings.model, suite, which))
         records = collect(items, collector, collection, progress=progress)

@@ -17,7 +17,7 @@ import time
 
 from rpra.benchmarks.cache import CallCache, cached
 from rpra.benchmarks.collection import Collection, Provenance, label
-from rpra.benchmarks.data import Item, verify
+from rpra.benchmarks.data import Item, permuted, verify
 from rpra.benchmarks.judge import Judge
 from rpra import prompts
 from rpra.config import Settings
@@ -84,6 +84,11 @@ class Collector:
     Without a ``remote`` only the device side is collected (enough to train on). Without a
     ``judge`` (a verified collection) only items with an answer key are collected, and the
     verifier alone labels them: fast, and no weak judge's opinion where a key decides.
+
+    With ``permute`` the device also answers each multiple-choice item with its options rotated
+    (``data.permuted``), and the label counts the answer correct only when both orderings are
+    right: one more device answer per such item, and a label that measures knowledge, not the
+    model's favourite letter.
     """
 
     def __init__(
@@ -96,19 +101,27 @@ class Collector:
         cache: CallCache,
         provenance: Provenance,
         remote_max_tokens: int = 256,
+        permute: bool = True,
     ):
         self.pa, self.rpra, self.remote, self.judge, self.cache = pa, rpra, remote, judge, cache
         self.provenance = provenance
         self.remote_max_tokens = remote_max_tokens
+        self.permute = permute
+
+    def _device(self, item: Item, rpra: Runtime | None) -> dict:
+        p = self.provenance
+        key = {"prompt": item.prompt, "prompts": p.prompts_version, "settings": p.settings}
+        if rpra is None:
+            key["rpra"] = False  # such records hold no RPRA prediction: cached apart
+        return cached(self.cache, "device", p.device_sha256, key, lambda: device_record(self.pa, rpra, item))
 
     def record(self, item: Item) -> dict:
         p = self.provenance
         if self.judge is None and item.gold is None:
             raise InputError(f"{item.id} has no answer key, and a verified collection has no judge to label it.")
-        device_key = {"prompt": item.prompt, "prompts": p.prompts_version, "settings": p.settings}
-        if self.rpra is None:
-            device_key["rpra"] = False  # such records hold no RPRA prediction: cached apart
-        device = cached(self.cache, "device", p.device_sha256, device_key, lambda: device_record(self.pa, self.rpra, item))
+        device = self._device(item, self.rpra)
+        rotated = permuted(item) if self.permute else None
+        other = None if rotated is None else self._device(rotated, None)
         judged_local = None if self.judge is None else self.judge.score(item.prompt, device["local_answer"], reference=item.reference).to_dict()
         remote, judged_remote = {"remote_answer": None, "remote_tokens": None, "remote_ms": None}, None
         if self.remote is not None:
@@ -124,6 +137,9 @@ class Collector:
             "judge_remote": judged_remote,
             "exact_local": verify(item, device["local_answer"]),
             "exact_remote": None if remote["remote_answer"] is None else verify(item, remote["remote_answer"]),
+            "permuted_gold": None if rotated is None else rotated.gold,
+            "permuted_answer": None if other is None else other["local_answer"],
+            "exact_permuted": None if other is None else verify(rotated, other["local_answer"]),
         }  # fmt: skip
         record["label"] = label(record, pass_mark=p.settings.get("pass_mark", 7))
         return record

@@ -72,6 +72,9 @@ FIELDS = {
     "exact_local": "the exact verifier's 1 / 0 for the local answer, or null (no answer key)",
     "exact_remote": "the same for the remote answer",
     "local_logprobs": "mean and min log-probability of the local answer's tokens, or null",
+    "permuted_gold": "multiple choice: the key's letter with the options rotated (data.permuted), or null",
+    "permuted_answer": "the device model's answer to the rotated options, or null",
+    "exact_permuted": "the exact verifier's 1 / 0 for that answer, or null (not asked)",
     "label": "what the predictors learn and are scored on (``label()``): {pass, source, level, remote_better}",
 }  # fmt: skip
 # Predictors added later by the benchmark (``benchmarks.bench.add_predictions``) store
@@ -83,13 +86,18 @@ def label(record: dict, *, pass_mark: int = 7) -> dict:
 
     - ``pass``: the exact verifier's verdict where the item has an answer key (``source``
       "verified": no judge is needed and none is trusted over the key), else the judge's score
-      at or above ``pass_mark`` (``source`` "judge"); None when neither exists.
+      at or above ``pass_mark`` (``source`` "judge"); None when neither exists. Where the device
+      also answered the options rotated (``exact_permuted``), both answers must be right
+      (``orderings`` 2): a right letter in one order only is position, not knowledge.
     - ``level``: the judge's three-level label (``LEVELS``: bad / ok / great), or None.
     - ``remote_better``: whether the remote's answer is better than the local one, the pairwise
       label APGR rewards: by the verifier where both answers have one, else by the judge; None
       without a remote answer. Ties are not better.
     """
     exact_local, exact_remote = record.get("exact_local"), record.get("exact_remote")
+    rotated = record.get("exact_permuted")
+    if exact_local is not None and rotated is not None:
+        exact_local = min(exact_local, rotated)
     local = (record.get("judge_local") or {}).get("score")
     remote = (record.get("judge_remote") or {}).get("score")
     if exact_local is not None:
@@ -105,7 +113,8 @@ def label(record: dict, *, pass_mark: int = 7) -> dict:
         remote_better = bool(remote > local)
     else:
         remote_better = None
-    return {"pass": passed, "source": source, "level": level, "remote_better": remote_better}
+    orderings = 2 if rotated is not None else 1
+    return {"pass": passed, "source": source, "level": level, "remote_better": remote_better, "orderings": orderings}
 
 
 def upgrade(record: dict, *, pass_mark: int = 7) -> dict:
@@ -137,7 +146,9 @@ def collection_dir(model: str, suite: str, split: str) -> Path:
     """
     from rpra.benchmarks.data import SUITES
 
-    model_part = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).stem)
+    name = Path(model).name  # a registered name, or a path or URL to a .gguf file
+    name = name[: -len(".gguf")] if name.endswith(".gguf") else name  # not .stem: "qwen2.5-coder-0.5b-instruct"
+    model_part = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
     suite_part = re.sub(r"[^A-Za-z0-9._-]+", "_", suite if suite in SUITES else Path(suite).name)
     return home() / "collections" / f"{model_part}--{suite_part}--{split}"
 

@@ -365,6 +365,45 @@ def _choice_item(suite: str, item_id: str, question: Any, options: dict[str, Any
     )
 
 
+def permuted(item: Item) -> Item | None:
+    """The same multiple-choice question with its options rotated, so the key sits under another
+    letter; None for items that are not lettered choices.
+
+    A device model that answers "A" to almost everything is right on the items whose key is A; it
+    cannot be right on both orderings of one item. A label that asks for both (``collection.label``)
+    counts an answer correct only when it follows the option's content, not its position. The
+    rotation (1 to n-1 places) is hashed from the item's id, so it is the same on every run and
+    spreads the keys over all letters. Each option line keeps its marker ("B) ", "(B) ", "B. ").
+    """
+    if item.kind != "choice":
+        return None
+    options = item.meta.get("options") or _options_in_prompt(item.prompt)
+    if item.gold not in options or len(options) < 2:
+        return None
+    lines = item.prompt.split("\n")
+    found = {}  # letter -> (line number, the marker before the option's text)
+    for number, line in enumerate(lines):
+        match = _OPTION_LINE.match(line)
+        if match and match[2] in options and match[3] == options[match[2]]:
+            found.setdefault(match[2], []).append((number, match[1]))
+    if set(found) != set(options) or any(len(where) != 1 for where in found.values()):
+        return None  # options not written one per line, once each: nothing safe to rotate
+    letters, texts = list(options), list(options.values())
+    shift = 1 + int(_unit("rotate", item.id) * (len(letters) - 1))
+    rotated = dict(zip(letters, texts[shift:] + texts[:shift]))  # letter i now holds option i + shift
+    for letter, [(number, marker)] in found.items():
+        lines[number] = f"{marker}{rotated[letter]}"
+    gold = letters[(letters.index(item.gold) - shift) % len(letters)]
+    return Item(
+        id=f"{item.id}#rot{shift}", suite=item.suite, prompt="\n".join(lines),
+        reference=f"{gold}) {rotated[gold]}", category=item.category, gold=gold, kind="choice",
+        meta={**item.meta, "options": rotated, "rotation": shift},
+    )
+
+
+_OPTION_LINE = re.compile(r"^([ \t]*\(?([A-J])[).:][ \t]+)(\S.*?)[ \t]*$")
+
+
 def _read_mtbench() -> tuple[list[Item], list[str]]:
     """MT-Bench's 80 questions, first turns only.
 

@@ -18,15 +18,29 @@ def _judged(score, *, exact=None, remote=None, exact_remote=None) -> dict:
 
 
 def test_a_key_decides_the_label_whatever_the_judge_says():
-    assert label(_judged(9.0, exact=0.0)) == {"pass": False, "source": "verified", "level": "great", "remote_better": None}
+    assert label(_judged(9.0, exact=0.0)) == {"pass": False, "source": "verified", "level": "great", "remote_better": None, "orderings": 1}
     assert label(_judged(2.0, exact=1.0))["pass"] is True
     assert label({"id": "x", "judge_local": None, "exact_local": 1.0})["source"] == "verified"
 
 
 def test_without_a_key_the_judge_labels_at_the_pass_mark():
-    assert label(_judged(7.0)) == {"pass": True, "source": "judge", "level": "great", "remote_better": None}
+    assert label(_judged(7.0)) == {"pass": True, "source": "judge", "level": "great", "remote_better": None, "orderings": 1}
     assert label(_judged(6.9), pass_mark=7)["pass"] is False and label(_judged(6.0), pass_mark=6)["pass"] is True
-    assert label({"id": "x", "judge_local": {"score": None}, "exact_local": None}) == {"pass": None, "source": None, "level": None, "remote_better": None}
+    assert label({"id": "x", "judge_local": {"score": None}, "exact_local": None}) == {"pass": None, "source": None, "level": None, "remote_better": None, "orderings": 1}
+
+
+def test_with_the_options_rotated_both_answers_must_be_right():
+    both = label({"id": "x", "exact_local": 1.0, "exact_permuted": 1.0})
+    assert both["pass"] is True and both["orderings"] == 2
+    assert label({"id": "x", "exact_local": 1.0, "exact_permuted": 0.0})["pass"] is False  # the right letter by position
+    assert label({"id": "x", "exact_local": 0.0, "exact_permuted": 1.0})["pass"] is False
+    assert label({"id": "x", "exact_local": 1.0, "exact_permuted": None})["orderings"] == 1  # not asked: the one answer decides
+
+
+def test_a_collection_is_named_after_the_whole_model_name():
+    # Path.stem would cut "qwen2.5-coder-0.5b-instruct" at its last dot
+    assert collection_dir("qwen2.5-coder-0.5b-instruct", "gsm", "train").name == "qwen2.5-coder-0.5b-instruct--gsm--train"
+    assert collection_dir("/models/My Model.gguf", "gsm", "train").name == "My_Model--gsm--train"
 
 
 def test_three_levels_cover_the_scale():
@@ -90,3 +104,16 @@ def test_a_verified_collection_labels_keyed_items_by_the_verifier_alone(rpra, en
         assert r["judge_local"] is None and r["remote_answer"] is None and "rpra" not in r
         assert r["label"]["source"] == "verified" and r["label"]["pass"] == (r["exact_local"] == 1.0)
         assert r["local_logprobs"]["min"] <= r["local_logprobs"]["mean"] <= 0  # the answer-confidence baseline's input
+
+
+def test_a_verified_collection_asks_multiple_choice_twice_with_the_options_rotated(rpra, env, isolated_home, tmp_path):
+    questions = tmp_path / "quiz.jsonl"
+    rows = [{"prompt": f"What is {a} + {a}?\n\nA) {2 * a}\nB) {2 * a + 1}\nC) {a}\n\nAnswer with the letter.", "gold": "A"} for a in (2, 3)]
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = rpra("collect", "--suite", str(questions), "--split", "train", "--verified", "--set", "max_tokens=8", env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    records = Collection.load(env["RPRA_MODEL"], str(questions), "train").records
+    assert records, "no item of the two landed in the train split"  # the split is a hash of the id
+    for r in records:
+        assert r["permuted_gold"] in "BC" and r["permuted_answer"] is not None and r["label"]["orderings"] == 2
+        assert r["label"]["pass"] == (r["exact_local"] == 1.0 and r["exact_permuted"] == 1.0)

