@@ -5,6 +5,10 @@
   about the item itself, only its category.
 - **Answer confidence**: the local answer's mean (or minimum) token log-probability. It sees the
   answer, so it is a baseline for decisions made *after* the draft, not before it.
+- **Self-verification** (AutoMix's method, on our device model): the device model is shown its
+  answer and asked, few-shot, whether it is correct (``prompts.self_check_messages``); the
+  probability of "Yes" against "No" at the reply's first token is the score. One prefill, no
+  decode. It also sees the answer. The only baseline here that runs the model.
 
 Each is written as a prediction dict with ``p_pass`` (and an ``expected`` score on the 1..10
 scale, monotone in it) so the benchmark ranks and thresholds it with the controller's rule like
@@ -16,6 +20,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+
+from rpra import prompts
 
 # Smoothing towards the next coarser rate: a category seen 3 times does not get a rate of 0 or 1.
 _PSEUDO = 2.0
@@ -60,3 +66,15 @@ def answer_confidence(record: dict, *, which: str = "mean") -> float | None:
     if not logprobs or logprobs.get(which) is None:
         return None
     return math.exp(logprobs[which])
+
+
+def self_verification(local, question: str, answer: str) -> float:
+    """P("Yes") / (P("Yes") + P("No")) of the device model ``local`` (a ``LocalModel``) asked
+    whether ``answer`` to ``question`` is correct; it takes the model's lock."""
+    from rpra.slot import ScoreSlot
+
+    slot = ScoreSlot([local.tokenize(prompts.SELF_CHECK_YES), local.tokenize(prompts.SELF_CHECK_NO)], local.end_of_turn)
+    with local.lock:
+        session = local.session(local.chat_tokens(prompts.self_check_messages(question, answer)), reserve=4)
+        yes, no = session.score(slot)
+    return 1.0 / (1.0 + math.exp(no - yes))

@@ -9,12 +9,14 @@ so cached calls survive the server's changing port.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from rpra import prompts
 from rpra.benchmarks.cache import CallCache, cached
 from rpra.benchmarks.collect import Collector, collect, predict_only, provenance_for
 from rpra.benchmarks.collection import Collection, collection_dir
@@ -230,10 +232,34 @@ def add_trained_predictions(records: list[dict], settings: Settings, *, log: Cal
     return added
 
 
+def add_self_verification(records: list[dict], settings: Settings, *, progress: bool = True) -> list[dict]:
+    """AutoMix-style self-verification of each record's local answer, as ``record["self_check"]``
+    (one device prefill per record, cached by the model file, prompt and answer)."""
+    from rpra.benchmarks.baselines import as_prediction, self_verification
+
+    settings = bench_settings(settings)
+    local = LocalModel.from_settings(settings)
+    cache, sha = CallCache.default(), file_sha256(local.path)
+    from rich.progress import track
+
+    for r in track(records, description="self-verification", disable=not progress, transient=True):
+        def check(r=r) -> dict:
+            started = time.perf_counter()
+            return {"p_yes": self_verification(local, r["prompt"], r.get("local_answer") or ""),
+                    "ms": (time.perf_counter() - started) * 1000}  # fmt: skip
+
+        out = cached(cache, "self-check", sha, {"shots": prompts.SELF_CHECK_SHOTS, "prompt": r["prompt"], "answer": r.get("local_answer")}, check)
+        r["self_check"] = as_prediction(out["p_yes"], predictor="self-verification", scale_max=settings.scale_max)
+        r["self_check_decision_ms"] = out["ms"]
+    return records
+
+
 def add_baselines(records: list[dict], settings: Settings, *, log: Callable[[str], None] = print) -> list[str]:
     """The baselines every predictor must beat (``benchmarks.baselines``), added to ``records``:
-    the category prior from the model's train collections of the records' suites, and the local
-    answer's confidence where the records hold its log-probabilities. Returns the fields added."""
+    the category prior from the model's train collections of the records' suites, the local
+    answer's confidence where the records hold its log-probabilities, and the device model's
+    self-verification of its answer (one prefill per record, cached).
+    Returns the fields added."""
     from rpra.benchmarks.baselines import answer_confidence, as_prediction, category_prior
 
     added = []
@@ -252,6 +278,9 @@ def add_baselines(records: list[dict], settings: Settings, *, log: Callable[[str
             for r, score in zip(records, scores):
                 r[f"confidence_{which}"] = as_prediction(score, predictor=f"answer confidence ({which})", scale_max=settings.scale_max)
             added.append(f"confidence_{which}")
+    if records and all(r.get("local_answer") is not None for r in records):
+        add_self_verification(records, settings)
+        added.append("self_check")
     return added
 
 

@@ -139,6 +139,13 @@ class Provenance:
     record_version: int = RECORD_VERSION
 
 
+def model_name(model: str) -> str:
+    """A file-name-safe name for ``model`` (a registered name, or a path or URL to a .gguf file)."""
+    name = Path(model).name
+    name = name[: -len(".gguf")] if name.endswith(".gguf") else name  # not .stem: "qwen2.5-coder-0.5b-instruct"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
 def collection_dir(model: str, suite: str, split: str) -> Path:
     """Where the collection of ``model`` (a registered name or a path) on ``suite``/``split`` lives.
 
@@ -146,9 +153,7 @@ def collection_dir(model: str, suite: str, split: str) -> Path:
     """
     from rpra.benchmarks.data import SUITES
 
-    name = Path(model).name  # a registered name, or a path or URL to a .gguf file
-    name = name[: -len(".gguf")] if name.endswith(".gguf") else name  # not .stem: "qwen2.5-coder-0.5b-instruct"
-    model_part = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    model_part = model_name(model)
     suite_part = re.sub(r"[^A-Za-z0-9._-]+", "_", suite if suite in SUITES else Path(suite).name)
     return home() / "collections" / f"{model_part}--{suite_part}--{split}"
 

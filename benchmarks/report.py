@@ -26,8 +26,9 @@ EXACT_CORRECT, EXACT_WRONG = 10.0, 1.0
 # Record fields holding a prediction dict, and the predictor each stands for.
 PREDICTORS = {"pa": "zero-shot PA", "rpra": "zero-shot RPRA", "card_pa": "report card PA", "sft_pa": "SFT PA", "sft_rpra": "SFT RPRA",
               "probe_pa": "probe (PA slot)", "prior": "category prior (train)",
-              "confidence_mean": "answer confidence: mean (after the answer)", "confidence_min": "answer confidence: min (after the answer)"}
-BASELINES = {"prior", "confidence_mean", "confidence_min"}  # benchmarks.baselines: P(pass) only
+              "confidence_mean": "answer confidence: mean (after the answer)", "confidence_min": "answer confidence: min (after the answer)",
+              "self_check": "self-verification, AutoMix (after the answer)"}
+BASELINES = {"prior", "confidence_mean", "confidence_min", "self_check"}  # benchmarks.baselines: P(pass) only
 
 
 @dataclass

@@ -43,6 +43,27 @@ def system_prompt(protocol: Protocol, scale_max: int, *, report_card: str | None
     return text
 
 
+# AutoMix-style self-verification (Aggarwal et al. 2023), a baseline of the benchmark: the device
+# model is shown its own answer and asked, few-shot, whether it is correct; P(yes) is the score.
+SELF_CHECK_SHOTS = (
+    ("What is 7 + 5?", "12", "Yes"),
+    ("What is the capital of Australia?\n\nA) Sydney\nB) Canberra\nC) Melbourne\n\nAnswer with the letter.", "A", "No"),
+    ("How many times does the letter \"s\" appear in \"glass\"?", "2", "Yes"),
+    ("What is 13 * 4?", "42", "No"),
+)
+SELF_CHECK_YES, SELF_CHECK_NO = "Yes", "No"
+
+
+def self_check_messages(question: str, answer: str) -> list[dict]:
+    """The few-shot verification prompt for ``answer`` to ``question``; the reply starts Yes or No."""
+    shots = "\n\n".join(f"Question: {q}\nProposed answer: {a}\nIs the proposed answer correct? {verdict}"
+                         for q, a, verdict in SELF_CHECK_SHOTS)  # fmt: skip
+    return [{"role": "user", "content": (
+        "Decide whether each proposed answer is correct. Reply Yes or No.\n\n"
+        f"{shots}\n\nQuestion: {question}\nProposed answer: {answer.strip()}\nIs the proposed answer correct?"
+    )}]  # fmt: skip
+
+
 def past_answer(answer: str, score: int) -> str:
     """An earlier assistant turn as the device model sees it in the conversation.
 

@@ -38,3 +38,24 @@ def test_answer_confidence_is_the_geometric_mean_token_probability():
 
 def test_a_baseline_prediction_is_monotone_on_the_judge_scale():
     assert as_prediction(0.0, predictor="p")["expected"] == 1 and as_prediction(1.0, predictor="p")["expected"] == 10
+
+
+def test_the_self_check_prompt_ends_with_the_question_and_its_answer_after_the_shots():
+    from rpra import prompts
+
+    (message,) = prompts.self_check_messages("What is 2 + 2?", "  4\n")
+    text = message["content"]
+    assert text.endswith("Question: What is 2 + 2?\nProposed answer: 4\nIs the proposed answer correct?")
+    assert text.count("Is the proposed answer correct? Yes") == 2 and text.count("Is the proposed answer correct? No") == 2
+
+
+def test_self_verification_on_the_real_model_is_a_probability_and_repeatable(model_path):
+    from rpra.benchmarks.baselines import self_verification
+    from rpra.config import Settings
+    from rpra.local import LocalModel
+
+    local = LocalModel.from_settings(Settings(model=str(model_path), n_threads=1, log=False))
+    first = self_verification(local, "What is 3 + 4?", "7")
+    assert 0.0 < first < 1.0
+    assert self_verification(local, "What is 3 + 4?", "7") == pytest.approx(first, abs=1e-6)  # the cached prefix changes nothing
+    assert self_verification(local, "What is 3 + 4?", "9") != pytest.approx(first, abs=1e-6)  # it reads the answer

@@ -113,6 +113,8 @@ def test_bench_run_through_the_cli_writes_table_json_plot_and_report(rpra_bin, s
     suites = {r["suite"] for r in Collection.load(settings.model, "rpra-mix", "test").records}
     assert len(suites) >= 3  # a few items from each of several suites
     assert {"zero-shot PA", "zero-shot RPRA", "random", "oracle", "always-local", "always-remote"} <= set(routers)
+    # the baselines that read the answer, run on the real model
+    assert {"answer confidence: mean (after the answer)", "self-verification, AutoMix (after the answer)"} <= set(routers)
     # On a handful of items the local answers can match the remote's, where APGR is ill-defined;
     # the oracle's best mix is at least as good as random's best (an end point: always local or remote).
     assert max(routers["oracle"]["curve"]["quality"]) >= max(routers["random"]["curve"]["quality"]) - 1e-9

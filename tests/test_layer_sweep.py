@@ -35,6 +35,7 @@ def test_the_sweep_runs_on_real_layer_states_and_writes_its_results(model_path, 
     folder = collection_dir(str(model_path), "arithmetic", "train")
     folder.mkdir(parents=True)
     records = [{"id": f"t{i}", "suite": "arithmetic", "category": "level-1" if ok else "level-4", "prompt": p, "exact_local": float(ok),
+                "local_answer": str(sum(map(int, p[10:-1].split(" + ")))) if ok else "12",
                 "judge_local": None, "label": {"pass": ok, "source": "verified", "level": None, "remote_better": None}}
                for i, (p, ok) in enumerate(prompts)]  # fmt: skip
     (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -44,5 +45,6 @@ def test_the_sweep_runs_on_real_layer_states_and_writes_its_results(model_path, 
     assert result["records"] == 24 and result["layers_read"] == 30
     assert len(result["layers"]["slot"]) == 30 and len(result["layers"]["mean"]) == 29  # the last layer has only output rows
     assert result["best"]["cv_auroc"] > 0.9  # the two kinds of prompt are far apart in some layer
+    assert 0 <= result["after_answer"]["self_check"]["auroc"] <= 1  # the AutoMix baseline, run on the real model
     assert stem.with_suffix(".png").stat().st_size > 10_000
     assert len(list((isolated_home / "features").glob("*/*.npz"))) == 24  # cached: a re-run costs only the fits

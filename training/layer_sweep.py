@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rpra.benchmarks.baselines import category_prior
-from rpra.benchmarks.collection import SEEDS, Collection, collection_dir
+from rpra.benchmarks.baselines import answer_confidence, category_prior
+from rpra.benchmarks.collection import SEEDS, Collection, collection_dir, model_name
 from rpra.config import Settings, home
 from rpra.models import file_sha256, resolve
 
@@ -48,9 +48,11 @@ def labelled_records(model: str, suites: tuple[str, ...], limit: int | None) -> 
     return records
 
 
-def features(model: str, records: list[dict], *, progress=None) -> tuple[np.ndarray, np.ndarray]:
+def features(model: str, records: list[dict], *, progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per record, every layer's state at the PA slot and its mean over the prompt: arrays of shape
-    (layers, records, width), float32, cached by model sha256 and record id."""
+    (layers, records, width), float32; and the AutoMix-style self-verification P(yes) of its local
+    answer (one more prefill). Cached by model sha256 and record id."""
+    from rpra.benchmarks.baselines import self_verification
     from rpra.local import LocalModel
     from rpra.runtime import Runtime
     from rpra.training.probe import LayerReader
@@ -60,28 +62,29 @@ def features(model: str, records: list[dict], *, progress=None) -> tuple[np.ndar
     cache.mkdir(parents=True, exist_ok=True)
     settings = Settings(model=model, temperature=0.0, log=False, mode="local-only", n_ctx=2048)
     local = None
-    slot_rows, mean_rows = [], []
+    slot_rows, mean_rows, checks = [], [], []
     for r in records:
         file = cache / f"{_safe(r['id'])}.npz"
-        if file.exists():
-            with np.load(file) as f:
-                slot, mean = f["slot"], f["mean"]
-        else:
+        saved = dict(np.load(file)) if file.exists() else {}
+        if "slot" not in saved or "self_check" not in saved:
             if local is None:
                 n_layer = LocalModel.from_settings(replace(settings, n_ctx=64)).n_layer
                 local = LocalModel.from_settings(replace(settings, n_batch=2048), capture_layers=range(n_layer), capture_tokens=None)
                 reader = LayerReader()
                 runtime = Runtime(settings, local=local, predictor=reader)
-            with local.lock:
-                local.clear_cache()  # the mean covers the whole prompt, not just what a cached prefix left
-            runtime.predict([{"role": "user", "content": r["prompt"]}])
-            slot, mean = reader.slot, reader.mean
-            np.savez(file, slot=slot.astype(np.float16), mean=mean.astype(np.float16))
-        slot_rows.append(np.asarray(slot, np.float32))
-        mean_rows.append(np.asarray(mean, np.float32))
+            if "slot" not in saved:
+                with local.lock:
+                    local.clear_cache()  # the mean covers the whole prompt, not just what a cached prefix left
+                runtime.predict([{"role": "user", "content": r["prompt"]}])
+                saved.update(slot=reader.slot.astype(np.float16), mean=reader.mean.astype(np.float16))
+            saved["self_check"] = np.float32(self_verification(local, r["prompt"], r.get("local_answer") or ""))
+            np.savez(file, **saved)
+        slot_rows.append(np.asarray(saved["slot"], np.float32))
+        mean_rows.append(np.asarray(saved["mean"], np.float32))
+        checks.append(float(saved["self_check"]))
         if progress:
             progress()
-    return np.stack(slot_rows, axis=1), np.stack(mean_rows, axis=1)
+    return np.stack(slot_rows, axis=1), np.stack(mean_rows, axis=1), np.asarray(checks)
 
 
 def _safe(item_id: str) -> str:
@@ -141,9 +144,23 @@ def prior_oof(records: list[dict], folds) -> np.ndarray:
     return out
 
 
-def sweep(records: list[dict], slot: np.ndarray, mean: np.ndarray, *, log=print) -> dict:
-    """Every layer x pooling: the best C's CV AUROC and Fisher separability; the prior; per-suite
-    and leave-one-suite-out AUROC of the best layer."""
+def after_answer_baselines(records: list[dict], self_check: np.ndarray | None, y: np.ndarray) -> dict:
+    """AUROC of the baselines that read the local answer (no fit: nothing to cross-validate):
+    its mean and min token probability, and the model's self-verification."""
+    out = {}
+    for which in ("mean", "min"):
+        scores = [answer_confidence(r, which=which) for r in records]
+        if all(s is not None for s in scores):
+            scores = np.asarray(scores)
+            out[f"confidence_{which}"] = {"auroc": auroc(scores, y), "ci": bootstrap_ci(scores, y)}
+    if self_check is not None:
+        out["self_check"] = {"auroc": auroc(self_check, y), "ci": bootstrap_ci(self_check, y)}
+    return out
+
+
+def sweep(records: list[dict], slot: np.ndarray, mean: np.ndarray, *, self_check: np.ndarray | None = None, log=print) -> dict:
+    """Every layer x pooling: the best C's CV AUROC and Fisher separability; the prior and the
+    after-the-answer baselines; per-suite and leave-one-suite-out AUROC of the best layer."""
     y = np.asarray([int(r["label"]["pass"]) for r in records])
     folds = _folds(y)
     suites = np.asarray([r["suite"] for r in records])
@@ -152,6 +169,7 @@ def sweep(records: list[dict], slot: np.ndarray, mean: np.ndarray, *, log=print)
         "records": len(y), "passing": int(y.sum()),
         "base_rate_by_suite": {s: {"n": int((suites == s).sum()), "pass_rate": float(y[suites == s].mean())} for s in sorted(set(suites))},
         "prior": {"cv_auroc": auroc(prior, y), "ci": bootstrap_ci(prior, y), "fisher": fisher(prior, y)},
+        "after_answer": after_answer_baselines(records, self_check, y),
         "layers": {},
     }  # fmt: skip
     best = None
@@ -234,11 +252,11 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     bar = iter(track(range(len(records)), description="layer states", transient=True))
-    slot, mean = features(args.model, records, progress=lambda: next(bar, None))
+    slot, mean, self_check = features(args.model, records, progress=lambda: next(bar, None))
     feature_s = time.perf_counter() - started
-    result = sweep(records, slot, mean, log=(lambda line: None) if args.json else print)
+    result = sweep(records, slot, mean, self_check=self_check, log=(lambda line: None) if args.json else print)
     result.update({"model": args.model, "layers_read": int(slot.shape[0]), "width": int(slot.shape[2]), "feature_seconds": round(feature_s, 1)})
-    stem = args.out or RESULTS / f"layer_sweep-{Path(args.model).stem}"
+    stem = args.out or RESULTS / f"layer_sweep-{model_name(args.model)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, stem.with_suffix(".png"), f"{args.model}: where the probe finds pass/fail ({len(records)} verified train records)")
@@ -250,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"category prior: CV AUROC {p['cv_auroc']:.3f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}]")
     print(f"best probe: {b['pooling']} state, layer {b['layer']}, C {b['c']:g}: CV AUROC {b['cv_auroc']:.3f} [{b['ci'][0]:.2f}, {b['ci'][1]:.2f}]")
     print(f"best probe + prior: CV AUROC {result['best_plus_prior']['cv_auroc']:.3f}")
+    for name, row in result["after_answer"].items():
+        print(f"after the answer, {name}: AUROC {row['auroc']:.3f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]")
     for s, row in result["by_suite"].items():
         loso = result["leave_one_suite_out"].get(s, {}).get("auroc", float("nan"))
         print(f"  {s:<18} n {row['n']:4d} pass {row['passing']:4d}  probe {row['probe']:.3f}  prior {row['prior']:.3f}  leave-one-suite-out {loso:.3f}")
