@@ -264,6 +264,11 @@ class Collection:
         self.last_run = run
         return run
 
+    def runs(self) -> list[dict]:
+        """Every run's throughput, oldest first (``log_run``)."""
+        path = self.folder / "runs.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
     def write_skipped(self, skipped: list[dict]) -> None:
         """Items that could not be scored this run; they are not in the journal, so a re-run
         (e.g. with a larger n_ctx) tries them again."""

@@ -51,8 +51,7 @@ def collect(
     from rpra.benchmarks.collection import Collection
 
     collection = Collection.open(out_dir)
-    runs = (out_dir / "runs.jsonl").read_text().splitlines() if (out_dir / "runs.jsonl").exists() else []
-    rate = json.loads(runs[-1]) if runs else {}
+    rate = (collection.runs() or [{}])[-1]
     passed = [r["label"]["pass"] for r in records if r.get("label", {}).get("pass") is not None]
     err.print(f"{len(records)} records in {out_dir}" + (f" · this run: {rate['new_records']} new, {rate['items_per_hour']} items/hour" if rate.get("items_per_hour") else "")
               + (f" · pass rate {sum(passed) / len(passed):.1%} of {len(passed)} labelled" if passed else ""))  # fmt: skip
