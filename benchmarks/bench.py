@@ -167,8 +167,9 @@ def add_predictions(records: list[dict], settings: Settings, *, field: str, pred
     file hash, the probe's fingerprint, and for RPRA the reasoning settings.
     """
     settings = replace(bench_settings(settings), protocol=protocol, adapter=str(adapter) if adapter else None)
-    local = LocalModel.from_settings(settings)
-    runtime = Runtime(settings, local=local, predictor=predictor or ZeroShotPredictor())
+    predictor = predictor or ZeroShotPredictor()
+    local = LocalModel.from_settings(settings, capture_layers=predictor.capture_layers or None)
+    runtime = Runtime(settings, local=local, predictor=predictor)
     cache, sha = CallCache.default(), file_sha256(local.path)
     system = runtime.predictor.system_prompt(protocol, settings.scale_max)
     identity: dict = {}
@@ -225,7 +226,9 @@ def add_trained_predictions(records: list[dict], settings: Settings, *, log: Cal
         log("no adapter for this model yet (`rpra train sft`): no SFT predictor")
     probe_path = Path(settings.probe).expanduser() if settings.probe else default_probe_path(model)
     if probe_path.exists():
-        add_predictions(records, settings, field="probe_pa", predictor=ProbePredictor(Probe.load(probe_path)))
+        probe = Probe.load(probe_path)
+        probe.check_model(sha, settings.model)
+        add_predictions(records, settings, field="probe_pa", predictor=ProbePredictor(probe))
         added.append("probe_pa")
     else:
         log("no probe for this model yet (`rpra train probe`): no probe predictor")

@@ -292,7 +292,17 @@ def _check_files(settings: Settings, report: dict) -> list[dict]:
         else:
             path = None  # no model file, so no default probe beside it: the model check already failed
         if path and path.is_file():
-            checks.append(_check("probe", "ok", f"Probe found at {path}."))
+            from rpra.models import file_sha256
+            from rpra.probe import Probe
+
+            try:
+                probe = Probe.load(path)
+                if report["model"]:
+                    probe.check_model(file_sha256(Path(report["model"]["path"])), settings.model)
+                where = "the final state" if probe.layer is None else f"layer {probe.layer}"
+                checks.append(_check("probe", "ok", f"Probe at {path} ({probe.head} head on {where})."))
+            except RpraError as exc:
+                checks.append(_check("probe", "fail", str(exc)))
         elif path:
             checks.append(_check("probe", "fail", f"No probe at {path}. Fit one with `rpra train probe`, or set probe to its file."))
     if settings.predictor == "report-card" and settings.report_card:

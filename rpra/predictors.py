@@ -7,13 +7,15 @@ report-card and fine-tuned predictors plug in without touching it:
 - zero-shot (here): instructions only; the slot's token probabilities are the prediction.
 - report card: the same, with a card of the model's strengths and weaknesses in the instructions.
 - fine-tuned: the zero-shot prompt on a model carrying a LoRA adapter (``Settings.adapter``).
-- probe: a regression on the model's hidden state at the slot (``rpra.probe``), PA only.
+- probe: a linear head on one of the model's hidden states at the slot (``rpra.probe``), PA only.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from rpra import prompts
 from rpra.config import Protocol
@@ -29,6 +31,7 @@ class Predictor(ABC):
     """Predicts the score a judge would give the device model's answer to the current request."""
 
     name: str
+    capture_layers: list[int] = []  # layers the device model must capture during the prefill
 
     def system_prompt(self, protocol: Protocol, scale_max: int) -> str:
         """Instructions placed before the conversation (a stable prefix: cached across requests)."""
@@ -75,15 +78,29 @@ class FineTunedPredictor(ZeroShotPredictor):
 
 
 class ProbePredictor(Predictor):
-    """A ridge regression on the hidden state at the PA slot, fitted to judge scores (``rpra train probe``)."""
+    """A linear head on a hidden state at the PA slot (``rpra train probe``): the final state, or
+    a middle layer's, captured during the prefill (open the model with ``capture_layers``)."""
 
     name = "probe"
 
     def __init__(self, probe: Probe):
         self.probe = probe
+        self.capture_layers = probe.capture_layers
 
     def predict(self, session: LocalSession, slot: ScoreSlot, *, pass_mark: int) -> Prediction:
-        return self.probe.prediction(session.hidden_state(), pass_mark)
+        return self.probe.prediction(probe_state(session, self.probe.layer), pass_mark)
+
+
+def probe_state(session: LocalSession, layer: int | None) -> np.ndarray:
+    """The state a probe reads at the slot: the final hidden state (``layer`` None), else that
+    layer's residual stream at the slot token, captured during the prefill. Training reads
+    through this too, so a probe sees at run time what it was fitted on."""
+    if layer is None:
+        return session.hidden_state()
+    states = session.layer_states("last")
+    if layer not in states:
+        raise ValueError(f"The probe reads layer {layer}; open the device model with capture_layers=[{layer}].")
+    return states[layer]
 
 
 def make_slot(model: LocalModel, scale_max: int) -> ScoreSlot:

@@ -1,14 +1,20 @@
-"""An activation probe: the judge score predicted from the device model's own hidden state.
+"""An activation probe: whether the device model's answer will pass, read from its own hidden state.
 
-The probe reads the final hidden state at the PA score slot (the last token of ``Rating: [[``),
-the same state the zero-shot predictor reads its score distribution from, and applies a ridge
-regression fitted to judge scores on the train split (``rpra train probe``). It predicts before a
-single token is generated and costs one single-token decode (``LocalSession.hidden_state``) plus a
-dot product.
+The probe reads a hidden state at the PA score slot (the last token of ``Rating: [[``), before a
+single answer token is generated, and applies a linear head fitted on the train split
+(``rpra train probe``):
 
-The regression gives a score ``mu``; its residual spread ``sigma`` (measured by cross-validation
-when fitting) turns that into a distribution over 1..N, a normal discretised onto the scale, so
-the controller can route on the expected score or on P(pass) as with any predictor.
+- ``layer``: which state. None is the final hidden state (one single-token decode,
+  ``LocalSession.hidden_state``); a number is that block's residual stream, captured during the
+  prefill the request needs anyway (``LocalModel(capture_layers=[layer])``): no extra evaluation.
+  The layer sweep (``rpra.training.layer_sweep``) finds where the signal is; it is rarely the last.
+- ``head`` "logistic": a calibrated P(pass) (the controller's ``route_on=p_pass``), written as a
+  distribution over 1..N whose mass at or above the pass mark is that P(pass).
+  ``head`` "ridge" (format 1): a regressed judge score ``mu`` with residual spread ``sigma``, a
+  normal discretised onto the scale.
+
+A probe is fitted on one model file and refuses another (``check_model``): a probe's weights mean
+nothing on a different model's states, even one of the same width.
 
 The file is a small ``.npz`` saved next to the model (numpy only: the device needs no training
 stack to use it).
@@ -27,12 +33,15 @@ import numpy as np
 from rpra.errors import ConfigError
 from rpra.prediction import Prediction
 
-PROBE_FORMAT = "rpra-probe/1"
+PROBE_FORMAT = "rpra-probe/2"
+READABLE = ("rpra-probe/1", PROBE_FORMAT)  # 1: ridge on the final state, no layer or head recorded
+HEADS = ("ridge", "logistic")
 
 
 @dataclass
 class Probe:
-    """``score = (h - mean) / std · weights + bias``, with residual spread ``sigma``."""
+    """``score = (h - mean) / std · weights + bias``: a judge score (ridge, residual spread
+    ``sigma``) or the logit of P(pass) (logistic, calibrated), for the state of ``layer``."""
 
     mean: np.ndarray
     std: np.ndarray
@@ -41,12 +50,34 @@ class Probe:
     sigma: float
     scale_max: int
     meta: dict = field(default_factory=dict)
+    layer: int | None = None  # None: the final hidden state
+    head: str = "ridge"
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ConfigError(f"Unknown probe head {self.head!r}; expected one of {', '.join(HEADS)}.")
+
+    @property
+    def capture_layers(self) -> list[int]:
+        """The layers the device model must capture for this probe (none for the final state)."""
+        return [] if self.layer is None else [self.layer]
+
+    def check_model(self, sha256: str, name: str = "the device model") -> None:
+        """Refuse a probe fitted on another model file."""
+        fitted = self.meta.get("model_sha256")
+        if fitted and fitted != sha256:
+            raise ConfigError(
+                f"This probe was fitted on {self.meta.get('model', 'another model')} (sha256 {fitted[:12]}...), "
+                f"not on {name} (sha256 {sha256[:12]}...): its weights mean nothing on another model's states. "
+                "Fit one for this model with `rpra train probe`."
+            )
 
     def fingerprint(self) -> str:
         """A hash of what the probe computes (its arrays and scalars), e.g. for cache keys."""
         digest = hashlib.sha256()
         for array in (self.mean, self.std, self.weights, np.array([self.bias, self.sigma, self.scale_max], float)):
             digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+        digest.update(f"{self.layer}:{self.head}".encode())
         return digest.hexdigest()
 
     def score(self, hidden: np.ndarray) -> float:
@@ -59,7 +90,18 @@ class Probe:
         return float((hidden - self.mean) / self.std @ self.weights + self.bias)
 
     def prediction(self, hidden: np.ndarray, pass_mark: int) -> Prediction:
-        """A distribution over 1..N: the normal N(score, sigma²) integrated over each score's bin."""
+        """A distribution over 1..N. Logistic: P(pass) spread evenly over the scores at or above
+        ``pass_mark``, the rest over those below (its expected score rises with P(pass)). Ridge:
+        the normal N(score, sigma²) integrated over each score's bin."""
+        if self.head == "logistic":
+            p = 1.0 / (1.0 + math.exp(-min(max(self.score(hidden), -50.0), 50.0)))
+            passing = self.scale_max - pass_mark + 1
+            if passing >= self.scale_max:  # every score passes
+                probs = np.full(self.scale_max, 1.0 / self.scale_max)
+            else:
+                probs = np.array([(1 - p) / (self.scale_max - passing)] * (self.scale_max - passing) + [p / passing] * passing)
+            probs = np.clip(probs, 1e-12, None)
+            return Prediction(tuple(float(q) for q in probs / probs.sum()), pass_mark, "probe")
         mu, sigma = self.score(hidden), max(self.sigma, 1e-3)
         edges = [-math.inf, *(k + 0.5 for k in range(1, self.scale_max)), math.inf]
         cdf = [0.5 * (1 + math.erf((e - mu) / (sigma * math.sqrt(2)))) if math.isfinite(e) else float(e > 0) for e in edges]
@@ -72,7 +114,7 @@ class Probe:
         np.savez(
             tmp, mean=self.mean, std=self.std, weights=self.weights,
             scalars=np.array([self.bias, self.sigma, self.scale_max]),
-            meta=np.array(json.dumps({"format": PROBE_FORMAT, **self.meta})),
+            meta=np.array(json.dumps({**self.meta, "format": PROBE_FORMAT, "layer": self.layer, "head": self.head})),
         )  # fmt: skip
         tmp.replace(path)
         return path
@@ -84,13 +126,14 @@ class Probe:
             with np.load(path, allow_pickle=False) as f:
                 meta = json.loads(str(f["meta"]))
                 bias, sigma, scale_max = f["scalars"].tolist()
-                probe = cls(f["mean"], f["std"], f["weights"], bias, sigma, int(scale_max), meta)
+                if meta.get("format") not in READABLE:
+                    raise ConfigError(f"{path} is a probe of format {meta.get('format')!r}; this rpra reads {', '.join(READABLE)}.")
+                probe = cls(f["mean"], f["std"], f["weights"], bias, sigma, int(scale_max), meta,
+                            layer=meta.get("layer"), head=meta.get("head", "ridge"))  # fmt: skip
         except FileNotFoundError:
             raise ConfigError(f"No probe at {path}. Fit one with `rpra train probe`.") from None
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"{path} is not a readable rpra probe ({exc}). Refit it with `rpra train probe`.") from None
-        if meta.get("format") != PROBE_FORMAT:
-            raise ConfigError(f"{path} is a probe of format {meta.get('format')!r}; this rpra reads {PROBE_FORMAT}.")
         return probe
 
 
@@ -107,7 +150,8 @@ def list_probes() -> list[dict]:
     for model in list_models():
         path = default_probe_path(Path(model["path"])) if model.get("path") else None
         if path and path.exists():
-            meta = Probe.load(path).meta
-            keys = ("examples", "cv_rmse", "mean_baseline_rmse", "cv_spearman", "created")
-            found.append({"model": model["name"], "path": str(path), **{k: meta.get(k) for k in keys}})
+            probe = Probe.load(path)
+            keys = ("examples", "passing", "cv_auroc_pass", "cv_rmse", "mean_baseline_rmse", "cv_spearman", "created")
+            found.append({"model": model["name"], "path": str(path), "head": probe.head, "layer": probe.layer,
+                          **{k: probe.meta.get(k) for k in keys}})  # fmt: skip
     return found

@@ -145,6 +145,9 @@ class Runtime:
         self.local = local
         self.remote = remote
         self.predictor = predictor or ZeroShotPredictor()
+        if local is not None and (missing := set(self.predictor.capture_layers) - set(local.capture_layers)):
+            raise ConfigError(f"The {self.predictor.name} predictor reads layer(s) {sorted(missing)}, which the device model "
+                              f"does not capture: open it with LocalModel.from_settings(..., capture_layers={self.predictor.capture_layers}).")  # fmt: skip
         self.store = store
         self.controller = Controller(threshold=settings.threshold, route_on=settings.route_on, mode=settings.mode)
         self._slot = make_slot(local, settings.scale_max) if local else None
@@ -153,11 +156,12 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings, *, need_local: bool = True) -> Runtime:
         """Load what ``settings`` name: the device model (unless not needed), the remote, the log."""
-        local = LocalModel.from_settings(settings) if need_local else None
+        predictor = predictor_from_settings(settings)
+        local = LocalModel.from_settings(settings, capture_layers=predictor.capture_layers or None) if need_local else None
         # never-defer is fully offline: no remote client exists to send anything with.
         remote = RemoteModel.from_settings(settings) if settings.remote_url and settings.privacy != "never-defer" else None
         store = LogStore.default() if settings.log else None
-        return cls(settings, local=local, remote=remote, predictor=predictor_from_settings(settings), store=store)
+        return cls(settings, local=local, remote=remote, predictor=predictor, store=store)
 
     def configured(self, **changes) -> Runtime:
         """This runtime with some settings changed for one request (e.g. ``max_tokens``), sharing
@@ -546,10 +550,13 @@ def predictor_from_settings(settings: Settings) -> Predictor:
         except ValueError:
             raise ConfigError(f"The report card {path} is empty. Rebuild it with `rpra report-card build`.") from None
     if settings.predictor == "probe":
-        from rpra.models import resolve
+        from rpra.models import file_sha256, resolve
         from rpra.probe import Probe, default_probe_path
 
-        return ProbePredictor(Probe.load(settings.probe or default_probe_path(resolve(settings.model))))
+        model = resolve(settings.model)
+        probe = Probe.load(settings.probe or default_probe_path(model))
+        probe.check_model(file_sha256(model), settings.model)
+        return ProbePredictor(probe)
     if settings.predictor == "fine-tuned" or settings.adapter:
         return FineTunedPredictor()
     return ZeroShotPredictor()

@@ -13,13 +13,13 @@ import pytest
 
 from rpra import prompts
 from rpra.adapters import list_adapters, resolve_adapter
-from rpra.errors import ConfigError
+from rpra.errors import ConfigError, RpraError
 from rpra.predictors import ProbePredictor, ZeroShotPredictor
 from rpra.probe import Probe
 from rpra.runtime import Runtime
 from rpra.training.config import SFTConfig, load_config
 from rpra.training.data import IGNORE, build_examples, hold_out, target_score, turn_example
-from rpra.training.probe import fit_probe, slot_states
+from rpra.training.probe import fit_logistic, fit_probe, slot_states, sweep_layer
 
 PROMPT = "What is the capital of France?"
 
@@ -187,6 +187,76 @@ def test_probe_file_errors_are_clear(tmp_path):
         probe.score(np.zeros(4))
 
 
+def test_logistic_probe_ranks_a_linear_signal_calibrated_and_finds_none_in_noise():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 30))
+    y = (x[:, 0] - 0.5 * x[:, 1] + rng.normal(scale=0.3, size=300) > 0.8).astype(int)
+    probe, report = fit_logistic(x, y, layer=7)
+    assert report["cv_auroc_pass"] > 0.9 and report["cv_brier"] < 0.7 * report["base_rate_brier"]
+    assert probe.head == "logistic" and probe.layer == 7 and report["passing"] == int(y.sum())
+    p = np.array([probe.prediction(row, pass_mark=7).p_pass for row in x])
+    assert abs(p.mean() - y.mean()) < 0.05  # calibrated: as many passes predicted as there are
+    _, noise = fit_logistic(x, rng.permutation(y))
+    assert abs(noise["cv_auroc_pass"] - 0.5) < 0.12
+    with pytest.raises(RpraError, match="at least 5 passing"):
+        fit_logistic(x[:40], np.r_[np.ones(3, int), np.zeros(37, int)])
+
+
+def test_a_logistic_prediction_puts_p_pass_at_and_above_the_pass_mark_and_round_trips(tmp_path):
+    probe = Probe(np.zeros(2), np.ones(2), np.array([2.0, 0.0]), 0.0, 0.0, 10, {"model_sha256": "a" * 64}, layer=4, head="logistic")
+    p = probe.prediction(np.array([0.5, 3.0]), pass_mark=7)
+    assert p.p_pass == pytest.approx(1 / (1 + np.exp(-1.0))) and abs(sum(p.probs) - 1) < 1e-9
+    assert probe.prediction(np.array([1.0, 0.0]), 7).expected > p.expected  # monotone in P(pass)
+    loaded = Probe.load(probe.save(tmp_path / "m.probe.npz"))
+    assert (loaded.layer, loaded.head, loaded.capture_layers) == (4, "logistic", [4])
+    assert loaded.prediction(np.array([0.5, 3.0]), 7) == p
+    loaded.check_model("a" * 64)
+    with pytest.raises(ConfigError, match="fitted on .* not on"):
+        loaded.check_model("b" * 64, "other-model")
+
+
+def test_a_format_1_probe_still_loads_as_a_ridge_on_the_final_state(tmp_path):
+    path = tmp_path / "old.npz"
+    np.savez(path, mean=np.zeros(3), std=np.ones(3), weights=np.ones(3), scalars=np.array([5.0, 1.0, 10]),
+             meta=np.array(json.dumps({"format": "rpra-probe/1"})))  # fmt: skip
+    old = Probe.load(path)
+    assert (old.layer, old.head, old.capture_layers) == (None, "ridge", [])
+    np.savez(path, mean=np.zeros(3), std=np.ones(3), weights=np.ones(3), scalars=np.array([5.0, 1.0, 10]),
+             meta=np.array(json.dumps({"format": "rpra-probe/9"})))  # fmt: skip
+    with pytest.raises(ConfigError, match="format 'rpra-probe/9'"):
+        Probe.load(path)
+
+
+def test_the_sweeps_best_slot_layer_is_the_default_layer(tmp_path, model_path):
+    from rpra.models import file_sha256
+
+    rows = [{"layer": i, "cv_auroc": auc} for i, auc in enumerate([0.6, 0.8, 0.7])]
+    sweep = {"model_sha256": file_sha256(model_path), "layers": {"slot": rows, "mean": [{"layer": 0, "cv_auroc": 0.99}]}}
+    (tmp_path / f"layer_sweep-{model_path.stem}.json").write_text(json.dumps(sweep))
+    assert sweep_layer(str(model_path), tmp_path) == 1  # the slot's best: the mean needs the whole prompt evaluated
+    (tmp_path / f"layer_sweep-{model_path.stem}.json").write_text(json.dumps({**sweep, "model_sha256": "0" * 64}))
+    assert sweep_layer(str(model_path), tmp_path) is None  # a sweep of another file
+    assert sweep_layer("nothing-swept", tmp_path) is None
+
+
+@pytest.mark.slow
+def test_a_middle_layer_probe_routes_real_turns_and_needs_its_layer_captured(greedy_settings, model_path, local_model):
+    from rpra.local import LocalModel
+
+    settings = greedy_settings(protocol="pa")
+    capturing = LocalModel(model_path, name="smollm2-135m-instruct", n_ctx=1024, n_threads=2, seed=0, capture_layers=[12])
+    prompts_ = [f"What is {a} + {a}?" for a in range(1, 6)] + [f"What is {a}7 * {a}9 - 3{a}1?" for a in range(1, 6)]
+    x = slot_states(capturing, prompts_, settings, layer=12)
+    assert x.shape == (10, capturing.n_embd) and not np.allclose(x, slot_states(local_model, prompts_, settings))
+    probe, _ = fit_logistic(x, np.array([1] * 5 + [0] * 5), folds=2, layer=12)
+    runtime = Runtime(settings, local=capturing, predictor=ProbePredictor(probe))
+    result = runtime.ask([{"role": "user", "content": prompts_[-1]}], mode="local-only")
+    assert result.prediction.predictor == "probe" and result.answer
+    assert result.prediction.p_pass == pytest.approx(probe.prediction(x[-1], settings.pass_mark).p_pass, abs=1e-3)
+    with pytest.raises(ConfigError, match="does not capture"):
+        Runtime(settings, local=local_model, predictor=ProbePredictor(probe))
+
+
 @pytest.mark.slow
 def test_reading_the_hidden_state_changes_nothing_the_runtime_does_next(local_model):
     from rpra.predictors import make_slot
@@ -264,14 +334,24 @@ def test_the_probe_commands_as_a_user_runs_them(rpra, model_path, isolated_home,
     scores = [8, 3, 8, 2, 8, 3, 7, 5, 6, 4]
     folder.joinpath("records.jsonl").write_text("".join(json.dumps(_record(i, s)) + "\n" for i, s in enumerate(scores)))
     probe_file = tmp_path / "smollm2.probe.npz"
-    fit = rpra("train", "probe", "--folds", "2", "--output", str(probe_file), env=env)
+    fit = rpra("train", "probe", "--folds", "2", "--layer", "9", "--output", str(probe_file), env=env)
     assert fit.returncode == 0, fit.stderr
-    assert f"probe: {probe_file}" in fit.stdout and "10 examples" in fit.stdout
+    assert f"probe: {probe_file}" in fit.stdout and "layer 9 · 10 examples, 5 pass" in fit.stdout and "CV AUROC" in fit.stdout
     asked = rpra("ask", "What is 2 + 2?", "--mode", "local-only", "--json", "--set", "predictor=probe", "--set", f"probe={probe_file}", env=env)
     assert asked.returncode == 0, asked.stderr
     assert json.loads(asked.stdout)["prediction"]["predictor"] == "probe"
     refused = rpra("train", "probe", "--split", "test", env=env)
     assert refused.returncode == 1 and "test split" in refused.stderr
+    other = rpra("ask", "Hi", "--mode", "local-only", "--set", "predictor=probe", "--set", f"probe={probe_file}",
+                 "--set", f"model={_other_model(tmp_path, model_path)}", env=env)  # fmt: skip
+    assert other.returncode != 0 and "fitted on" in other.stderr  # a probe is for the model file it was fitted on
+
+
+def _other_model(tmp_path: Path, model_path: Path) -> Path:
+    """A copy of the model file with one byte of padding: the same model, another file (sha256)."""
+    other = tmp_path / "other.gguf"
+    other.write_bytes(model_path.read_bytes() + b"\0")
+    return other
 
 
 @pytest.mark.slow

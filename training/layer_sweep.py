@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     slot, mean, self_check = features(args.model, records, progress=lambda: next(bar, None))
     feature_s = time.perf_counter() - started
     result = sweep(records, slot, mean, self_check=self_check, log=(lambda line: None) if args.json else print)
-    result.update({"model": args.model, "layers_read": int(slot.shape[0]), "width": int(slot.shape[2]), "feature_seconds": round(feature_s, 1)})
+    result.update({"model": args.model, "model_sha256": file_sha256(resolve(args.model)), "layers_read": int(slot.shape[0]), "width": int(slot.shape[2]), "feature_seconds": round(feature_s, 1)})
     stem = args.out or RESULTS / f"layer_sweep-{model_name(args.model)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,10 +1,18 @@
-"""``rpra train probe``: fit the activation probe (``rpra.probe``) on the collected train split.
+"""``rpra train probe``: fit the activation probe (``rpra.probe``) on collected train splits.
 
 Features are read through the runtime itself: a PA turn is opened exactly as the device opens it
-and the probe predictor's own ``LocalSession.hidden_state`` call reads the state at the slot, so
-the fitted probe sees at run time what it saw here. The fit is a ridge regression of the judge
-score on standardised features, its strength chosen by k-fold cross-validation; the
-cross-validated residual spread becomes the probe's ``sigma``. numpy only.
+and the probe predictor's own ``predictors.probe_state`` reads the state at the slot (the final
+state, or a middle layer's captured during the prefill), so the fitted probe sees at run time
+what it saw here.
+
+- ``head="logistic"`` (the default): a logistic regression of the pass label on standardised
+  features, its strength chosen by stratified k-fold CV AUROC, then Platt-calibrated on the
+  out-of-fold logits (folded into the weights), so the device computes P(pass) with one dot
+  product and a sigmoid. Needs scikit-learn (the train extra).
+- ``head="ridge"``: the regression of the score (pass as scale_max / 1) of format 1, numpy only.
+
+``layer="auto"`` takes the best slot layer of the model's layer sweep
+(benchmarks/results/layer_sweep-<model>.json, made on the train split), else the final state.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from rpra.config import Settings
 from rpra.errors import RpraError
 from rpra.local import LocalModel, LocalSession
 from rpra.prediction import Prediction
-from rpra.predictors import ZeroShotPredictor
+from rpra.predictors import ZeroShotPredictor, probe_state
 from rpra.probe import Probe
 from rpra.runtime import Runtime
 from rpra.slot import ScoreSlot
@@ -30,15 +38,17 @@ ALPHAS = (1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0)
 
 
 class _ReadState(ZeroShotPredictor):
-    """The zero-shot predictor, also keeping the hidden state at the slot (as ProbePredictor reads
-    it) and the tokens up to the slot."""
+    """The zero-shot predictor, also keeping the state a probe of ``layer`` reads at the slot
+    (``probe_state``, as ProbePredictor reads it) and the tokens up to the slot."""
 
-    def __init__(self) -> None:
+    def __init__(self, layer: int | None = None) -> None:
+        self.layer = layer
+        self.capture_layers = [] if layer is None else [layer]
         self.state: np.ndarray | None = None
         self.tokens: list[int] = []
 
     def predict(self, session: LocalSession, slot: ScoreSlot, *, pass_mark: int) -> Prediction:
-        self.state, self.tokens = session.hidden_state(), list(session.tokens)
+        self.state, self.tokens = probe_state(session, self.layer), list(session.tokens)
         return super().predict(session, slot, pass_mark=pass_mark)
 
 
@@ -57,20 +67,23 @@ class LayerReader(ZeroShotPredictor):
         return super().predict(session, slot, pass_mark=pass_mark)
 
 
-def read_slots(local: LocalModel, prompts: list[str], settings: Settings) -> Iterator[tuple[np.ndarray, list[int]]]:
-    """For each prompt, the hidden state at the PA slot and the tokens up to it, read through the
-    runtime's own turn (``Runtime.predict``: stopped at the decision, no answer generated)."""
-    reader = _ReadState()
+def read_slots(local: LocalModel, prompts: list[str], settings: Settings, *, layer: int | None = None
+               ) -> Iterator[tuple[np.ndarray, list[int]]]:  # fmt: skip
+    """For each prompt, the probe's state at the PA slot (``layer``: None for the final state) and
+    the tokens up to it, read through the runtime's own turn (``Runtime.predict``: stopped at the
+    decision, no answer generated)."""
+    reader = _ReadState(layer)
     runtime = Runtime(replace(settings, protocol="pa", mode="local-only", log=False), local=local, predictor=reader)
     for prompt in prompts:
         runtime.predict([{"role": "user", "content": prompt}])
         yield reader.state, reader.tokens
 
 
-def slot_states(local: LocalModel, prompts: list[str], settings: Settings, *, progress: Callable[[], None] = lambda: None) -> np.ndarray:
-    """The hidden state at the PA slot for each prompt (``read_slots``), stacked."""
+def slot_states(local: LocalModel, prompts: list[str], settings: Settings, *, layer: int | None = None,
+                progress: Callable[[], None] = lambda: None) -> np.ndarray:  # fmt: skip
+    """The probe's state at the PA slot for each prompt (``read_slots``), stacked."""
     states = []
-    for state, _ in read_slots(local, prompts, settings):
+    for state, _ in read_slots(local, prompts, settings, layer=layer):
         states.append(state)
         progress()
     return np.stack(states)
@@ -134,25 +147,120 @@ def fit_probe(x: np.ndarray, y: np.ndarray, *, scale_max: int, folds: int = 5, s
 
 
 
-def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: int = 5, output: Path | None = None,
-                progress: Callable[[int], Callable[[], None]] = lambda total: lambda: None) -> tuple[Path, dict]:  # fmt: skip
-    """Fit the probe on a collected split and save it (by default next to the model).
+def fit_logistic(x: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0, layer: int | None = None,
+                 scale_max: int = 10, meta: dict | None = None) -> tuple[Probe, dict]:  # fmt: skip
+    """A calibrated logistic probe of the pass label ``y`` (0 / 1) on states ``x``.
 
-    ``progress(total)`` returns the callback advanced once per record read.
+    The strength C is chosen by stratified k-fold CV AUROC; Platt scaling (a 1-D logistic on the
+    out-of-fold logits) calibrates it; both are folded into one weight vector and bias, refitted
+    on everything. The report holds the CV AUROC and Brier score of the calibrated out-of-fold
+    probabilities, and the base rate's Brier score for comparison.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(y, int)
+    positives = int(y.sum())
+    if min(positives, len(y) - positives) < folds:
+        raise RpraError(f"A logistic probe needs at least {folds} passing and {folds} failing records to cross-validate; "
+                        f"have {positives} passing of {len(y)}. Collect more (`rpra collect --split train --verified`).")  # fmt: skip
+    split = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y))
+
+    def standardise(rows: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
+        return (rows - fit_rows.mean(0)) / (fit_rows.std(0) + 1e-6)
+
+    def oof(c: float) -> np.ndarray:
+        out = np.empty(len(y))
+        for train, test in split:
+            head = LogisticRegression(C=c, max_iter=2000).fit(standardise(x[train], x[train]), y[train])
+            out[test] = head.decision_function(standardise(x[test], x[train]))
+        return out
+
+    scored = {c: oof(c) for c in C_GRID}
+    aurocs = {c: float(auroc(logits, y == 1)) for c, logits in scored.items()}
+    best = max(aurocs, key=aurocs.get)
+    platt = LogisticRegression(C=1e6, max_iter=1000).fit(scored[best][:, None], y)
+    a, c0 = float(platt.coef_[0, 0]), float(platt.intercept_[0])
+    calibrated = 1 / (1 + np.exp(-(a * scored[best] + c0)))
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    head = LogisticRegression(C=best, max_iter=2000).fit((x - mean) / std, y)
+    base = y.mean()
+    report = {
+        "head": "logistic", "layer": layer, "c": best,
+        "cv_auroc_by_c": {str(c): round(v, 4) for c, v in aurocs.items()},
+        "cv_auroc_pass": aurocs[best],
+        "cv_brier": float(np.mean((calibrated - y) ** 2)), "base_rate_brier": float(base * (1 - base)),
+        "examples": int(len(y)), "passing": positives,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    probe = Probe(mean, std, a * head.coef_[0], a * float(head.intercept_[0]) + c0, sigma=0.0, scale_max=scale_max,
+                  meta={**(meta or {}), **report}, layer=layer, head="logistic")  # fmt: skip
+    return probe, report
+
+
+# The strengths the logistic head tries (inverse L2, on standardised features), as the layer sweep.
+C_GRID = (0.003, 0.03, 0.3)
+
+
+def sweep_layer(model: str, results: Path | None = None) -> int | None:
+    """The best slot layer of ``model``'s committed layer sweep, or None (the final state) without one.
+
+    Slot pooling only: a mean over the prompt would need the whole prompt evaluated on every
+    request (no cached prefix), which costs more than the zero-shot decision.
+    """
+    import json
+
+    from rpra.benchmarks.collection import SEEDS, model_name
+    from rpra.models import file_sha256, resolve
+
+    path = (results or SEEDS.parent) / f"layer_sweep-{model_name(model)}.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("model_sha256") not in (None, file_sha256(resolve(model))):
+        return None  # a sweep of another file of that name
+    rows = result["layers"]["slot"]
+    return int(max(rows, key=lambda row: row["cv_auroc"])["layer"])
+
+
+def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: int = 5, output: Path | None = None,
+                layer: int | str | None = "auto", head: str = "logistic",
+                progress: Callable[[int], Callable[[], None]] = lambda total: lambda: None) -> tuple[Path, dict]:  # fmt: skip
+    """Fit the probe on collected splits and save it (by default next to the model).
+
+    ``suite``: one suite or several, comma-separated (their collections are pooled). ``layer``:
+    a layer number, None for the final state, or "auto" (``sweep_layer``). ``progress(total)``
+    returns the callback advanced once per record read.
     """
     from rpra.benchmarks.bench import bench_settings
     from rpra.models import file_sha256, resolve
-    from rpra.probe import default_probe_path
+    from rpra.probe import HEADS, default_probe_path
     from rpra.training.data import load_collection, target_score
 
+    if head not in HEADS:
+        raise RpraError(f"Unknown probe head {head!r}; use one of {', '.join(HEADS)}.")
     settings = bench_settings(settings)
-    collection = load_collection(settings.model, suite, split)
+    suites = [s.strip() for s in suite.split(",") if s.strip()]
+    collections = [load_collection(settings.model, s, split) for s in suites]
     # The target is the record's pass label (verified where the item has a key, else the judge at
-    # the pass mark), as scale_max / 1: the probe's P(pass) is what the controller routes on.
-    records = [r for r in collection.records if target_score(r, target="pass", scale_max=settings.scale_max) is not None]
-    x = slot_states(LocalModel.from_settings(settings), [r["prompt"] for r in records], settings, progress=progress(len(records)))
-    y = np.asarray([target_score(r, target="pass", scale_max=settings.scale_max) for r in records], float)
+    # the pass mark): the probe's P(pass) is what the controller routes on.
+    records = [r for c in collections for r in c.records if target_score(r, target="pass", scale_max=settings.scale_max) is not None]
+    if layer == "auto":
+        layer = sweep_layer(settings.model)
+    local = LocalModel.from_settings(settings, capture_layers=None if layer is None else [int(layer)])
+    if layer is not None and not 0 <= int(layer) < local.n_layer:
+        raise RpraError(f"layer {layer} is not a layer of {settings.model} (0 to {local.n_layer - 1}).")
+    layer = None if layer is None else int(layer)
+    x = slot_states(local, [r["prompt"] for r in records], settings, layer=layer, progress=progress(len(records)))
     model_path = resolve(settings.model)
-    meta = {"model": settings.model, "model_sha256": file_sha256(model_path), "collection": str(collection.folder)}
-    probe, report = fit_probe(x, y, scale_max=settings.scale_max, folds=folds, meta=meta)
+    meta = {"model": settings.model, "model_sha256": file_sha256(model_path), "collections": [str(c.folder) for c in collections],
+            "target": "pass"}  # fmt: skip
+    if head == "logistic":
+        y = np.asarray([bool(r["label"]["pass"]) for r in records], int)
+        probe, report = fit_logistic(x, y, folds=folds, layer=layer, scale_max=settings.scale_max, meta=meta)
+    else:
+        y = np.asarray([target_score(r, target="pass", scale_max=settings.scale_max) for r in records], float)
+        probe, report = fit_probe(x, y, scale_max=settings.scale_max, folds=folds, meta=meta)
+        probe.layer = layer
+        report["layer"] = layer
     return probe.save(output or default_probe_path(model_path)), report

@@ -66,8 +66,13 @@ def train_list(json_out: JsonOpt = False) -> None:
                       fmt(a["train_wall_s"], "{:.0f}"), fmt(a["gguf_bytes"] and a["gguf_bytes"] / 1e6, "{:.1f}"), str(a["created"]))  # fmt: skip
     out.print(table if adapters else "[dim]no adapters yet: `rpra train sft`[/]")
     for p in probes:
-        out.print(f"probe for {p['model']}: {p['path']} ({p['examples']} examples, CV RMSE {p['cv_rmse']:.2f} vs {p['mean_baseline_rmse']:.2f} "
-                  f"for the mean, CV Spearman {p['cv_spearman']:.2f})")  # fmt: skip
+        where = "final state" if p["layer"] is None else f"layer {p['layer']}"
+        if p["head"] == "logistic":
+            out.print(f"probe for {p['model']}: {p['path']} (logistic on {where}; {p['examples']} examples, {p['passing']} pass; "
+                      f"CV AUROC {p['cv_auroc_pass']:.3f})")  # fmt: skip
+        else:
+            out.print(f"probe for {p['model']}: {p['path']} (ridge on {where}; {p['examples']} examples, CV RMSE {p['cv_rmse']:.2f} vs "
+                      f"{p['mean_baseline_rmse']:.2f} for the mean, CV Spearman {p['cv_spearman']:.2f})")  # fmt: skip
 
 
 def train_export(
@@ -91,25 +96,37 @@ def train_export(
 @settings_command()
 def train_probe(
     settings,
-    suite: SuiteOpt = "rpra-mix",
+    suite: Annotated[str, typer.Option(help="Collection(s) to fit on: a suite, or several comma-separated (e.g. arithmetic,gsm,mmlu).")] = "rpra-mix",
     split: Annotated[str, typer.Option(help="Collection split to fit on (not the test split).")] = "train",
-    folds: Annotated[int, typer.Option(help="Cross-validation folds for choosing the ridge strength.")] = 5,
+    layer: Annotated[str, typer.Option(help="The state the probe reads at the slot: a layer number, 'final' (the final hidden state), "
+                                            "or 'auto' (the best slot layer of the model's layer sweep, else final).")] = "auto",
+    head: Annotated[str, typer.Option(help="logistic: calibrated P(pass) (needs the train extra); ridge: a regressed score (format 1).")] = "logistic",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for choosing the head's strength.")] = 5,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Probe file (default: next to the model).")] = None,
 ) -> None:
-    """Fit the activation probe: a ridge regression from the hidden state at the PA slot to the pass label (verified where keyed, else the judge)."""
+    """Fit the activation probe: a linear head from a hidden state at the PA slot to the pass label (verified where keyed, else the judge)."""
     bench_module()  # the probe reads a benchmark collection
     from rich.progress import Progress
 
     from rpra.training.probe import train_probe as fit
 
+    if layer not in ("auto", "final") and not layer.isdigit():
+        raise typer.BadParameter(f"{layer!r} is not a layer number, 'final' or 'auto'.", param_hint="--layer")
+    chosen = "auto" if layer == "auto" else None if layer == "final" else int(layer)
     with Progress(console=err, transient=True) as bar:
 
         def progress(total: int):
             task = bar.add_task("reading hidden states", total=total)
             return lambda: bar.advance(task)
 
-        path, report = fit(settings, suite=suite, split=split, folds=folds, output=output, progress=progress)
-    out.print(f"probe: {path} ({path.stat().st_size / 1e3:.0f} kB) · {report['examples']} examples · ridge alpha {report['alpha']:g} · "
-              f"CV RMSE {report['cv_rmse']:.2f} (always-the-mean: {report['mean_baseline_rmse']:.2f}) · CV Spearman {report['cv_spearman']:.2f}"
-              + (f" · CV AUROC (pass) {report['cv_auroc_pass']:.2f}" if report.get("cv_auroc_pass") is not None else ""))  # fmt: skip
+        path, report = fit(settings, suite=suite, split=split, folds=folds, output=output, layer=chosen, head=head, progress=progress)
+    where = "the final state" if report.get("layer") is None else f"layer {report['layer']}"
+    if report.get("head") == "logistic":
+        out.print(f"probe: {path} ({path.stat().st_size / 1e3:.0f} kB) · {where} · {report['examples']} examples, {report['passing']} pass · "
+                  f"logistic C {report['c']:g} · CV AUROC (pass) {report['cv_auroc_pass']:.3f} · CV Brier {report['cv_brier']:.3f} "
+                  f"(base rate: {report['base_rate_brier']:.3f})")  # fmt: skip
+    else:
+        out.print(f"probe: {path} ({path.stat().st_size / 1e3:.0f} kB) · {where} · {report['examples']} examples · ridge alpha {report['alpha']:g} · "
+                  f"CV RMSE {report['cv_rmse']:.2f} (always-the-mean: {report['mean_baseline_rmse']:.2f}) · CV Spearman {report['cv_spearman']:.2f}"
+                  + (f" · CV AUROC (pass) {report['cv_auroc_pass']:.2f}" if report.get("cv_auroc_pass") is not None else ""))  # fmt: skip
     out.print("[dim]use it with --set predictor=probe[/]")
