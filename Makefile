@@ -22,7 +22,10 @@ SDIST := $(SDIST_DIR)/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 SDIST_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 INSTALLED := $(VENV)/.installed-$(FLAGS_ID)
 
-DEVICE_MODEL ?= smollm2-135m-instruct
+# The default device model (rpra/config.py): the one with the best quality per remote call at an
+# acceptable speed (benchmarks/README.md, "Which device model"). The tests run the smallest one.
+DEVICE_MODEL ?= qwen2.5-coder-0.5b-instruct
+TEST_MODEL ?= smollm2-135m-instruct
 REMOTE_MODEL ?= qwen2.5-coder-1.5b-instruct
 # make run reads the demo prompts when standard input is not a terminal (e.g. in CI).
 PROMPTS ?= examples/demo-prompts.txt
@@ -71,7 +74,7 @@ serve: setup
 	@cmd="$(RPRA) serve $(SERVE_ARGS)"; $(WITH_REMOTE); $$cmd
 
 test: setup
-	$(RPRA) models pull $(DEVICE_MODEL)
+	$(RPRA) models pull $(TEST_MODEL)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Unit tests only (no model runs): under a minute.

@@ -20,7 +20,7 @@ import json
 from rpra import prompts
 from rpra.benchmarks.bench import items_for
 from rpra.benchmarks.data import verify
-from rpra.config import Settings
+from rpra.config import DEFAULT_MODEL, Settings
 from rpra.local import Generated, LocalModel
 from rpra.prediction import Prediction
 from rpra.predictors import ZeroShotPredictor, make_slot
@@ -28,7 +28,7 @@ from rpra.predictors import ZeroShotPredictor, make_slot
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--suite", default="arithmetic")
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--max-tokens", type=int, default=48)

@@ -115,23 +115,30 @@ def bench_settings(settings: Settings) -> Settings:
 
 def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None, seed: int = 0, judge_url: str | None = None,
                 judge_grammar: bool | None = None, remote_max_tokens: int = 256, progress: bool = True,
-                remote_answers: bool = True, verified: bool = False, permute: bool = True) -> tuple[list[dict], Path]:  # fmt: skip
+                remote_answers: bool = True, verified: bool = False, permute: bool = True,
+                in_flight: int | None = None) -> tuple[list[dict], Path]:  # fmt: skip
     """Collect (or extend) the collection for ``suite``/``which``; returns its records and folder.
 
     ``judge_grammar`` forces the judge's reply format with llama-cpp-python's GBNF extension (only
     for such servers; a cloud API rejects the field). Default: on for the stand-in we start.
 
-    ``verified``: device side only, and only the items with an answer key, labelled by the
-    verifier: no remote, no judge, no RPRA reasoning. What a predictor trains on, at device speed.
+    ``verified``: only the items with an answer key, labelled by the verifier: no judge, no RPRA
+    reasoning. Without ``remote_answers`` the device side only: what a predictor trains on, at
+    device speed. With them, the remote's answers too, checked by the same verifier: a test split
+    for routing under quality = exact, at the cost of the remote's answers alone.
 
     ``permute``: multiple-choice items are also answered with their options rotated, and labelled
     correct only when both answers are (``Collector``).
+
+    ``in_flight``: items whose remote and judge calls may run at once, overlapping the device's
+    work (``collect``). Default: 4 for a configured endpoint, 1 for the stand-in we start (one
+    llama.cpp server on the same cores gains nothing from a queue, and its callers' timeouts would).
     """
     settings = bench_settings(settings)
     items = items_for(suite, which, limit=limit, seed=seed, keyed=verified)
     local = LocalModel.from_settings(settings)
     cache = CallCache.default()
-    if verified:
+    if verified and not remote_answers:
         collector = Collector(
             pa=Runtime(replace(settings, protocol="pa"), local=local), rpra=None, remote=None, judge=None, cache=cache,
             provenance=provenance_for(settings, local, suite=suite, split=which, remote_id="none", judge_id="verifier"),
@@ -139,6 +146,18 @@ def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None
         )  # fmt: skip
         collection = Collection.open(collection_dir(settings.model, suite, which))
         records = collect(items, collector, collection, progress=progress)
+        wanted = {item.id for item in items}
+        return [r for r in records if r["id"] in wanted], collection.folder
+    if verified:  # and the remote's answers, checked by the verifier too: quality = exact, no judge
+        with endpoints(settings, judge_url=judge_url) as ep:
+            collector = Collector(
+                pa=Runtime(replace(settings, protocol="pa"), local=local), rpra=None, remote=ep.remote, judge=None, cache=cache,
+                provenance=provenance_for(settings, local, suite=suite, split=which, remote_id=ep.remote_id, judge_id="verifier"),
+                remote_max_tokens=remote_max_tokens, permute=permute,
+            )  # fmt: skip
+            collection = Collection.open(collection_dir(settings.model, suite, which))
+            records = collect(items, collector, collection, progress=progress,
+                              in_flight=in_flight or (1 if ep.judge_is_stand_in else 4))  # fmt: skip
         wanted = {item.id for item in items}
         return [r for r in records if r["id"] in wanted], collection.folder
     with endpoints(settings, judge_url=judge_url) as ep:
@@ -154,7 +173,9 @@ def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None
             permute=permute,
         )
         collection = Collection.open(collection_dir(settings.model, suite, which))
-        records = collect(items, collector, collection, progress=progress)
+        if in_flight is None:
+            in_flight = 1 if ep.judge_is_stand_in else 4
+        records = collect(items, collector, collection, progress=progress, in_flight=in_flight)
     wanted = {item.id for item in items}
     return [r for r in records if r["id"] in wanted], collection.folder
 

@@ -14,6 +14,7 @@ predictor costs no new remote or judge call. At the end the records are also sav
 from __future__ import annotations
 
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from rpra.benchmarks.cache import CallCache, cached
 from rpra.benchmarks.collection import Collection, Provenance, label
@@ -115,13 +116,33 @@ class Collector:
             key["rpra"] = False  # such records hold no RPRA prediction: cached apart
         return cached(self.cache, "device", p.device_sha256, key, lambda: device_record(self.pa, rpra, item))
 
+    def has_all(self, record: dict) -> bool:
+        """Whether ``record`` already holds everything this collector would collect (a record
+        collected without a remote or judge is collected again by one that has them)."""
+        if self.remote is not None and record.get("remote_answer") is None:
+            return False
+        if self.judge is not None and record.get("judge_local") is None:
+            return False
+        return self.rpra is None or record.get("rpra") is not None
+
     def record(self, item: Item) -> dict:
-        p = self.provenance
+        """The item's whole record: its device part, then the remote's and the judge's."""
+        return self.finish(item, self.device_part(item))
+
+    def device_part(self, item: Item) -> dict:
+        """What the device model contributes (the caller's thread: the device runs one request at
+        a time): the prediction and answer, and the answer to the rotated options if asked."""
         if self.judge is None and item.gold is None:
             raise InputError(f"{item.id} has no answer key, and a verified collection has no judge to label it.")
-        device = self._device(item, self.rpra)
         rotated = permuted(item) if self.permute else None
-        other = None if rotated is None else self._device(rotated, None)
+        return {"device": self._device(item, self.rpra), "rotated": rotated,
+                "other": None if rotated is None else self._device(rotated, None)}  # fmt: skip
+
+    def finish(self, item: Item, part: dict) -> dict:
+        """The record from the device part plus the remote's answer and the judge's verdicts:
+        network calls only, safe to run in another thread while the device works on the next item."""
+        p = self.provenance
+        device, rotated, other = part["device"], part["rotated"], part["other"]
         judged_local = None if self.judge is None else self.judge.score(item.prompt, device["local_answer"], reference=item.reference).to_dict()
         remote, judged_remote = {"remote_answer": None, "remote_tokens": None, "remote_ms": None}, None
         if self.remote is not None:
@@ -145,23 +166,65 @@ class Collector:
         return record
 
 
-def collect(items: list[Item], collector: Collector, collection: Collection, *, progress: bool = True) -> list[dict]:
+def collect(items: list[Item], collector: Collector, collection: Collection, *, progress: bool = True,
+            in_flight: int = 4) -> list[dict]:  # fmt: skip
     """Collect every item not yet in ``collection``; return all its records (old and new).
+
+    The device works through the items one at a time on this thread; each item's remote answer
+    and judge calls go to a pool of ``in_flight`` threads, so they overlap the device's work on
+    the next items and each other (at most ``in_flight`` items wait on the network; a cloud judge
+    is not called one request at a time). A record is journalled as soon as it is whole, so
+    records land in completion order. An interruption keeps every whole record and drops the
+    items still in flight; their device answers and finished calls are in the call cache, so a
+    re-run makes only the calls that had not finished.
 
     Each run's throughput is appended to the collection's ``runs.jsonl`` (items per hour).
     """
     collection.set_provenance(collector.provenance)
-    done = collection.ids
+    done = {r["id"] for r in collection.records if collector.has_all(r)}
     todo = [item for item in items if item.id not in done]
     skipped = []
     started, before = time.perf_counter(), len(collection.records)
-    with collection.appender() as add, _progress(len(todo), len(done), progress) as advance:
-        for item in todo:
-            try:
-                add(collector.record(item))
-            except InputError as exc:  # e.g. longer than the device's context, or no key to verify
-                skipped.append({"id": item.id, "reason": str(exc)})
-            advance()
+    network = collector.remote is not None or collector.judge is not None
+    with collection.appender() as add, _progress(len(todo), len(done), progress) as advance, \
+            ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="collect") as pool:  # fmt: skip
+        pending: dict[Future, Item] = {}
+
+        def land(futures) -> None:
+            for future in futures:
+                item = pending.pop(future)
+                try:
+                    add(future.result())
+                except InputError as exc:
+                    skipped.append({"id": item.id, "reason": str(exc)})
+                advance()
+
+        try:
+            for item in todo:
+                try:
+                    part = collector.device_part(item)
+                except InputError as exc:  # e.g. longer than the device's context, or no key to verify
+                    skipped.append({"id": item.id, "reason": str(exc)})
+                    advance()
+                    continue
+                if not network:
+                    add(collector.finish(item, part))
+                    advance()
+                    continue
+                pending[pool.submit(collector.finish, item, part)] = item
+                finished = [f for f in pending if f.done()]
+                if len(pending) - len(finished) >= in_flight:  # the network is the bottleneck: wait for it
+                    finished = wait(pending, return_when=FIRST_COMPLETED).done
+                land(finished)
+            land(list(pending))  # in submission order; each waits for its result
+        except BaseException:  # Ctrl-C or a failing remote: keep what is whole, drop what is in flight
+            for future in list(pending):
+                if not future.done():
+                    future.cancel()
+                elif future.exception() is None:
+                    add(future.result())
+                    pending.pop(future)
+            raise
     collection.write_skipped(skipped)
     collection.log_run(new=len(collection.records) - before, seconds=time.perf_counter() - started)
     collection.save_dataset()

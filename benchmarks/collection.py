@@ -185,10 +185,12 @@ class Collection:
         """The collection in ``folder`` as it is on disk (possibly empty).
 
         A torn last line (killed mid-write) is dropped and the journal rewritten without it, so
-        the next append starts on a clean line.
+        the next append starts on a clean line. A record appended again under the same id (a
+        judged run completing a record collected without a judge) supersedes the earlier one.
         """
         _seed(folder)
         records, torn = _read_journal(folder / "records.jsonl")
+        records = list({r["id"]: r for r in records}.values())  # the last of each id, in first-seen order
         if torn:
             _atomic_write(folder / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         try:
@@ -287,7 +289,12 @@ class _Appender:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.collection.records.append(record)
+        records = self.collection.records
+        at = next((i for i, r in enumerate(records) if r["id"] == record["id"]), None)
+        if at is None:
+            records.append(record)
+        else:
+            records[at] = record  # supersedes the earlier record of this id, as on the next open
 
     def __exit__(self, *exc) -> None:
         self._file.close()

@@ -26,7 +26,7 @@ from typing import Annotated
 import typer
 
 from rpra.benchmarks.data import Item, chosen_letter, load_suite, verify
-from rpra.config import Settings
+from rpra.config import DEFAULT_MODEL, Settings
 from rpra.local import LocalModel
 from rpra.runtime import Runtime
 
@@ -77,7 +77,7 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
 
 
 def main(
-    model: Annotated[str, typer.Option(help="Device model (registered name or .gguf path).")] = "smollm2-135m-instruct",
+    model: Annotated[str, typer.Option(help="Device model (registered name or .gguf path).")] = DEFAULT_MODEL,
     suite: Annotated[list[str], typer.Option(help="Multiple-choice suite; repeat for several.")] = ["mmlu", "commonsenseqa", "openbookqa"],  # noqa: B006
     limit: Annotated[int, typer.Option(help="Items per suite (a seeded sample).")] = 40,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,

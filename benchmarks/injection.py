@@ -28,7 +28,7 @@ from unittest import mock
 import typer
 
 from rpra import prompts
-from rpra.config import Settings
+from rpra.config import DEFAULT_MODEL, Settings
 from rpra.local import LocalModel
 from rpra.runtime import Runtime
 
@@ -107,7 +107,7 @@ def measure(runtime: Runtime, injections: dict[str, str] = INJECTIONS, questions
 
 
 def main(
-    model: Annotated[str, typer.Option(help="Device model (name or .gguf path).")] = "smollm2-135m-instruct",
+    model: Annotated[str, typer.Option(help="Device model (name or .gguf path).")] = DEFAULT_MODEL,
     threads: Annotated[int, typer.Option(help="llama.cpp threads.")] = 2,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:

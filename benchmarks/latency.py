@@ -33,7 +33,7 @@ from typing import Annotated
 import typer
 
 from rpra import prompts
-from rpra.config import Settings
+from rpra.config import DEFAULT_MODEL, Settings
 from rpra.local import LocalModel
 from rpra.predictors import ReportCardPredictor
 from rpra.runtime import Runtime
@@ -61,7 +61,7 @@ PROMPTS = [
 
 
 def main(
-    model: Annotated[str, typer.Option(help="Device model (name or .gguf path).")] = "smollm2-135m-instruct",
+    model: Annotated[str, typer.Option(help="Device model (name or .gguf path).")] = DEFAULT_MODEL,
     repeats: Annotated[int, typer.Option(help="Rounds over the prompt set.")] = 3,
     threads: Annotated[int, typer.Option(help="llama.cpp threads.")] = 2,
     max_tokens: Annotated[int, typer.Option(help="Answer token budget.")] = 256,

@@ -41,6 +41,7 @@ from urllib.parse import urlparse
 import httpx
 import psutil
 
+from rpra.config import DEFAULT_MODEL
 from rpra.models import resolve
 from rpra.remote_server import RemoteServer
 from rpra.server import is_loopback
@@ -351,7 +352,7 @@ def main() -> None:
     p.add_argument("--mode", choices=sorted(MODELS), default="auto", help="auto: model rpra; mix: rpra, rpra-local, rpra-remote in turn.")
     p.add_argument("--max-seconds", type=float, default=600, help="No request starts after this many seconds (default 600).")
     p.add_argument("--retries", type=int, default=20, help="Retries of a request answered 429 (default 20).")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="Device model: registered name or .gguf path.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Device model: registered name or .gguf path.")
     p.add_argument("--remote-model", default="qwen2.5-coder-1.5b-instruct", help="Model of the remote stand-in.")
     p.add_argument("--remote-url", help="A loopback OpenAI-compatible server to use instead of starting a stand-in.")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="A setting of rpra serve (repeatable).")

@@ -38,12 +38,16 @@ def _opt(default: Any, help: str, *, secret: bool = False) -> Any:
     return field(default=default, metadata={"help": help, "secret": secret})
 
 
+# The default device model: the best quality per remote call at an acceptable speed, measured in
+# benchmarks/README.md ("Which device model"). Tests run the smallest registered one.
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
 @dataclass
 class Settings:
     """Every knob of the runtime. Field names are the TOML keys; ``RPRA_<NAME>`` the env vars."""
 
     # The device model
-    model: str = _opt("smollm2-135m-instruct", "Device model: a registered name, a .gguf path or a URL.")
+    model: str = _opt(DEFAULT_MODEL, "Device model: a registered name, a .gguf path or a URL.")
     adapter: str | None = _opt(None, "LoRA adapter applied to the device model: a name from `rpra train list` or a .gguf path.")
     n_ctx: int = _opt(2048, "Context window of the device model, in tokens.")
     n_threads: int | None = _opt(None, "CPU threads for llama.cpp (default: one per physical core this process may use).")

@@ -145,7 +145,8 @@ class Runtime:
         self.local = local
         self.remote = remote
         self.predictor = predictor or ZeroShotPredictor()
-        if local is not None and (missing := set(self.predictor.capture_layers) - set(local.capture_layers)):
+        wanted = set(self.predictor.capture_layers)
+        if local is not None and wanted and (missing := wanted - set(local.capture_layers)):
             raise ConfigError(f"The {self.predictor.name} predictor reads layer(s) {sorted(missing)}, which the device model "
                               f"does not capture: open it with LocalModel.from_settings(..., capture_layers={self.predictor.capture_layers}).")  # fmt: skip
         self.store = store

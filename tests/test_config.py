@@ -1,6 +1,6 @@
 import pytest
 
-from rpra.config import load_settings, parse_assignments
+from rpra.config import DEFAULT_MODEL, load_settings, parse_assignments
 from rpra.errors import ConfigError
 
 
@@ -11,7 +11,7 @@ def write(path, text):
 
 def test_defaults_when_nothing_is_set(isolated_home):
     s = load_settings()
-    assert s.model == "smollm2-135m-instruct" and s.mode == "auto" and s.threshold == 5.0
+    assert s.model == DEFAULT_MODEL == "qwen2.5-coder-0.5b-instruct" and s.mode == "auto" and s.threshold == 5.0
     assert set(s.sources.values()) == {"default"}
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rpra.config import DEFAULT_MODEL
 from rpra.errors import ConfigError
 
 LossOn = Literal["prediction", "prediction+answer"]
@@ -29,7 +30,7 @@ class SFTConfig:
     """What ``rpra train sft`` trains, on what, and how."""
 
     name: str = _opt("sft", "Adapter name (its folder under RPRA_HOME/adapters; `--adapter NAME` loads it).")
-    model: str = _opt("smollm2-135m-instruct", "Base device model: a registered name or a .gguf path (the file the device runs).")
+    model: str = _opt(DEFAULT_MODEL, "Base device model: a registered name or a .gguf path (the file the device runs).")
     suite: str = _opt("rpra-mix", "Suite whose collected, judged train split is the training data.")
     split: str = _opt("train", "Collection split to train on (never the test split you report on).")
     protocols: str = _opt("pa,rpra", "Turn layouts to train on, comma-separated: pa, rpra or both.")

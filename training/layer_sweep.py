@@ -29,7 +29,7 @@ import numpy as np
 
 from rpra.benchmarks.baselines import answer_confidence, category_prior
 from rpra.benchmarks.collection import SEEDS, Collection, collection_dir, model_name
-from rpra.config import Settings, home
+from rpra.config import DEFAULT_MODEL, Settings, home
 from rpra.models import file_sha256, resolve
 
 RESULTS = SEEDS.parent
@@ -48,7 +48,7 @@ def labelled_records(model: str, suites: tuple[str, ...], limit: int | None) -> 
     return records
 
 
-def features(model: str, records: list[dict], *, progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def features(model: str, records: list[dict], *, progress=None, threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per record, every layer's state at the PA slot and its mean over the prompt: arrays of shape
     (layers, records, width), float32; and the AutoMix-style self-verification P(yes) of its local
     answer (one more prefill). Cached by model sha256 and record id."""
@@ -60,7 +60,7 @@ def features(model: str, records: list[dict], *, progress=None) -> tuple[np.ndar
     path = resolve(model)
     cache = home() / "features" / file_sha256(path)[:16]
     cache.mkdir(parents=True, exist_ok=True)
-    settings = Settings(model=model, temperature=0.0, log=False, mode="local-only", n_ctx=2048)
+    settings = Settings(model=model, temperature=0.0, log=False, mode="local-only", n_ctx=2048, n_threads=threads)
     local = None
     slot_rows, mean_rows, checks = [], [], []
     for r in records:
@@ -237,11 +237,12 @@ def plot(result: dict, path: Path, title: str) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--suites", default=",".join(DEFAULT_SUITES), help="Comma-separated; suites without a collection are skipped.")
     parser.add_argument("--limit", type=int, default=None, help="Records per suite (default: all collected).")
     parser.add_argument("--out", type=Path, default=None, help="Result files' stem (default: benchmarks/results/layer_sweep-<model>).")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: one per core; 1 on a machine busy with other jobs).")
     args = parser.parse_args(argv)
 
     records = labelled_records(args.model, tuple(s for s in args.suites.split(",") if s), args.limit)
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     bar = iter(track(range(len(records)), description="layer states", transient=True))
-    slot, mean, self_check = features(args.model, records, progress=lambda: next(bar, None))
+    slot, mean, self_check = features(args.model, records, progress=lambda: next(bar, None), threads=args.threads)
     feature_s = time.perf_counter() - started
     result = sweep(records, slot, mean, self_check=self_check, log=(lambda line: None) if args.json else print)
     result.update({"model": args.model, "model_sha256": file_sha256(resolve(args.model)), "layers_read": int(slot.shape[0]), "width": int(slot.shape[2]), "feature_seconds": round(feature_s, 1)})
