@@ -138,6 +138,17 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
     # Random deferral in expectation: one constant score, whose ties the metrics interpolate as
     # random tie-breaking: the straight line from always-local to always-remote, APGR 0.5. (A
     # single random draw would make the baseline itself noisy.)
+    by_suite = {}
+    suites = np.asarray([r.get("suite") or "" for r in a.kept])
+    for suite in sorted(set(suites)):
+        held = suites == suite
+        entry = {"n": int(held.sum()), "local_pass_rate": float(a.passed[held].mean()), "auroc": {}}
+        if 0 < a.passed[held].sum() < held.sum():  # AUROC needs both classes
+            for field, name in PREDICTORS.items():
+                if all(isinstance(r.get(field), dict) for r in a.kept):
+                    pred = np.asarray([routed_score(r[field], route_on) for r in a.kept], float)
+                    entry["auroc"][name] = float(M.auroc(pred[held], a.passed[held]))
+        by_suite[suite] = entry
     rows["random"] = router_row(np.zeros(n))
     rows["oracle"] = router_row(M.oracle_scores(lq, rq))
     rows["always-local"] = {"remote_share_at_threshold": 0.0, "quality_at_threshold": float(lq.mean())}
@@ -158,6 +169,7 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
         "mean_remote_quality": float(rq.mean()),
         "latency_ms": {k: dict(zip(("p50", "p95"), np.percentile(v, [50, 95]).tolist())) for k, v in paths.items() if v},
         "routers": rows,
+        "by_suite": by_suite,  # per suite: items, local pass rate, each predictor's AUROC (both classes present)
     }
 
 
@@ -224,6 +236,14 @@ def markdown(results: dict, *, plot: str | None = None, agreement: dict | None =
         head, "|" + "---|" * (len(COLUMNS) + 1),
         *["| " + " | ".join(row) + " |" for row in table_rows(results)],
     ]  # fmt: skip
+    by_suite = results.get("by_suite") or {}
+    names = list(dict.fromkeys(name for entry in by_suite.values() for name in entry["auroc"]))
+    if names:
+        lines += ["", "AUROC (pass) per suite:", "", "| suite | items | local pass | " + " | ".join(names) + " |",
+                  "|---|---|---|" + "---|" * len(names)]  # fmt: skip
+        for suite, entry in by_suite.items():
+            cells = [f"{entry['auroc'][name]:.3f}" if name in entry["auroc"] else "-" for name in names]
+            lines.append(f"| {suite} | {entry['n']} | {entry['local_pass_rate']:.1%} | " + " | ".join(cells) + " |")
     if agreement:
         lines += ["", f"LLM judge vs exact verifiers: agreement {agreement['accuracy']:.1%} on {agreement['n']} items (Cohen's κ {agreement['kappa']:.2f})."]
     if plot:

@@ -110,3 +110,16 @@ def test_the_markdown_header_speaks_of_correct_answers_under_exact_verifiers():
     md = markdown(evaluate(recs, quality="exact", n_boot=20))
     assert f"Share of correct answers: local {correct:.1%}, remote 100.0%" in md
     assert "Mean quality: local" in markdown(evaluate(recs, n_boot=20))
+
+
+def test_every_predictor_has_its_auroc_per_suite_where_both_classes_occur(tmp_path):
+    recs = records(60)
+    for i, r in enumerate(recs):
+        r["suite"] = "a" if i % 2 else "b"
+    recs.append({**recs[0], "id": "c0", "suite": "c"})  # one item: no AUROC there
+    res = evaluate(recs, n_boot=50)
+    a, c = res["by_suite"]["a"], res["by_suite"]["c"]
+    assert a["n"] == 30 and a["auroc"]["zero-shot PA"] == pytest.approx(1.0) and 0 <= a["auroc"]["zero-shot RPRA"] <= 1
+    assert c["n"] == 1 and c["auroc"] == {}
+    report = write_reports(res, tmp_path)["markdown"].read_text()
+    assert "AUROC (pass) per suite" in report and "| a | 30 |" in report
