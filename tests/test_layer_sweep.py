@@ -46,5 +46,7 @@ def test_the_sweep_runs_on_real_layer_states_and_writes_its_results(model_path, 
     assert len(result["layers"]["slot"]) == 30 and len(result["layers"]["mean"]) == 29  # the last layer has only output rows
     assert result["best"]["cv_auroc"] > 0.9  # the two kinds of prompt are far apart in some layer
     assert 0 <= result["after_answer"]["self_check"]["auroc"] <= 1  # the AutoMix baseline, run on the real model
+    assert [row["fraction"] for row in result["learning_curve"]] == [0.1, 0.25, 0.5, 0.75, 1.0]
+    assert result["honest_best"]["auroc"] > 0.8 and len(result["honest_best"]["chosen"]) == 2  # chosen on one half, scored on the other
     assert stem.with_suffix(".png").stat().st_size > 10_000
     assert len(list((isolated_home / "features").glob("*/*.npz"))) == 24  # cached: a re-run costs only the fits

@@ -205,7 +205,50 @@ def sweep(records: list[dict], slot: np.ndarray, mean: np.ndarray, *, self_check
             scores = _head(best["c"]).fit(x_best[~held], y[~held]).decision_function(x_best[held])
             loso[s] = {"auroc": auroc(scores, y[held]), "n": int(held.sum())}
     result["leave_one_suite_out"] = loso
+    result["learning_curve"] = learning_curve(x_best, y, best["c"])
+    result["honest_best"] = honest_selection(slot, mean, y)
     return result
+
+
+def learning_curve(x: np.ndarray, y: np.ndarray, c: float, fractions=(0.1, 0.25, 0.5, 0.75, 1.0), seed: int = 0) -> list[dict]:
+    """CV AUROC of the head when it is fitted on a fraction of each training fold (the test folds
+    stay whole): does more data still help?"""
+    rng = np.random.default_rng(seed)
+    folds = _folds(y)
+    rows = []
+    for fraction in fractions:
+        out = np.empty(len(y))
+        for train, test in folds:
+            part = rng.permutation(train)[: max(10, int(fraction * len(train)))]
+            if len(set(y[part])) < 2:
+                part = train
+            out[test] = _head(c).fit(x[part], y[part]).decision_function(x[test])
+        rows.append({"fraction": fraction, "train_records": int(fraction * len(y) * (FOLDS - 1) / FOLDS), "cv_auroc": auroc(out, y)})
+    return rows
+
+
+def honest_selection(slot: np.ndarray, mean: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
+    """The best-of-the-sweep AUROC without the optimism of choosing on the same folds: the layer,
+    pooling and C are chosen by CV on one half of the records, then that head is fitted on the
+    same half and scored on the other half, and the halves swapped."""
+    from sklearn.model_selection import StratifiedKFold
+
+    halves = list(StratifiedKFold(2, shuffle=True, random_state=seed + 1).split(np.zeros(len(y)), y))
+    scores, chosen = [], []
+    for pick, score in halves:
+        best = None
+        for pooling, x_all in (("slot", slot), ("mean", mean)):
+            for layer in range(x_all.shape[0]):
+                inner = _folds(y[pick], seed)
+                for c in C_GRID:
+                    value = auroc(oof_logits(x_all[layer][pick], y[pick], inner, c), y[pick])
+                    if best is None or value > best[0]:
+                        best = (value, pooling, layer, c)
+        _, pooling, layer, c = best
+        x = (slot if pooling == "slot" else mean)[layer]
+        scores.append(auroc(_head(c).fit(x[pick], y[pick]).decision_function(x[score]), y[score]))
+        chosen.append({"pooling": pooling, "layer": layer, "c": c})
+    return {"auroc": float(np.mean(scores)), "halves": scores, "chosen": chosen}
 
 
 def plot(result: dict, path: Path, title: str) -> Path:
@@ -269,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"category prior: CV AUROC {p['cv_auroc']:.3f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}]")
     print(f"best probe: {b['pooling']} state, layer {b['layer']}, C {b['c']:g}: CV AUROC {b['cv_auroc']:.3f} [{b['ci'][0]:.2f}, {b['ci'][1]:.2f}]")
     print(f"best probe + prior: CV AUROC {result['best_plus_prior']['cv_auroc']:.3f}")
+    print(f"best probe, chosen on one half and scored on the other: AUROC {result['honest_best']['auroc']:.3f}")
+    print("learning curve: " + ", ".join(f"{row['train_records']} records {row['cv_auroc']:.3f}" for row in result["learning_curve"]))
     for name, row in result["after_answer"].items():
         print(f"after the answer, {name}: AUROC {row['auroc']:.3f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]")
     for s, row in result["by_suite"].items():
