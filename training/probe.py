@@ -254,7 +254,8 @@ def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: 
     x = slot_states(local, [r["prompt"] for r in records], settings, layer=layer, progress=progress(len(records)))
     model_path = resolve(settings.model)
     meta = {"model": settings.model, "model_sha256": file_sha256(model_path), "collections": [str(c.folder) for c in collections],
-            "target": "pass"}  # fmt: skip
+            "target": "pass",
+            "feature": "final hidden state at the PA slot" if layer is None else f"residual stream l_out-{layer} at the PA slot"}  # fmt: skip
     if head == "logistic":
         y = np.asarray([bool(r["label"]["pass"]) for r in records], int)
         probe, report = fit_logistic(x, y, folds=folds, layer=layer, scale_max=settings.scale_max, meta=meta)
