@@ -120,11 +120,12 @@ def test_a_verified_collection_asks_multiple_choice_twice_with_the_options_rotat
 
 
 def test_a_verified_collection_with_the_remote_checks_both_answers_and_calls_no_judge(rpra, env, isolated_home, remote_server):
-    run = rpra("collect", "--suite", "arithmetic", "--split", "test", "--limit", "3", "--verified", "--remote",
+    run = rpra("collect", "--suite", "arithmetic", "--split", "test", "--limit", "3", "--verified", "--remote", "--remote-max-tokens", "12",
                "--set", "max_tokens=16", env={**env, "RPRA_REMOTE_URL": remote_server.url, "RPRA_REMOTE_MODEL": "stand-in"}, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr
     records = Collection.load(env["RPRA_MODEL"], "arithmetic", "test").records
     assert len(records) == 3
     for r in records:
         assert r["remote_answer"] and r["exact_remote"] in (0.0, 1.0) and r["judge_local"] is None and r["judge_remote"] is None
+        assert r["remote_tokens"] <= 12
         assert r["label"]["remote_better"] == (r["exact_remote"] > r["exact_local"])

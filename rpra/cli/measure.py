@@ -38,6 +38,7 @@ def collect(
     remote: Annotated[Optional[bool], typer.Option("--remote/--no-remote", help="Also collect the remote's answers (judged, or with --verified checked by the verifier). Default: on, off with --verified.", show_default=False)] = None,
     verified: Annotated[bool, typer.Option("--verified", help="Items with an answer key only, labelled by the verifier (no judge, no RPRA reasoning): fast training data, device side only. With --remote also the remote's answers: a test split for quality = exact. Bound answers with --set max_tokens=96.")] = False,
     permute: Annotated[bool, typer.Option("--permute/--no-permute", help="Also answer each multiple-choice item with its options rotated; the label counts it right only when both answers are (a right letter in one order only is position, not knowledge).")] = True,
+    remote_max_tokens: Annotated[int, typer.Option(help="Longest remote answer, in tokens (a cap on the remote's cost; it is part of the cache key).", min=1)] = 256,
     in_flight: Annotated[Optional[int], typer.Option(help="Items whose remote and judge calls may run at once, overlapping the device (default: 4, or 1 for the local stand-in).", min=1)] = None,
     export: Annotated[bool, typer.Option("--export", help="Then write the collection to benchmarks/results/collections/ (gzipped, with provenance) to commit it.")] = False,
 ) -> None:
@@ -48,7 +49,7 @@ def collect(
     bench = bench_module()
     records, out_dir = bench.run_collect(settings, suite=suite, which=split, limit=limit, seed=seed, judge_url=judge_url,
                                          judge_grammar=judge_grammar, remote_answers=(not verified) if remote is None else remote, verified=verified,
-                                         permute=permute, in_flight=in_flight)  # fmt: skip
+                                         permute=permute, in_flight=in_flight, remote_max_tokens=remote_max_tokens)  # fmt: skip
     from rpra.benchmarks.collection import Collection
 
     collection = Collection.open(out_dir)
