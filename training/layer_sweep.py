@@ -33,7 +33,8 @@ from rpra.config import DEFAULT_MODEL, Settings, home
 from rpra.models import file_sha256, resolve
 
 RESULTS = SEEDS.parent
-DEFAULT_SUITES = ("arithmetic", "arithmetic-graded", "gsm", "mmlu", "commonsenseqa", "openbookqa", "medqa", "logiqa")
+DEFAULT_SUITES = ("arithmetic", "arithmetic-graded", "letter-counting", "gcd", "simple-equations", "gsm", "mmlu", "commonsenseqa",
+                  "openbookqa", "medqa", "logiqa")
 C_GRID = (0.003, 0.03, 0.3)  # inverse L2 strength of the logistic head, on standardised features
 FOLDS = 5
 
