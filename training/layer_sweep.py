@@ -49,7 +49,8 @@ def labelled_records(model: str, suites: tuple[str, ...], limit: int | None) -> 
     return records
 
 
-def features(model: str, records: list[dict], *, progress=None, threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def features(model: str, records: list[dict], *, progress=None, threads: int | None = None, self_check: bool = True
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
     """Per record, every layer's state at the PA slot and its mean over the prompt: arrays of shape
     (layers, records, width), float32; and the AutoMix-style self-verification P(yes) of its local
     answer (one more prefill). Cached by model sha256 and record id."""
@@ -67,7 +68,7 @@ def features(model: str, records: list[dict], *, progress=None, threads: int | N
     for r in records:
         file = cache / f"{_safe(r['id'])}.npz"
         saved = dict(np.load(file)) if file.exists() else {}
-        if "slot" not in saved or "self_check" not in saved:
+        if "slot" not in saved or (self_check and "self_check" not in saved):
             if local is None:
                 n_layer = LocalModel.from_settings(replace(settings, n_ctx=64)).n_layer
                 local = LocalModel.from_settings(replace(settings, n_batch=2048), capture_layers=range(n_layer), capture_tokens=None)
@@ -78,14 +79,15 @@ def features(model: str, records: list[dict], *, progress=None, threads: int | N
                     local.clear_cache()  # the mean covers the whole prompt, not just what a cached prefix left
                 runtime.predict([{"role": "user", "content": r["prompt"]}])
                 saved.update(slot=reader.slot.astype(np.float16), mean=reader.mean.astype(np.float16))
-            saved["self_check"] = np.float32(self_verification(local, r["prompt"], r.get("local_answer") or ""))
+            if self_check:
+                saved["self_check"] = np.float32(self_verification(local, r["prompt"], r.get("local_answer") or ""))
             np.savez(file, **saved)
         slot_rows.append(np.asarray(saved["slot"], np.float32))
         mean_rows.append(np.asarray(saved["mean"], np.float32))
-        checks.append(float(saved["self_check"]))
+        checks.append(float(saved["self_check"]) if self_check else np.nan)
         if progress:
             progress()
-    return np.stack(slot_rows, axis=1), np.stack(mean_rows, axis=1), np.asarray(checks)
+    return np.stack(slot_rows, axis=1), np.stack(mean_rows, axis=1), np.asarray(checks) if self_check else None
 
 
 def _safe(item_id: str) -> str:
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="Records per suite (default: all collected).")
     parser.add_argument("--out", type=Path, default=None, help="Result files' stem (default: benchmarks/results/layer_sweep-<model>).")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
+    parser.add_argument("--no-self-check", action="store_true", help="Skip the self-verification baseline (it doubles the feature pass).")
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: one per core; 1 on a machine busy with other jobs).")
     args = parser.parse_args(argv)
 
@@ -297,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     bar = iter(track(range(len(records)), description="layer states", transient=True))
-    slot, mean, self_check = features(args.model, records, progress=lambda: next(bar, None), threads=args.threads)
+    slot, mean, self_check = features(args.model, records, progress=lambda: next(bar, None), threads=args.threads,
+                                      self_check=not args.no_self_check)
     feature_s = time.perf_counter() - started
     result = sweep(records, slot, mean, self_check=self_check, log=(lambda line: None) if args.json else print)
     result.update({"model": args.model, "model_sha256": file_sha256(resolve(args.model)), "layers_read": int(slot.shape[0]), "width": int(slot.shape[2]), "feature_seconds": round(feature_s, 1)})
