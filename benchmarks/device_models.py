@@ -2,7 +2,8 @@
 
 Per model and suite: the records, the pass rate (the label the predictors learn: for multiple
 choice, right in both orderings of the options), for multiple choice also the accuracy in the
-original order alone and the letters the answers open with against the keys' letters, and the
+original order alone and the letters the answers choose (as the verifier reads them: "B",
+"Answer: B", an option's text) against the keys' letters, and the
 device's time per item (the whole local turn: prediction and answer). This is the table the
 default device model is chosen on, and the base rates a predictor's target must have.
 
@@ -22,8 +23,8 @@ import numpy as np
 import typer
 
 from rpra.benchmarks.collection import SEEDS, Collection, collection_dir
-from rpra.benchmarks.data import SUITES, _options_in_prompt
-from rpra.benchmarks.first_letters import OTHER, opening_letter
+from rpra.benchmarks.data import SUITES, _choice_letter, _options_in_prompt
+from rpra.benchmarks.first_letters import OTHER
 
 RESULTS = SEEDS.parent
 KEYED = tuple(s for s in SUITES if s not in ("mtbench",))
@@ -47,8 +48,7 @@ def suite_row(records: list[dict]) -> dict:
     if choice:
         row["accuracy_one_order"] = float(np.mean([r["exact_local"] for r in choice]))
         row["orderings"] = max(r["label"].get("orderings", 1) for r in choice)
-        letters = "ABCDEFGHIJ"
-        opens = Counter(opening_letter(r["local_answer"] or "", "".join(_options_in_prompt(r["prompt"])) or letters) for r in choice)
+        opens = Counter(_choice_letter(r["local_answer"] or "", _options_in_prompt(r["prompt"])) or OTHER for r in choice)
         keys = Counter(r["gold"] for r in choice)
         order = [*sorted(set(keys) | (set(opens) - {OTHER})), OTHER]
         row["opens"] = {k: opens.get(k, 0) / len(choice) for k in order}
@@ -97,8 +97,8 @@ def markdown(result: dict) -> str:
                 keys = " ".join(f"{k} {v:.0%}" for k, v in row["keys"].items())
                 letters.append(f"| {m} | {s} | {opens} | {keys} |")
     if letters:
-        lines += ["", "First letter of the answer (original order) against the keys:", "",
-                  "| model | suite | answer opens with | keys |", "|---|---|---|---|", *letters]  # fmt: skip
+        lines += ["", "The letter each answer chooses (original order, as the verifier reads it) against the keys:", "",
+                  "| model | suite | answers choose | keys |", "|---|---|---|---|", *letters]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
