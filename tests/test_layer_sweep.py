@@ -50,3 +50,16 @@ def test_the_sweep_runs_on_real_layer_states_and_writes_its_results(model_path, 
     assert result["honest_best"]["auroc"] > 0.8 and len(result["honest_best"]["chosen"]) == 2  # chosen on one half, scored on the other
     assert stem.with_suffix(".png").stat().st_size > 10_000
     assert len(list((isolated_home / "features").glob("*/*.npz"))) == 24  # cached: a re-run costs only the fits
+
+
+def test_a_limit_takes_a_seeded_sample_of_each_suite_not_its_first_records(isolated_home):
+    from rpra.training.layer_sweep import labelled_records
+
+    folder = collection_dir("m", "arithmetic", "train")
+    folder.mkdir(parents=True)
+    records = [{"id": f"a{i}", "suite": "arithmetic", "category": "level-1" if i < 20 else "level-4", "prompt": "p",
+                "label": {"pass": i < 20, "source": "verified"}} for i in range(40)]  # fmt: skip
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    picked = labelled_records("m", ("arithmetic",), 10)
+    assert len(picked) == 10 and [r["id"] for r in picked] == [r["id"] for r in labelled_records("m", ("arithmetic",), 10)]
+    assert {r["category"] for r in picked} == {"level-1", "level-4"}  # not the journal's easiest-first head

@@ -20,6 +20,7 @@ test split.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import replace
@@ -39,13 +40,17 @@ C_GRID = (0.003, 0.03, 0.3)  # inverse L2 strength of the logistic head, on stan
 FOLDS = 5
 
 
-def labelled_records(model: str, suites: tuple[str, ...], limit: int | None) -> list[dict]:
-    """The verified train records of ``model`` on ``suites`` (those collected), at most ``limit`` per suite."""
+def labelled_records(model: str, suites: tuple[str, ...], limit: int | None, seed: int = 0) -> list[dict]:
+    """The verified train records of ``model`` on ``suites`` (those collected), at most ``limit`` per
+    suite: a seeded random sample, not the first ones (a journal is in item order, which for the
+    procedural suites is easiest level first)."""
     records = []
     for suite in suites:
         folder = collection_dir(model, suite, "train")
         rs = [r for r in Collection.open(folder).records if (r.get("label") or {}).get("source") == "verified"]
-        records += rs[:limit]
+        if limit is not None and len(rs) > limit:
+            rs = sorted(rs, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).digest())[:limit]
+        records += rs
     return records
 
 
