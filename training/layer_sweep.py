@@ -312,8 +312,10 @@ def main(argv: list[str] | None = None) -> None:
     result.update({"model": args.model, "model_sha256": file_sha256(resolve(args.model)), "layers_read": int(slot.shape[0]), "width": int(slot.shape[2]), "feature_seconds": round(feature_s, 1)})
     stem = args.out or RESULTS / f"layer_sweep-{model_name(args.model)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, stem.with_suffix(".png"), f"{args.model}: where the probe finds pass/fail ({len(records)} verified train records)")
+    # Not with_suffix: "layer_sweep-qwen2.5-coder-0.5b-instruct" has a dot of its own.
+    json_path, png_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".png")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, png_path, f"{args.model}: where the probe finds pass/fail ({len(records)} verified train records)")
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     for s, row in result["by_suite"].items():
         loso = result["leave_one_suite_out"].get(s, {}).get("auroc", float("nan"))
         print(f"  {s:<18} n {row['n']:4d} pass {row['passing']:4d}  probe {row['probe']:.3f}  prior {row['prior']:.3f}  leave-one-suite-out {loso:.3f}")
-    print(f"results: {stem.with_suffix('.json')}, {stem.with_suffix('.png')}")
+    print(f"results: {json_path}, {png_path}")
 
 
 if __name__ == "__main__":
