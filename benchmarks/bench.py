@@ -323,8 +323,9 @@ def report(records: list[dict], settings: Settings, out_dir: Path, *, quality: s
     add_baselines(records, settings, log=log)
     results = evaluate(records, quality=quality, pass_mark=settings.pass_mark, threshold=settings.threshold,
                        route_on=settings.route_on, seed=seed)  # fmt: skip
-    pairs = [(r[f"judge_{side}"]["score"], r[f"exact_{side}"]) for r in records for side in ("local", "remote")
-             if r.get(f"exact_{side}") is not None and r[f"judge_{side}"]["score"] is not None]  # fmt: skip
+    # The judge against the verifiers, where both scored an answer (a verified collection has no judge).
+    pairs = [((r.get(f"judge_{side}") or {}).get("score"), r[f"exact_{side}"]) for r in records for side in ("local", "remote")]
+    pairs = [p for p in pairs if p[0] is not None and p[1] is not None]
     agree = agreement([p[0] for p in pairs], [p[1] for p in pairs], settings.pass_mark) if pairs else None
     paths = write_reports(results, out_dir / f"report-{quality}", agreement=agree)
     return results, agree, paths
