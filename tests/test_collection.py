@@ -128,8 +128,8 @@ def test_a_verified_collection_with_the_remote_checks_both_answers_and_calls_no_
     for r in records:
         assert r["remote_answer"] and r["exact_remote"] in (0.0, 1.0) and r["judge_local"] is None and r["judge_remote"] is None
         assert r["remote_tokens"] <= 12
+        assert r["label"]["remote_better"] == (r["exact_remote"] > r["exact_local"])
     report = rpra("bench", "report", "--suite", "arithmetic", "--split", "test", "--quality", "exact", "--json", env=env, timeout=300)
     assert report.returncode == 0, report.stderr  # no judge anywhere: no agreement to report, and no crash
     out = json.loads(report.stdout)
     assert out["agreement"] is None and "zero-shot PA" in out["results"]["routers"]
-        assert r["label"]["remote_better"] == (r["exact_remote"] > r["exact_local"])
