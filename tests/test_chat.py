@@ -32,6 +32,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is its controlling terminal, so Ctrl-C is SIGINT
             try:
+                # A user's shell delivers SIGINT; a test run started in the background (nohup, `&`)
+                # would pass on an ignored one, and a Ctrl-C test would test nothing.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.execve(argv[0], argv, env)
             finally:
                 os._exit(127)

@@ -201,7 +201,9 @@ def _start_serve_remote(rpra_bin, model_path, *command: str) -> tuple[subprocess
     args = [rpra_bin, "serve-remote", "--model", str(model_path), "--port", "0", "--n-ctx", "512", "--n-threads", "1"]
     if command:
         args += ["--", *command]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # SIGINT as a terminal would deliver it, even when the tests run in the background (where it is ignored).
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     return process, lines
