@@ -159,6 +159,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0,
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
+    from rpra.training.layer_sweep import C_GRID  # the strengths the sweep tries: one grid
+
     y = np.asarray(y, int)
     positives = int(y.sum())
     if min(positives, len(y) - positives) < folds:
@@ -196,10 +198,6 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0,
     probe = Probe(mean, std, a * head.coef_[0], a * float(head.intercept_[0]) + c0, sigma=0.0, scale_max=scale_max,
                   meta={**(meta or {}), **report}, layer=layer, head="logistic")  # fmt: skip
     return probe, report
-
-
-# The strengths the logistic head tries (inverse L2, on standardised features), as the layer sweep.
-C_GRID = (0.003, 0.03, 0.3)
 
 
 def sweep_layer(model: str, results: Path | None = None) -> int | None:
