@@ -138,45 +138,29 @@ def run_collect(settings: Settings, *, suite: str, which: str, limit: int | None
     items = items_for(suite, which, limit=limit, seed=seed, keyed=verified)
     local = LocalModel.from_settings(settings)
     cache = CallCache.default()
-    if verified and not remote_answers:
+    collection = Collection.open(collection_dir(settings.model, suite, which))
+    wanted = {item.id for item in items}
+    pa = Runtime(replace(settings, protocol="pa"), local=local)
+    if verified and not remote_answers:  # the device side only: no endpoint to start
         collector = Collector(
-            pa=Runtime(replace(settings, protocol="pa"), local=local), rpra=None, remote=None, judge=None, cache=cache,
+            pa=pa, rpra=None, remote=None, judge=None, cache=cache, permute=permute,
             provenance=provenance_for(settings, local, suite=suite, split=which, remote_id="none", judge_id="verifier"),
-            permute=permute,
         )  # fmt: skip
-        collection = Collection.open(collection_dir(settings.model, suite, which))
         records = collect(items, collector, collection, progress=progress)
-        wanted = {item.id for item in items}
-        return [r for r in records if r["id"] in wanted], collection.folder
-    if verified:  # and the remote's answers, checked by the verifier too: quality = exact, no judge
-        with endpoints(settings, judge_url=judge_url) as ep:
-            collector = Collector(
-                pa=Runtime(replace(settings, protocol="pa"), local=local), rpra=None, remote=ep.remote, judge=None, cache=cache,
-                provenance=provenance_for(settings, local, suite=suite, split=which, remote_id=ep.remote_id, judge_id="verifier"),
-                remote_max_tokens=remote_max_tokens, permute=permute,
-            )  # fmt: skip
-            collection = Collection.open(collection_dir(settings.model, suite, which))
-            records = collect(items, collector, collection, progress=progress,
-                              in_flight=in_flight or (1 if ep.judge_is_stand_in else 4))  # fmt: skip
-        wanted = {item.id for item in items}
         return [r for r in records if r["id"] in wanted], collection.folder
     with endpoints(settings, judge_url=judge_url) as ep:
+        # verified: the remote's answers are checked by the verifier too (quality = exact), no judge
+        judge = None if verified else Judge(ep.judge, cache=cache, scale_max=settings.scale_max, model_id=ep.judge_id,
+                                            grammar=ep.judge_is_stand_in if judge_grammar is None else judge_grammar)  # fmt: skip
         collector = Collector(
-            pa=Runtime(replace(settings, protocol="pa"), local=local),
-            rpra=Runtime(replace(settings, protocol="rpra"), local=local),
-            remote=ep.remote if remote_answers else None,
-            judge=Judge(ep.judge, cache=cache, scale_max=settings.scale_max, model_id=ep.judge_id,
-                        grammar=ep.judge_is_stand_in if judge_grammar is None else judge_grammar),
-            cache=cache,
-            provenance=provenance_for(settings, local, suite=suite, split=which, remote_id=ep.remote_id, judge_id=ep.judge_id),
-            remote_max_tokens=remote_max_tokens,
-            permute=permute,
-        )
-        collection = Collection.open(collection_dir(settings.model, suite, which))
-        if in_flight is None:
-            in_flight = 1 if ep.judge_is_stand_in else 4
+            pa=pa, rpra=None if verified else Runtime(replace(settings, protocol="rpra"), local=local),
+            remote=ep.remote if remote_answers else None, judge=judge, cache=cache,
+            provenance=provenance_for(settings, local, suite=suite, split=which, remote_id=ep.remote_id,
+                                      judge_id="verifier" if verified else ep.judge_id),
+            remote_max_tokens=remote_max_tokens, permute=permute,
+        )  # fmt: skip
+        in_flight = in_flight or (1 if ep.judge_is_stand_in else 4)
         records = collect(items, collector, collection, progress=progress, in_flight=in_flight)
-    wanted = {item.id for item in items}
     return [r for r in records if r["id"] in wanted], collection.folder
 
 
