@@ -174,9 +174,10 @@ def collect(items: list[Item], collector: Collector, collection: Collection, *, 
     and judge calls go to a pool of ``in_flight`` threads, so they overlap the device's work on
     the next items and each other (at most ``in_flight`` items wait on the network; a cloud judge
     is not called one request at a time). A record is journalled as soon as it is whole, so
-    records land in completion order. An interruption keeps every whole record and drops the
-    items still in flight; their device answers and finished calls are in the call cache, so a
-    re-run makes only the calls that had not finished.
+    records land in completion order. An interruption drops the items whose calls had not
+    started, lets the running calls finish (the pool would wait for them anyway) and keeps every
+    record that is whole; device answers and finished calls are in the call cache, so a re-run
+    makes only the calls that had not finished.
 
     Each run's throughput is appended to the collection's ``runs.jsonl`` (items per hour).
     """
@@ -217,13 +218,12 @@ def collect(items: list[Item], collector: Collector, collection: Collection, *, 
                     finished = wait(pending, return_when=FIRST_COMPLETED).done
                 land(finished)
             land(list(pending))  # in submission order; each waits for its result
-        except BaseException:  # Ctrl-C or a failing remote: keep what is whole, drop what is in flight
-            for future in list(pending):
-                if not future.done():
-                    future.cancel()
-                elif future.exception() is None:
+        except BaseException:  # Ctrl-C or a failing remote: drop what has not started, keep what is whole
+            running = [f for f in pending if not f.cancel()]
+            wait(running)  # the pool's shutdown would wait for these anyway; their records are worth keeping
+            for future in running:
+                if future.exception() is None:
                     add(future.result())
-                    pending.pop(future)
             raise
     collection.write_skipped(skipped)
     collection.log_run(new=len(collection.records) - before, seconds=time.perf_counter() - started)

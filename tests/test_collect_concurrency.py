@@ -87,3 +87,18 @@ def test_a_record_without_the_remotes_side_is_collected_again_and_superseded(tmp
     assert [(r["id"], r["remote_answer"]) for r in records] == [("i0", "1"), ("i1", "2")]  # i1 was complete: kept
     again = Collection.open(tmp_path / "c")
     assert [(r["id"], r["remote_answer"]) for r in again.records] == [("i0", "1"), ("i1", "2")]  # the later i0 wins
+
+
+def test_ctrl_c_keeps_the_records_whose_calls_were_already_running(tmp_path):
+    collector = _Collector(latency=0.2)
+    real_part = collector.device_part
+
+    def interrupted_at_i3(item):
+        if item.id == "i3":
+            raise KeyboardInterrupt  # the user pressed Ctrl-C while i0..i2 were with the network
+        return real_part(item)
+
+    collector.device_part = interrupted_at_i3
+    with pytest.raises(KeyboardInterrupt):
+        collect(_items(6), collector, Collection(tmp_path / "c"), progress=False, in_flight=4)
+    assert Collection.open(tmp_path / "c").ids == {"i0", "i1", "i2"}
