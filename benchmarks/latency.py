@@ -18,7 +18,18 @@ Reports medians and the two ratios the runtime is held to:
   PA decision / full local answer   (target <= 10%)
   runtime overhead vs direct        (target <= 5%)
 
+``--decisions-only`` instead times the decisions side by side with a probe for the model
+(``--probe``, default: the committed one under benchmarks/results/probes/, else the one next to
+the model file), interleaved, cold cache each time:
+
+  pa_decision       zero-shot PA: prefill + score slot
+  probe_decision    the probe: the same prefill, reading its layer through the graph callback,
+                    then its numpy head (target: no more than zero-shot PA's)
+  pa_capturing      zero-shot PA on the model that captures the probe's layer (what the
+                    callback alone costs)
+
     .venv/bin/python benchmarks/latency.py --repeats 3 --out benchmarks/results/latency.json
+    .venv/bin/python benchmarks/latency.py --decisions-only --out benchmarks/results/decision_cost.json
 """
 
 from __future__ import annotations
@@ -66,8 +77,20 @@ def main(
     threads: Annotated[int, typer.Option(help="llama.cpp threads.")] = 2,
     max_tokens: Annotated[int, typer.Option(help="Answer token budget.")] = 256,
     out: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path("benchmarks/results/latency.json"),
+    probe: Annotated[Path | None, typer.Option(help="Probe to time against zero-shot PA (default: the model's committed probe, if any).")] = None,
+    decisions_only: Annotated[bool, typer.Option(help="Time only the decisions (zero-shot PA against the probe), no answers.")] = False,
 ) -> None:
     settings = Settings(model=model, temperature=0.0, max_tokens=max_tokens, log=False, n_threads=threads, mode="local-only")
+    probe = probe or _committed_probe(model)
+    if decisions_only:
+        if probe is None:
+            raise typer.BadParameter(f"No probe for {model}: fit one with `rpra train probe`, or pass --probe.")
+        result = decision_cost(settings, probe, repeats)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        _print_decision_cost(result)
+        print(f"results: {out}")
+        return
     local = LocalModel.from_settings(settings)
     pa = Runtime(settings, local=local)
     rpra = Runtime(replace(settings, protocol="rpra"), local=local)
@@ -173,6 +196,74 @@ def main(
         print(f"  {label:34s} {summary[key]['median']:7.1%}   {summary[key]['of_totals']:7.1%}")
     print("  targets: PA decision <= 10% of a local answer; overhead <= 5%")
     print(f"results: {out}")
+
+
+def decision_cost(settings: Settings, probe_path: Path, repeats: int) -> dict:
+    """Zero-shot PA's decision against the probe's, interleaved over PROMPTS, cold cache each time
+    (alternating which goes first); and zero-shot PA on the capturing model, for the callback's
+    own cost. Milliseconds to the decision, as the runtime reports them."""
+    from rpra.models import file_sha256, resolve
+    from rpra.predictors import ProbePredictor
+    from rpra.probe import Probe
+
+    fitted = Probe.load(probe_path)
+    fitted.check_model(file_sha256(resolve(settings.model)), settings.model)
+    plain = LocalModel.from_settings(settings)
+    capturing = LocalModel.from_settings(settings, capture_layers=fitted.capture_layers or None)
+    runtimes = {
+        "pa_decision": Runtime(settings, local=plain),
+        "probe_decision": Runtime(settings, local=capturing, predictor=ProbePredictor(fitted)),
+        "pa_capturing": Runtime(settings, local=capturing),
+    }
+    rows = []
+    for round_ in range(repeats):
+        for k, question in enumerate(PROMPTS):
+            order = list(runtimes) if (round_ + k) % 2 == 0 else list(reversed(runtimes))
+            row = {"prompt": question}
+            for name in order:
+                runtime = runtimes[name]
+                with runtime.local.lock:
+                    runtime.local.clear_cache()
+                row[f"{name}_ms"] = runtime.predict([{"role": "user", "content": question}]).decision_ms
+            rows.append(row)
+            print(f"[{len(rows)}/{repeats * len(PROMPTS)}] " + "  ".join(f"{n} {row[f'{n}_ms']:.0f} ms" for n in runtimes), file=sys.stderr)
+
+    def stats(name: str) -> dict:
+        values = sorted(r[f"{name}_ms"] for r in rows)
+        return {"p50": statistics.median(values), "p95": values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]}
+
+    summary = {name: stats(name) for name in runtimes}
+    summary["probe_over_pa_median"] = statistics.median(r["probe_decision_ms"] / r["pa_decision_ms"] for r in rows)
+    summary["capturing_over_pa_median"] = statistics.median(r["pa_capturing_ms"] / r["pa_decision_ms"] for r in rows)
+    return {"model": settings.model, "threads": settings.n_threads, "probe": str(probe_path), "probe_layer": fitted.layer,
+            "requests": len(rows), "summary": summary, "rows": rows}  # fmt: skip
+
+
+def _print_decision_cost(result: dict) -> None:
+    s = result["summary"]
+    print(f"\nmodel {result['model']}, {result['threads']} threads, {result['requests']} decisions each, cold cache:")
+    print(f"  zero-shot PA                    p50 {s['pa_decision']['p50']:7.1f} ms   p95 {s['pa_decision']['p95']:7.1f} ms")
+    print(f"  probe, layer {result['probe_layer']!s:<4}               p50 {s['probe_decision']['p50']:7.1f} ms   p95 {s['probe_decision']['p95']:7.1f} ms")
+    print(f"  zero-shot PA, layer captured    p50 {s['pa_capturing']['p50']:7.1f} ms   p95 {s['pa_capturing']['p95']:7.1f} ms")
+    print(f"  probe / zero-shot PA (median of per-request ratios): {s['probe_over_pa_median']:.2f}  (target <= 1)")
+    print(f"  capturing / not (zero-shot PA): {s['capturing_over_pa_median']:.2f}")
+
+
+def _committed_probe(model: str) -> Path | None:
+    """The probe benchmarks/results documents for this model, else the one next to the model file."""
+    from rpra.benchmarks.collection import model_name
+    from rpra.probe import default_probe_path
+
+    committed = Path(__file__).parent / "results" / "probes" / f"{model_name(model)}.probe.npz"
+    if committed.exists():
+        return committed
+    try:
+        from rpra.models import resolve
+
+        path = default_probe_path(resolve(model))
+    except Exception:  # not pulled: the full run reports that itself
+        return None
+    return path if path.exists() else None
 
 
 def _card_text(model: str) -> str:
