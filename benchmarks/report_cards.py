@@ -23,10 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
+from rpra.benchmarks.collection import upgrade
 from rpra.config import home
 
 STATS_HEADER = "Measured over all the evidence so far (exact numbers: the card must agree with them):"
-UPDATE_PROMPT = """You are assessing a small AI assistant. A judge scored its answers from 1 (wrong or useless) to 10 (perfect).
+UPDATE_PROMPT = """You are assessing a small AI assistant. Its answers were checked: by an answer key where the question has one (correct or incorrect), otherwise by a judge's score from 1 (wrong or useless) to 10 (perfect).
 
 Current report card:
 {card}
@@ -34,10 +35,25 @@ Current report card:
 {stats_header}
 {stats}
 
-New judged examples:
+New examples:
 {examples}
 
-Rewrite the report card so it accounts for all the evidence so far. Organise it by topic (for example: arithmetic, word problems, science and general knowledge, commonsense, coding, open-ended writing). Under each topic give the assistant's strengths and weaknesses as short concrete patterns, and say how well it usually scores there. At most {max_words} words. Reply with the report card only."""
+Rewrite the report card so it accounts for all the evidence so far. Organise it by topic (for example: arithmetic, word problems, science and general knowledge, commonsense, coding, open-ended writing). Under each topic give the assistant's strengths and weaknesses as short concrete patterns, and say how well it usually does there. At most {max_words} words. Reply with the report card only."""
+FIX_PROMPT = """Your report card contradicts the measured numbers:
+{problems}
+
+{stats_header}
+{stats}
+
+Report card:
+{card}
+
+Rewrite the report card so that every statement agrees with the numbers. At most {max_words} words. Reply with the report card only."""
+
+# Words that say a topic goes well or badly: what ``contradictions`` checks against the numbers.
+_GOOD = re.compile(r"\b(strong|strength|good|great|accurate|reliable|excellent|excels?|competent|solid|handles? well|mostly correct|usually correct)\b", re.I)
+_BAD = re.compile(r"\b(weak|weakness|poor|wrong|fails?|failing|struggles?|unreliable|inaccurate|incorrect|rarely|mistakes?|errors?|not|never|cannot)\b", re.I)
+_GENERIC = {"simple", "graded", "counting"}  # parts of suite names too common to name the suite
 
 
 class Writer(Protocol):
@@ -54,41 +70,69 @@ class Card:
     meta: dict
 
 
-def format_examples(records: list[dict], *, answer_chars: int = 300) -> str:
-    """Judged records as the writer sees them: topic, question, answer, score, reference."""
+def evidence(record: dict, pass_mark: float = 7) -> dict | None:
+    """What a record says about its local answer, or None when nothing checked it: the judge's
+    ``score`` (or None), and ``passed``: the answer key's verdict where there is one (in both
+    option orders for multiple choice, ``collection.label``), else the judge's score >= ``pass_mark``."""
+    label = record.get("label") or upgrade(dict(record))["label"]
+    score = (record.get("judge_local") or {}).get("score")
+    verified = label.get("source") == "verified"
+    if not verified and score is None:
+        return None
+    return {"score": score, "passed": bool(label["pass"]) if verified else score >= pass_mark, "verified": verified, "level": label.get("level")}
+
+
+def usable(records: list[dict]) -> list[dict]:
+    """The records a card can learn from: judged, or checked by an answer key."""
+    return [r for r in records if evidence(r) is not None]
+
+
+def format_examples(records: list[dict], *, answer_chars: int = 300, question_chars: int = 400) -> str:
+    """Checked records as the writer sees them: topic, question, answer, verdict or score, reference."""
     blocks = []
     for r in records:
-        score = r["judge_local"]["score"]
+        seen = evidence(r)
         lines = [
             f"- Topic: {r.get('category') or r.get('suite')} ({r.get('suite')})",
-            f"  Question: {_clip(r['prompt'], 400)}",
+            f"  Question: {_clip(r['prompt'], question_chars)}",
             f"  Assistant's answer: {_clip(r['local_answer'], answer_chars)}",
-            f"  Judge's score: {score:.1f}/10" if score is not None else "  Judge's score: unavailable",
         ]
+        if seen["verified"]:
+            lines.append(f"  Answer key says: {'correct' if seen['passed'] else 'incorrect'}")
+        else:
+            lines.append(f"  Judge's score: {seen['score']:.1f}/10" if seen["score"] is not None else "  Judge's score: unavailable")
         if r.get("reference"):
             lines.append(f"  Reference answer: {_clip(r['reference'], 200)}")
         blocks.append("\n".join(lines))
     return "\n".join(blocks)
 
 
-def topic_stats(records: list[dict], *, pass_mark: float = 7, min_items: int = 5) -> list[dict]:
-    """Per-topic numbers over judged records: one row per suite, then one per category of that suite
-    with at least ``min_items`` records (when the suite has more than one category).
+def topic_stats(records: list[dict], *, pass_mark: float = 7, min_items: int = 5, max_categories: int = 12) -> list[dict]:
+    """Per-topic numbers over checked records: one row per suite, then one per category of that
+    suite with at least ``min_items`` records (when the suite has 2 to ``max_categories``
+    categories: arithmetic levels, not MMLU's 57 subjects).
 
-    Each row: ``topic``, ``level`` (0 suite, 1 category), ``n``, ``mean`` judge score, ``passed``
-    (judge score >= ``pass_mark``), and ``checked`` / ``correct``: the records with an exact verdict
-    (``exact_local``, from an answer key) and how many of those were right.
+    Each row: ``topic``, ``level`` (0 suite, 1 category), ``n``; ``passed`` (the label: verified
+    correct, else judge score >= ``pass_mark``); ``judged``, their ``mean`` judge score (None
+    without any) and how many ``scored`` ``pass_mark`` or more; ``checked`` / ``correct``: the records with an exact verdict (``exact_local``,
+    from an answer key) and how many of those were right; ``modal``: the most common label, as the
+    RPRA paper's cards give it (the judge's bad / ok / great where judged, else correct /
+    incorrect; "mixed" on a tie).
     """
     suites: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        if r["judge_local"]["score"] is not None:
-            suites[r.get("suite") or "other"].append(r)
+    for r in usable(records):
+        suites[r.get("suite") or "other"].append(r)
 
     def row(topic: str, level: int, rs: list[dict]) -> dict:
-        scores = [r["judge_local"]["score"] for r in rs]
+        seen = [evidence(r, pass_mark) for r in rs]
+        scores = [e["score"] for e in seen if e["score"] is not None]
         exact = [r["exact_local"] for r in rs if r.get("exact_local") is not None]
-        return {"topic": topic, "level": level, "n": len(rs), "mean": sum(scores) / len(scores),
-                "passed": sum(s >= pass_mark for s in scores), "checked": len(exact), "correct": sum(e >= 1.0 for e in exact)}  # fmt: skip
+        labels = [e["level"] or ("correct" if e["passed"] else "incorrect") for e in seen]
+        counts = sorted((labels.count(x), x) for x in set(labels))
+        modal = "mixed" if len(counts) > 1 and counts[-1][0] == counts[-2][0] else counts[-1][1]
+        return {"topic": topic, "level": level, "n": len(rs), "passed": sum(e["passed"] for e in seen), "judged": len(scores),
+                "mean": sum(scores) / len(scores) if scores else None, "scored": sum(x >= pass_mark for x in scores),
+                "checked": len(exact), "correct": sum(e >= 1.0 for e in exact), "modal": modal}  # fmt: skip
 
     rows = []
     for suite, rs in sorted(suites.items()):
@@ -97,7 +141,7 @@ def topic_stats(records: list[dict], *, pass_mark: float = 7, min_items: int = 5
         for r in rs:
             if r.get("category"):
                 categories[r["category"]].append(r)
-        if len(categories) > 1:
+        if 1 < len(categories) <= max_categories:
             rows += [row(c, 1, cs) for c, cs in sorted(categories.items()) if len(cs) >= min_items]
     return rows
 
@@ -106,38 +150,101 @@ def format_stats(rows: list[dict], *, pass_mark: float = 7) -> str:
     """The statistics as short lines the writer and the device model can both read."""
     lines = []
     for r in rows:
-        text = f"{'  ' * r['level']}- {r['topic']}: {r['n']} answer{'s' * (r['n'] != 1)}, mean score {r['mean']:.1f}/10, {r['passed']} scored {pass_mark:g}+"
-        if r["checked"]:
-            text += f", {r['correct']} of {r['checked']} correct"
-        lines.append(text)
+        text = f"{'  ' * r['level']}- {r['topic']}: {r['n']} answer{'s' * (r['n'] != 1)}"
+        if r["judged"]:
+            text += f", mean score {r['mean']:.1f}/10, {r['scored']} scored {pass_mark:g}+"
+            if r["checked"]:
+                text += f", {r['correct']} of {r['checked']} correct"
+        else:
+            text += f", {r['passed']} correct ({r['passed'] / r['n']:.0%})"
+        lines.append(text + ("; mixed" if r["modal"] == "mixed" else f"; mostly {r['modal']}"))
     return "\n".join(lines)
 
 
-def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_words: int = 250, pass_mark: float = 7,
-               progress=None) -> tuple[str, list[str]]:  # fmt: skip
-    """Progressively write a card over ``records``; returns the card and each intermediate version.
+def contradictions(card: str, rows: list[dict], *, low: float = 0.4, high: float = 0.7) -> list[str]:
+    """Statements of the card that its numbers refute: a sentence that names a suite and only
+    praises it where under ``low`` of its answers pass, or only faults it where ``high`` or more
+    pass. A lint, not a reader: sentences that both praise and fault are left alone."""
+    problems = []
+    suites = [r for r in rows if r["level"] == 0 and r["n"]]
+    for sentence in re.split(r"(?<=[.;!?])\s+|\n+", card):
+        good, bad = bool(_GOOD.search(sentence)), bool(_BAD.search(sentence))
+        if good == bad:
+            continue
+        for r in suites:
+            if not any(re.search(rf"\b{re.escape(name)}", sentence, re.I) for name in _names(r["topic"])):
+                continue
+            rate = r["passed"] / r["n"]
+            if good and rate < low:
+                problems.append(f"- \"{sentence.strip()}\": but {r['passed']} of {r['n']} {r['topic']} answers pass ({rate:.0%}).")
+            elif bad and rate >= high:
+                problems.append(f"- \"{sentence.strip()}\": but {r['passed']} of {r['n']} {r['topic']} answers pass ({rate:.0%}).")
+    return problems
 
-    The writer's card is kept under ``max_words``; the measured statistics of all records are
-    appended to the final card (outside that budget).
+
+def _names(suite: str) -> list[str]:
+    """How a card may name a suite: ``commonsenseqa`` as "commonsense", ``simple-equations`` as "equations"."""
+    names = {suite, suite.replace("-", " ")}
+    if suite.endswith("qa") and len(suite) > 4:
+        names.add(suite[:-2])
+    names |= {part for part in suite.split("-") if len(part) >= 4 and part not in _GENERIC}
+    return sorted(names)
+
+
+def _without(card: str, problems: list[str]) -> str:
+    """The card without the sentences ``problems`` quote."""
+    for problem in problems:
+        quoted = problem.split('"')[1]
+        card = card.replace(quoted, "")
+    return "\n".join(line for line in card.splitlines() if line.strip(" -*:")).strip()
+
+
+def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_words: int = 250, pass_mark: float = 7,
+               example_chars: int = 300, progress=None, log=None) -> tuple[str, list[str]]:  # fmt: skip
+    """Progressively write a card over ``records`` (judged, or checked by an answer key); returns
+    the card and each intermediate version.
+
+    After each update the card is checked against the numbers (``contradictions``): the writer
+    is asked once to fix what they refute, and what it leaves is cut. The writer's card is kept
+    under ``max_words``; the measured statistics of all records are appended to the final card
+    (outside that budget). The writer sees each question and answer cut to ``example_chars``.
     """
-    usable = [r for r in records if r["judge_local"]["score"] is not None]
-    if not usable:
-        raise ValueError("No judged records to write a report card from: run `rpra collect --split calibration` first.")
+    evidence_ = [r for r in records if evidence(r, pass_mark) is not None]
+    if not evidence_:
+        raise ValueError("No judged or verified records to write a report card from: run `rpra collect --split calibration` "
+                         "(or `rpra collect --split train --verified`) first.")  # fmt: skip
+
     def measured(rs: list[dict]) -> str:
         return format_stats(topic_stats(rs, pass_mark=pass_mark), pass_mark=pass_mark)
 
     card, history = "(empty: no evidence yet)", []
-    for start in range(0, len(usable), batch_size):
-        batch = usable[start : start + batch_size]
-        prompt = UPDATE_PROMPT.format(card=card, stats_header=STATS_HEADER, stats=measured(usable[: start + len(batch)]),
-                                      examples=format_examples(batch), max_words=max_words)  # fmt: skip
-        reply = writer.complete([{"role": "user", "content": prompt}], max_tokens=int(max_words * 2), temperature=0.0)
-        reply = reply.split(STATS_HEADER)[0]  # a writer that copies the statistics block: they go stale, and the card ends with fresh ones
-        card = limit_words(reply.strip(), max_words) or card
+    for start in range(0, len(evidence_), batch_size):
+        batch, seen = evidence_[start : start + batch_size], evidence_[: start + batch_size]
+        prompt = UPDATE_PROMPT.format(card=card, stats_header=STATS_HEADER, stats=measured(seen),
+                                      examples=format_examples(batch, answer_chars=example_chars, question_chars=example_chars),
+                                      max_words=max_words)  # fmt: skip
+        update = _reply(writer, prompt, max_words) or card
+        problems = contradictions(update, topic_stats(seen, pass_mark=pass_mark))
+        if problems:
+            fix = FIX_PROMPT.format(problems="\n".join(problems), stats_header=STATS_HEADER, stats=measured(seen), card=update, max_words=max_words)
+            update = _reply(writer, fix, max_words) or update
+            left = contradictions(update, topic_stats(seen, pass_mark=pass_mark))
+            if log:
+                log(f"update {len(history) + 1}: {len(problems)} statement(s) contradicted the numbers; {len(left)} left after the rewrite, cut")
+            update = _without(update, left) if left else update
+        card = update or card
         history.append(card)
         if progress:
             progress(len(batch))
-    return f"{card}\n\nMeasured on {len(usable)} judged answers:\n{measured(usable)}", history
+    judged = {(r.get("judge_local") or {}).get("score") is not None for r in evidence_}
+    kind = "judged" if judged == {True} else "verified" if judged == {False} else "judged or verified"
+    return f"{card}\n\nMeasured on {len(evidence_)} {kind} answers:\n{measured(evidence_)}", history
+
+
+def _reply(writer: Writer, prompt: str, max_words: int) -> str:
+    reply = writer.complete([{"role": "user", "content": prompt}], max_tokens=int(max_words * 2), temperature=0.0)
+    reply = reply.split(STATS_HEADER)[0]  # a writer that copies the statistics block: they go stale, and the card ends with fresh ones
+    return limit_words(reply.strip(), max_words)
 
 
 def limit_words(text: str, max_words: int) -> str:

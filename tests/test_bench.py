@@ -185,14 +185,16 @@ def test_report_card_build_writes_a_grounded_card_that_the_benchmark_then_evalua
     assert run.returncode == 0, run.stderr
     card_router = json.loads(run.stdout)["results"]["routers"]["report card PA"]
     assert len(card_router["curve"]["share"]) == 3  # 0, 1 or 2 of 2 deferred
-    # From the train split: device-side records only (no remote answers), a new version.
-    train = subprocess.run([rpra_bin, "report-card", "build", "--split", "train", "--suite", "arithmetic", "--limit", "2", "--batch-size", "2",
-                            "--max-words", "30", "--judge-grammar"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    # From verified train records of two suites: device calls only (no remote answers, no judge), a new version.
+    train = subprocess.run([rpra_bin, "report-card", "build", "--verified", "--split", "train", "--suite", "arithmetic,gcd", "--limit", "2",
+                            "--batch-size", "2", "--max-words", "30"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert train.returncode == 0, train.stderr
     card = latest_card(settings.model)
-    assert card.version == 2 and card.meta["split"] == "train" and "Measured on 2 judged answers:" in card.text
-    records = Collection.load(settings.model, "arithmetic", "train").records
-    assert len(records) == 2 and all(r["judge_remote"] is None for r in records)
+    assert card.version == 2 and card.meta["split"] == "train" and card.meta["verified"] and card.meta["updates"] == 2
+    assert "Measured on 4 verified answers:" in card.text and "- arithmetic: 2 answers" in card.text and "- gcd: 2 answers" in card.text
+    for suite in ("arithmetic", "gcd"):
+        records = Collection.load(settings.model, suite, "train").records
+        assert len(records) == 2 and all(r["judge_local"] is None and r["remote_answer"] is None for r in records)
 
 
 def test_a_report_card_is_never_built_from_the_test_split(rpra_bin, isolated_home):

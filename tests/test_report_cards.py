@@ -64,15 +64,15 @@ def test_topic_statistics_are_counted_by_suite_and_by_large_enough_category():
     records += [record(10, 3.0, category="level-2", exact=0.0), record(11, None, category="level-2")]  # unjudged: left out
     records += [record(20, 5.0, category=None, suite="mtbench")]  # no answer key
     rows = topic_stats(records, pass_mark=7, min_items=3)
-    assert rows == [
-        {"topic": "arithmetic", "level": 0, "n": 4, "mean": 6.0, "passed": 2, "checked": 4, "correct": 1},
-        {"topic": "level-1", "level": 1, "n": 3, "mean": 7.0, "passed": 2, "checked": 3, "correct": 1},
-        {"topic": "mtbench", "level": 0, "n": 1, "mean": 5.0, "passed": 0, "checked": 0, "correct": 0},
-    ]  # level-2 has 1 judged record, under min_items
+    assert rows == [  # passed: the answer key's verdict where there is one, over the judge
+        {"topic": "arithmetic", "level": 0, "n": 4, "passed": 1, "judged": 4, "mean": 6.0, "scored": 2, "checked": 4, "correct": 1, "modal": "great"},
+        {"topic": "level-1", "level": 1, "n": 3, "passed": 1, "judged": 3, "mean": 7.0, "scored": 2, "checked": 3, "correct": 1, "modal": "great"},
+        {"topic": "mtbench", "level": 0, "n": 1, "passed": 0, "judged": 1, "mean": 5.0, "scored": 0, "checked": 0, "correct": 0, "modal": "ok"},
+    ]  # level-2 has 1 judged record, under min_items; modal: the judge's bad / ok / great
     assert format_stats(rows).splitlines() == [
-        "- arithmetic: 4 answers, mean score 6.0/10, 2 scored 7+, 1 of 4 correct",
-        "  - level-1: 3 answers, mean score 7.0/10, 2 scored 7+, 1 of 3 correct",
-        "- mtbench: 1 answer, mean score 5.0/10, 0 scored 7+",
+        "- arithmetic: 4 answers, mean score 6.0/10, 2 scored 7+, 1 of 4 correct; mostly great",
+        "  - level-1: 3 answers, mean score 7.0/10, 2 scored 7+, 1 of 3 correct; mostly great",
+        "- mtbench: 1 answer, mean score 5.0/10, 0 scored 7+; mostly ok",
     ]
 
 
@@ -80,9 +80,9 @@ def test_the_writer_sees_the_statistics_of_all_evidence_so_far_and_the_card_ends
     writer = Writer(["Sums: often wrong.", "Sums: usually wrong."])
     records = [record(0, 8.0, exact=1.0), record(1, 2.0, exact=0.0), record(2, 3.0, exact=0.0)]
     card, _ = build_card(records, writer, batch_size=2, pass_mark=7)
-    assert "- arithmetic: 2 answers, mean score 5.0/10, 1 scored 7+, 1 of 2 correct" in writer.prompts[0]
-    assert "- arithmetic: 3 answers, mean score 4.3/10, 1 scored 7+, 1 of 3 correct" in writer.prompts[1]
-    assert card.endswith("Measured on 3 judged answers:\n- arithmetic: 3 answers, mean score 4.3/10, 1 scored 7+, 1 of 3 correct")
+    assert "- arithmetic: 2 answers, mean score 5.0/10, 1 scored 7+, 1 of 2 correct; mixed" in writer.prompts[0]
+    assert "- arithmetic: 3 answers, mean score 4.3/10, 1 scored 7+, 1 of 3 correct; mostly bad" in writer.prompts[1]
+    assert card.endswith("Measured on 3 judged answers:\n- arithmetic: 3 answers, mean score 4.3/10, 1 scored 7+, 1 of 3 correct; mostly bad")
 
 
 def test_a_statistics_block_the_writer_copies_into_its_card_is_dropped():
@@ -91,3 +91,36 @@ def test_a_statistics_block_the_writer_copies_into_its_card_is_dropped():
     writer = Writer([f"Sums: often wrong.\n\n{STATS_HEADER}\n- arithmetic: 1 answer, mean score 8.0/10"])
     card, history = build_card([record(0, 8.0), record(1, 2.0)], writer, batch_size=2)
     assert history == ["Sums: often wrong."] and card.count("arithmetic:") == 1 and STATS_HEADER not in card
+
+
+def verified(i, passed, suite="arithmetic", category="level-1"):
+    """A record collected with --verified: an answer key's verdict, no judge."""
+    return {"id": str(i), "suite": suite, "category": category, "prompt": f"What is {i} + {i}?", "local_answer": str(2 * i if passed else 3 * i),
+            "judge_local": None, "exact_local": float(passed), "label": {"pass": passed, "source": "verified", "level": None}}  # fmt: skip
+
+
+def test_verified_records_need_no_judge_and_count_as_their_label_says():
+    records = [verified(i, i < 3) for i in range(4)] + [verified(10 + i, False, suite="mmlu", category=None) for i in range(3)]
+    records[0]["label"]["pass"] = False  # right in one option order only: the label says fail
+    writer = Writer(["Arithmetic: about half right. MMLU: weak."])
+    card, _ = build_card(records, writer, batch_size=10)
+    assert "Answer key says: incorrect" in writer.prompts[0] and "Judge's score" not in writer.prompts[0]
+    assert card.endswith("Measured on 7 verified answers:\n- arithmetic: 4 answers, 2 correct (50%); mixed\n"
+                         "- mmlu: 3 answers, 0 correct (0%); mostly incorrect")  # fmt: skip
+
+
+def test_a_card_that_contradicts_its_numbers_is_sent_back_and_what_stays_wrong_is_cut():
+    from rpra.benchmarks.report_cards import contradictions
+
+    rows = topic_stats([verified(i, False, suite="commonsenseqa", category=None) for i in range(5)]
+                       + [verified(10 + i, True) for i in range(5)])  # fmt: skip
+    assert contradictions("Commonsense questions: strong and accurate.", rows)  # 0 of 5 pass
+    assert contradictions("Arithmetic: weak, often wrong.", rows)  # 5 of 5 pass
+    assert not contradictions("Commonsense questions: usually wrong. Arithmetic: reliable.", rows)
+    assert not contradictions("Commonsense: good at some, wrong at most.", rows)  # praises and faults: left alone
+    records = [verified(i, False, suite="commonsenseqa", category=None) for i in range(5)]
+    writer = Writer(["Commonsense: strong and accurate. Answers briefly.", "Commonsense: excellent. Answers briefly."])
+    notes: list[str] = []
+    card, history = build_card(records, writer, batch_size=10, log=notes.append)
+    assert "contradicts the measured numbers" in writer.prompts[1] and "0 of 5 commonsenseqa answers pass" in writer.prompts[1]
+    assert history == ["Answers briefly."] and notes == ["update 1: 1 statement(s) contradicted the numbers; 1 left after the rewrite, cut"]

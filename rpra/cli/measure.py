@@ -116,30 +116,44 @@ def _report(settings, records, out_dir, *, quality: str, seed: int, json_out: bo
 @settings_command()
 def card_build(
     settings,
-    suite: SuiteOpt = "rpra-mix",
-    limit: Annotated[int, typer.Option(help="Items to learn from.")] = 48,
+    suite: Annotated[str, typer.Option(help="A suite, or several comma-separated (with --verified: e.g. arithmetic,gsm,mmlu).")] = "rpra-mix",
+    limit: Annotated[int, typer.Option(help="Items to learn from (per suite).")] = 48,
     split: Annotated[str, typer.Option(help="calibration, or train for more evidence (never test: the card would have seen it).")] = "calibration",
-    batch_size: Annotated[int, typer.Option(help="Judged examples per update (PRESS).")] = 8,
+    verified: Annotated[bool, typer.Option("--verified", help="Learn from answer-key verdicts (`rpra collect --verified`): no judge, device calls only, and none at all for committed records.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Examples per update (PRESS).", min=1)] = 8,
     max_words: Annotated[int, typer.Option(help="Length budget of the card.")] = 250,
+    example_chars: Annotated[int, typer.Option(help="Each example's question and answer, cut to this many characters for the writer (bounds its context).", min=20)] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the order the writer sees the examples in.")] = 0,
     judge_url: JudgeOpt = None,
     judge_grammar: GrammarOpt = None,
 ) -> None:
-    """Write a new version of the device model's report card from judged calibration records.
+    """Write a new version of the device model's report card from checked calibration or train records.
 
-    The writer (the remote model) rewrites the card batch by batch, shown the measured per-topic
-    statistics so far; the final card ends with those statistics.
+    The writer (the remote model) rewrites the card batch by batch (suites interleaved), shown the
+    measured per-topic statistics so far; a card that contradicts them is sent back once and what
+    stays wrong is cut; the final card ends with those statistics.
     """
     if split not in ("calibration", "train"):
         raise RpraError(f"--split must be calibration or train, not {split!r}: a card built from the test split would have seen the answers it is scored on.")
     bench = bench_module()
+    import hashlib
+
     from rpra.benchmarks.report_cards import build_card, save_card
 
-    records, out_dir = bench.run_collect(settings, suite=suite, which=split, limit=limit, judge_url=judge_url,
-                                         judge_grammar=judge_grammar, remote_answers=split != "train")  # fmt: skip
+    suites = [s.strip() for s in suite.split(",") if s.strip()]
+    records, folders = [], []
+    for name in suites:
+        rs, folder = bench.run_collect(settings, suite=name, which=split, limit=limit, judge_url=judge_url, judge_grammar=judge_grammar,
+                                       remote_answers=not verified and split != "train", verified=verified)  # fmt: skip
+        records += rs
+        folders.append(str(folder))
+    records.sort(key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).digest())  # every batch sees several suites
     with bench.endpoints(settings, judge_url=judge_url) as ep:
-        text, history = build_card(records, ep.remote, batch_size=batch_size, max_words=max_words, pass_mark=settings.pass_mark)
-    card = save_card(text, device_model=settings.model, meta={"suite": suite, "split": split, "records": len(records), "collection": str(out_dir),
-                                                              "writer": ep.remote_id, "batch_size": batch_size, "updates": len(history)})  # fmt: skip
+        text, history = build_card(records, ep.remote, batch_size=batch_size, max_words=max_words, pass_mark=settings.pass_mark,
+                                   example_chars=example_chars, log=lambda line: err.print(f"[dim]{escape(line)}[/]"))  # fmt: skip
+    card = save_card(text, device_model=settings.model, meta={"suite": suite, "split": split, "verified": verified, "records": len(records),
+                                                              "collections": folders, "writer": ep.remote_id, "batch_size": batch_size,
+                                                              "updates": len(history), "example_chars": example_chars})  # fmt: skip
     out.print(card.text)
     err.print(f"[dim]saved {card.path} (version {card.version}, {card.meta['words']} words)[/]")
 
