@@ -258,6 +258,24 @@ def test_a_middle_layer_probe_routes_real_turns_and_needs_its_layer_captured(gre
 
 
 @pytest.mark.slow
+def test_train_probe_reuses_the_states_the_layer_sweep_cached_and_reads_only_the_rest(greedy_settings, model_path, isolated_home):
+    from rpra.local import LocalModel
+    from rpra.models import file_sha256
+    from rpra.training.probe import _states
+
+    settings = greedy_settings(protocol="pa", model=str(model_path))
+    capturing = LocalModel(model_path, name="smollm2-135m-instruct", n_ctx=1024, n_threads=2, seed=0, capture_layers=[12])
+    folder = isolated_home / "features" / file_sha256(model_path)[:16]
+    folder.mkdir(parents=True)
+    np.savez(folder / "mmlu_1.npz", slot=np.full((capturing.n_layer, capturing.n_embd), 7, np.float16))  # as the sweep saves it
+    records = [{"id": "mmlu:1", "prompt": "What is 2 + 2?"}, {"id": "mmlu:2", "prompt": "What is 3 + 3?"}]
+    x = _states(capturing, records, settings, 12, lambda: None)
+    assert (x[0] == 7).all()  # from the cache: no prefill
+    again = slot_states(capturing, [records[1]["prompt"]], settings, layer=12)[0]
+    assert np.corrcoef(x[1], again)[0, 1] > 0.99  # read by a prefill (the cached prefix differs: kernels round differently)
+
+
+@pytest.mark.slow
 def test_reading_the_hidden_state_changes_nothing_the_runtime_does_next(local_model):
     from rpra.predictors import make_slot
 

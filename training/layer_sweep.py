@@ -95,6 +95,20 @@ def features(model: str, records: list[dict], *, progress=None, threads: int | N
     return np.stack(slot_rows, axis=1), np.stack(mean_rows, axis=1), np.asarray(checks) if self_check else None
 
 
+def cached_slot_states(model: str, records: list[dict], layer: int) -> dict[str, np.ndarray]:
+    """The slot states at ``layer`` that an earlier sweep cached for ``records`` (by record id; the
+    records without one are absent): what ``rpra train probe`` reuses instead of a prefill."""
+    cache = home() / "features" / file_sha256(resolve(model))[:16]
+    found = {}
+    for r in records:
+        file = cache / f"{_safe(r['id'])}.npz"
+        if file.exists():
+            with np.load(file) as saved:
+                if "slot" in saved and layer < saved["slot"].shape[0]:
+                    found[r["id"]] = np.asarray(saved["slot"][layer], np.float32)
+    return found
+
+
 def _safe(item_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in item_id)
 

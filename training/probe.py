@@ -221,6 +221,20 @@ def sweep_layer(model: str, results: Path | None = None) -> int | None:
     return int(max(rows, key=lambda row: row["cv_auroc"])["layer"])
 
 
+def _states(local: LocalModel, records: list[dict], settings: Settings, layer: int | None, advance: Callable[[], None]) -> np.ndarray:
+    """Each record's probe state: from the layer sweep's feature cache where it has the record
+    (the same state, read the same way), else read with a prefill (``slot_states``)."""
+    from rpra.training.layer_sweep import cached_slot_states
+
+    cached = cached_slot_states(settings.model, records, layer) if layer is not None else {}
+    for _ in cached:
+        advance()
+    missing = [r for r in records if r["id"] not in cached]
+    read = slot_states(local, [r["prompt"] for r in missing], settings, layer=layer, progress=advance) if missing else []
+    fresh = dict(zip((r["id"] for r in missing), read))
+    return np.stack([cached[r["id"]] if r["id"] in cached else fresh[r["id"]] for r in records])
+
+
 def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: int = 5, output: Path | None = None,
                 layer: int | str | None = "auto", head: str = "logistic",
                 progress: Callable[[int], Callable[[], None]] = lambda total: lambda: None) -> tuple[Path, dict]:  # fmt: skip
@@ -249,7 +263,7 @@ def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: 
     if layer is not None and not 0 <= int(layer) < local.n_layer:
         raise RpraError(f"layer {layer} is not a layer of {settings.model} (0 to {local.n_layer - 1}).")
     layer = None if layer is None else int(layer)
-    x = slot_states(local, [r["prompt"] for r in records], settings, layer=layer, progress=progress(len(records)))
+    x = _states(local, records, settings, layer, progress(len(records)))
     model_path = resolve(settings.model)
     meta = {"model": settings.model, "model_sha256": file_sha256(model_path), "collections": [str(c.folder) for c in collections],
             "target": "pass",
