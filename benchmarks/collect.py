@@ -179,8 +179,14 @@ def collect(items: list[Item], collector: Collector, collection: Collection, *, 
     record that is whole; device answers and finished calls are in the call cache, so a re-run
     makes only the calls that had not finished.
 
-    Each run's throughput is appended to the collection's ``runs.jsonl`` (items per hour).
+    Each run's throughput is appended to the collection's ``runs.jsonl`` (items per hour). A
+    second process collecting into the same collection meanwhile gets a clear error.
     """
+    with collection.writing():  # one writer per collection; its records as they are on disk now
+        return _collect(items, collector, collection, progress=progress, in_flight=in_flight)
+
+
+def _collect(items: list[Item], collector: Collector, collection: Collection, *, progress: bool, in_flight: int) -> list[dict]:
     collection.set_provenance(collector.provenance)
     done = {r["id"] for r in collection.records if collector.has_all(r)}
     todo = [item for item in items if item.id not in done]

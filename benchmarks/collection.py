@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -191,7 +192,7 @@ class Collection:
         _seed(folder)
         records, torn = _read_journal(folder / "records.jsonl")
         records = list({r["id"]: r for r in records}.values())  # the last of each id, in first-seen order
-        if torn:
+        if torn and not _busy(folder):  # a collector's line may be half-written right now: only repair an idle journal
             _atomic_write(folder / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         try:
             provenance = json.loads((folder / "provenance.json").read_text())
@@ -237,6 +238,26 @@ class Collection:
         os.replace(tmp, path)
         _atomic_write(dest / f"{self.folder.name}.provenance.json", json.dumps(self.provenance, indent=2, sort_keys=True) + "\n")
         return path
+
+    @contextmanager
+    def writing(self):
+        """Hold this collection for one writer: a second ``rpra collect`` into the same folder
+        gets a clear error instead of appending to a journal the first one may be rewriting. The
+        records are re-read once held, so the writer starts from what is on disk now."""
+        from filelock import FileLock, Timeout
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.folder / ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ConfigError(f"Another process is collecting into {self.folder}. Wait for it to finish (or stop it: "
+                              "its finished records are kept) and run this again.") from None  # fmt: skip
+        try:
+            self.records = Collection.open(self.folder).records
+            yield self
+        finally:
+            lock.release()
 
     def appender(self) -> _Appender:
         """``with collection.appender() as add: add(record)``: each record is on disk (fsynced)
@@ -315,6 +336,21 @@ def _seed(folder: Path) -> bool:
     if provenance.exists():
         shutil.copyfile(provenance, folder / "provenance.json")
     return True
+
+
+def _busy(folder: Path) -> bool:
+    """Whether a collector holds ``folder`` (``Collection.writing``)."""
+    from filelock import FileLock, Timeout
+
+    if not (folder / ".lock").exists():
+        return False
+    lock = FileLock(str(folder / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def _read_journal(path: Path) -> tuple[list[dict], int]:

@@ -102,3 +102,18 @@ def test_ctrl_c_keeps_the_records_whose_calls_were_already_running(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         collect(_items(6), collector, Collection(tmp_path / "c"), progress=False, in_flight=4)
     assert Collection.open(tmp_path / "c").ids == {"i0", "i1", "i2"}
+
+
+def test_a_second_collector_into_the_same_collection_is_refused_and_a_reader_leaves_a_busy_journal_alone(tmp_path):
+    from rpra.errors import ConfigError
+
+    held = Collection(tmp_path / "c")
+    with held.writing(), held.appender() as add:
+        add({"id": "i0", "exact_local": 1.0, "remote_answer": "1", "label": {"pass": True}})
+        with open(held.journal, "a") as f:
+            f.write('{"id": "i1", "exa')  # the collector is mid-line
+        with pytest.raises(ConfigError, match="Another process is collecting"):
+            collect(_items(2), _Collector(latency=0.0), Collection.open(tmp_path / "c"), progress=False)
+        assert Collection.open(tmp_path / "c").ids == {"i0"} and held.journal.read_text().endswith('"exa')  # not repaired under it
+    records = collect(_items(2), _Collector(latency=0.0), Collection.open(tmp_path / "c"), progress=False)  # now free: repaired, resumed
+    assert [r["id"] for r in records] == ["i0", "i1"]
