@@ -106,6 +106,7 @@ def test_a_verified_collection_labels_keyed_items_by_the_verifier_alone(rpra, en
         assert r["local_logprobs"]["min"] <= r["local_logprobs"]["mean"] <= 0  # the answer-confidence baseline's input
 
 
+@pytest.mark.slow
 def test_a_verified_collection_asks_multiple_choice_twice_with_the_options_rotated(rpra, env, isolated_home, tmp_path):
     questions = tmp_path / "quiz.jsonl"
     rows = [{"prompt": f"What is {a} + {a}?\n\nA) {2 * a}\nB) {2 * a + 1}\nC) {a}\n\nAnswer with the letter.", "gold": "A"} for a in (2, 3)]
@@ -119,6 +120,7 @@ def test_a_verified_collection_asks_multiple_choice_twice_with_the_options_rotat
         assert r["label"]["pass"] == (r["exact_local"] == 1.0 and r["exact_permuted"] == 1.0)
 
 
+@pytest.mark.slow
 def test_a_verified_collection_with_the_remote_checks_both_answers_and_calls_no_judge(rpra, env, isolated_home, remote_server):
     run = rpra("collect", "--suite", "arithmetic", "--split", "test", "--limit", "3", "--verified", "--remote", "--remote-max-tokens", "12",
                "--set", "max_tokens=16", env={**env, "RPRA_REMOTE_URL": remote_server.url, "RPRA_REMOTE_MODEL": "stand-in"}, timeout=300)  # fmt: skip
