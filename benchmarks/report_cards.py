@@ -23,8 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
+from rpra.benchmarks.cache import cached
 from rpra.benchmarks.collection import upgrade
 from rpra.config import home
+from rpra.errors import RemoteError
 
 STATS_HEADER = "Measured over all the evidence so far (exact numbers: the card must agree with them):"
 UPDATE_PROMPT = """You are assessing a small AI assistant. Its answers were checked: by an answer key where the question has one (correct or incorrect), otherwise by a judge's score from 1 (wrong or useless) to 10 (perfect).
@@ -200,7 +202,7 @@ def _without(card: str, problems: list[str]) -> str:
 
 
 def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_words: int = 250, pass_mark: float = 7,
-               example_chars: int = 300, progress=None, log=None) -> tuple[str, list[str]]:  # fmt: skip
+               example_chars: int = 300, cache=None, writer_id: str = "writer", progress=None, log=None) -> tuple[str, list[str]]:  # fmt: skip
     """Progressively write a card over ``records`` (judged, or checked by an answer key); returns
     the card and each intermediate version.
 
@@ -208,6 +210,11 @@ def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_
     is asked once to fix what they refute, and what it leaves is cut. The writer's card is kept
     under ``max_words``; the measured statistics of all records are appended to the final card
     (outside that budget). The writer sees each question and answer cut to ``example_chars``.
+
+    Resumable: with a ``cache`` (``benchmarks.cache.CallCache``) every writer call is stored under
+    ``writer_id`` and its prompt, so a re-run after an interruption or an error replays the
+    finished updates and calls the writer only from where it stopped. A batch whose prompt the
+    writer rejects (HTTP 400 / 413: longer than its context) is halved and retried.
     """
     evidence_ = [r for r in records if evidence(r, pass_mark) is not None]
     if not evidence_:
@@ -217,34 +224,45 @@ def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_
     def measured(rs: list[dict]) -> str:
         return format_stats(topic_stats(rs, pass_mark=pass_mark), pass_mark=pass_mark)
 
-    card, history = "(empty: no evidence yet)", []
-    for start in range(0, len(evidence_), batch_size):
-        batch, seen = evidence_[start : start + batch_size], evidence_[: start + batch_size]
+    def reply(prompt: str) -> str:
+        def call() -> dict:
+            return {"text": writer.complete([{"role": "user", "content": prompt}], max_tokens=int(max_words * 2), temperature=0.0)}
+
+        text = cached(cache, "card-writer", writer_id, {"prompt": prompt, "max_tokens": int(max_words * 2)}, call)["text"]
+        text = text.split(STATS_HEADER)[0]  # a writer that copies the statistics block: they go stale, and the card ends with fresh ones
+        return limit_words(text.strip(), max_words)
+
+    card, history, start, size = "(empty: no evidence yet)", [], 0, batch_size
+    while start < len(evidence_):
+        batch, seen = evidence_[start : start + size], evidence_[: start + size]
         prompt = UPDATE_PROMPT.format(card=card, stats_header=STATS_HEADER, stats=measured(seen),
                                       examples=format_examples(batch, answer_chars=example_chars, question_chars=example_chars),
                                       max_words=max_words)  # fmt: skip
-        update = _reply(writer, prompt, max_words) or card
+        try:
+            update = reply(prompt) or card
+        except RemoteError as exc:
+            if size == 1 or not re.search(r"HTTP 4(00|13)", str(exc)):
+                raise
+            size = max(1, size // 2)
+            if log:
+                log(f"update {len(history) + 1}: the writer rejected the prompt ({_clip(str(exc), 120)}); {size} examples per update from here")
+            continue
         problems = contradictions(update, topic_stats(seen, pass_mark=pass_mark))
         if problems:
             fix = FIX_PROMPT.format(problems="\n".join(problems), stats_header=STATS_HEADER, stats=measured(seen), card=update, max_words=max_words)
-            update = _reply(writer, fix, max_words) or update
+            update = reply(fix) or update
             left = contradictions(update, topic_stats(seen, pass_mark=pass_mark))
             if log:
                 log(f"update {len(history) + 1}: {len(problems)} statement(s) contradicted the numbers; {len(left)} left after the rewrite, cut")
             update = _without(update, left) if left else update
         card = update or card
         history.append(card)
+        start += len(batch)
         if progress:
             progress(len(batch))
     judged = {(r.get("judge_local") or {}).get("score") is not None for r in evidence_}
     kind = "judged" if judged == {True} else "verified" if judged == {False} else "judged or verified"
     return f"{card}\n\nMeasured on {len(evidence_)} {kind} answers:\n{measured(evidence_)}", history
-
-
-def _reply(writer: Writer, prompt: str, max_words: int) -> str:
-    reply = writer.complete([{"role": "user", "content": prompt}], max_tokens=int(max_words * 2), temperature=0.0)
-    reply = reply.split(STATS_HEADER)[0]  # a writer that copies the statistics block: they go stale, and the card ends with fresh ones
-    return limit_words(reply.strip(), max_words)
 
 
 def limit_words(text: str, max_words: int) -> str:

@@ -124,3 +124,35 @@ def test_a_card_that_contradicts_its_numbers_is_sent_back_and_what_stays_wrong_i
     card, history = build_card(records, writer, batch_size=10, log=notes.append)
     assert "contradicts the measured numbers" in writer.prompts[1] and "0 of 5 commonsenseqa answers pass" in writer.prompts[1]
     assert history == ["Answers briefly."] and notes == ["update 1: 1 statement(s) contradicted the numbers; 1 left after the rewrite, cut"]
+
+
+class Overflowing(Writer):
+    """A writer with a small context: a prompt with more than ``limit`` examples is an HTTP 400."""
+
+    def __init__(self, replies, limit):
+        super().__init__(replies)
+        self.limit = limit
+
+    def complete(self, messages, *, max_tokens=None, temperature=None):
+        from rpra.errors import RemoteError
+
+        if messages[0]["content"].count("- Topic:") > self.limit:
+            raise RemoteError("Remote http://w/v1/chat/completions answered HTTP 400: maximum context length is 4096 tokens")
+        return super().complete(messages, max_tokens=max_tokens, temperature=temperature)
+
+
+def test_a_batch_too_long_for_the_writer_is_halved_and_a_rerun_replays_the_finished_updates(tmp_path):
+    from rpra.benchmarks.cache import CallCache
+    from rpra.errors import RemoteError
+
+    records = [verified(i, i % 2 == 0) for i in range(8)]
+    cache = CallCache(tmp_path / "calls.sqlite")
+    writer = Overflowing(["card 1", "card 2", "card 3"], limit=2)
+    with pytest.raises(IndexError):  # the writer fails on the 4th update (no reply left): the run stops there
+        build_card(records, writer, batch_size=8, cache=cache, writer_id="w")
+    assert [p.count("- Topic:") for p in writer.prompts] == [2, 2, 2, 2]  # 8 -> 4 -> 2 examples per update; the 4th call failed
+    again = Overflowing(["card 4"], limit=2)
+    card, history = build_card(records, again, batch_size=8, cache=cache, writer_id="w")
+    assert history == ["card 1", "card 2", "card 3", "card 4"] and len(again.prompts) == 1  # only the unfinished update called
+    with pytest.raises(RemoteError, match="HTTP 400"):
+        build_card(records[:1], Overflowing(["x"], limit=0), batch_size=4)  # one example still too long: the error stands

@@ -131,7 +131,8 @@ def card_build(
 
     The writer (the remote model) rewrites the card batch by batch (suites interleaved), shown the
     measured per-topic statistics so far; a card that contradicts them is sent back once and what
-    stays wrong is cut; the final card ends with those statistics.
+    stays wrong is cut; the final card ends with those statistics. Every writer call is cached, so
+    a re-run after an interruption or an error resumes where it stopped.
     """
     if split not in ("calibration", "train"):
         raise RpraError(f"--split must be calibration or train, not {split!r}: a card built from the test split would have seen the answers it is scored on.")
@@ -148,9 +149,15 @@ def card_build(
         records += rs
         folders.append(str(folder))
     records.sort(key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).digest())  # every batch sees several suites
-    with bench.endpoints(settings, judge_url=judge_url) as ep:
+    from rich.progress import Progress
+
+    from rpra.benchmarks.cache import CallCache
+
+    with bench.endpoints(settings, judge_url=judge_url) as ep, Progress(console=err, transient=True) as bar:
+        task = bar.add_task("writing the card", total=len(records))
         text, history = build_card(records, ep.remote, batch_size=batch_size, max_words=max_words, pass_mark=settings.pass_mark,
-                                   example_chars=example_chars, log=lambda line: err.print(f"[dim]{escape(line)}[/]"))  # fmt: skip
+                                   example_chars=example_chars, cache=CallCache.default(), writer_id=ep.remote_id,
+                                   progress=lambda n: bar.advance(task, n), log=lambda line: bar.console.print(f"[dim]{escape(line)}[/]"))  # fmt: skip
     card = save_card(text, device_model=settings.model, meta={"suite": suite, "split": split, "verified": verified, "records": len(records),
                                                               "collections": folders, "writer": ep.remote_id, "batch_size": batch_size,
                                                               "updates": len(history), "example_chars": example_chars})  # fmt: skip
