@@ -262,17 +262,43 @@ def add_self_verification(records: list[dict], settings: Settings, *, progress: 
     return records
 
 
-def add_baselines(records: list[dict], settings: Settings, *, log: Callable[[str], None] = print) -> list[str]:
+# Collection settings that change what a label means: an answer cut at 24 tokens names no letter
+# where one of 48 does, so a prior or probe trained on one is scored against labels of the other.
+LABEL_SETTINGS = ("max_tokens", "scale_max", "pass_mark", "answer_after_score", "temperature")
+
+
+def label_mismatches(evaluated: dict | None, train: list[Collection]) -> list[str]:
+    """Where the train collections were collected with other label-shaping settings than the
+    evaluated records (``provenance["settings"]``): one line per setting and suite."""
+    if not evaluated:
+        return []
+    lines = []
+    for collection in train:
+        theirs = collection.settings
+        for name in LABEL_SETTINGS:
+            if name in theirs and name in evaluated and theirs[name] != evaluated[name]:
+                lines.append(f"{collection.folder.name}: {name}={theirs[name]}, the evaluated records {name}={evaluated[name]}")
+    return lines
+
+
+def add_baselines(records: list[dict], settings: Settings, *, log: Callable[[str], None] = print,
+                  provenance: dict | None = None) -> list[str]:  # fmt: skip
     """The baselines every predictor must beat (``benchmarks.baselines``), added to ``records``:
     the category prior from the model's train collections of the records' suites, the local
     answer's confidence where the records hold its log-probabilities, and the device model's
-    self-verification of its answer (one prefill per record, cached).
+    self-verification of its answer (one prefill per record, cached). With the evaluated
+    collection's ``provenance``, train collections whose labels were made differently are named
+    (``label_mismatches``).
     Returns the fields added."""
     from rpra.benchmarks.baselines import answer_confidence, as_prediction, category_prior
 
     added = []
-    train = [r for suite in sorted({r.get("suite") for r in records} | {"rpra-mix"}) if suite
-             for r in Collection.open(collection_dir(settings.model, suite, "train")).records]  # fmt: skip
+    collections = [Collection.open(collection_dir(settings.model, suite, "train"))
+                   for suite in sorted({r.get("suite") for r in records} | {"rpra-mix"}) if suite]  # fmt: skip
+    collections = [c for c in collections if c.records]
+    for line in label_mismatches((provenance or {}).get("settings"), collections):
+        log(f"warning: labels not comparable: {line} (the prior and the probe learn labels of another answer budget)")
+    train = [r for c in collections for r in c.records]
     if train:
         prior = category_prior(train)
         for r in records:
@@ -293,7 +319,7 @@ def add_baselines(records: list[dict], settings: Settings, *, log: Callable[[str
 
 
 def report(records: list[dict], settings: Settings, out_dir: Path, *, quality: str = "llm", seed: int = 0,
-           log: Callable[[str], None] = print) -> tuple[dict, dict | None, dict[str, Path]]:  # fmt: skip
+           log: Callable[[str], None] = print, provenance: dict | None = None) -> tuple[dict, dict | None, dict[str, Path]]:  # fmt: skip
     """Evaluate every predictor on ``records`` (adding the trained ones first) with the settings'
     routing rule; write results.json, the plot and report.md under ``out_dir``.
 
@@ -304,7 +330,7 @@ def report(records: list[dict], settings: Settings, out_dir: Path, *, quality: s
     from rpra.benchmarks.report import evaluate, write_reports
 
     add_trained_predictions(records, settings, log=log)
-    add_baselines(records, settings, log=log)
+    add_baselines(records, settings, log=log, provenance=provenance)
     results = evaluate(records, quality=quality, pass_mark=settings.pass_mark, threshold=settings.threshold,
                        route_on=settings.route_on, seed=seed)  # fmt: skip
     # The judge against the verifiers, where both scored an answer (a verified collection has no judge).

@@ -135,3 +135,14 @@ def test_a_verified_collection_with_the_remote_checks_both_answers_and_calls_no_
     assert report.returncode == 0, report.stderr  # no judge anywhere: no agreement to report, and no crash
     out = json.loads(report.stdout)
     assert out["agreement"] is None and "zero-shot PA" in out["results"]["routers"]
+
+
+def test_train_collections_made_with_another_answer_budget_are_named(tmp_path):
+    from rpra.benchmarks.bench import label_mismatches
+
+    same, other = Collection(tmp_path / "m--gsm--train"), Collection(tmp_path / "m--mmlu--train")
+    same.provenance = {"settings": {"max_tokens": 48, "pass_mark": 7}}
+    other.provenance = {"settings": {"max_tokens": 24, "pass_mark": 7}}
+    assert label_mismatches({"max_tokens": 48, "pass_mark": 7}, [same, other]) == [
+        "m--mmlu--train: max_tokens=24, the evaluated records max_tokens=48"]  # fmt: skip
+    assert label_mismatches(None, [other]) == []

@@ -97,10 +97,12 @@ def bench_report(
 
 
 def _report(settings, records, out_dir, *, quality: str, seed: int, json_out: bool) -> None:
+    from rpra.benchmarks.collection import Collection
     from rpra.benchmarks.report import TERMINAL_COLUMNS, table_rows
 
     results, agree, paths = bench_module().report(records, settings, out_dir, quality=quality, seed=seed,
-                                                  log=lambda line: err.print(f"[dim]{escape(line)}[/]"))  # fmt: skip
+                                                  log=lambda line: err.print(f"[dim]{escape(line)}[/]"),
+                                                  provenance=Collection.open(out_dir).provenance)  # fmt: skip
     if json_out:
         print(json.dumps({"results": results, "agreement": agree, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
         return
