@@ -44,24 +44,34 @@ class Arrays:
 
 
 def quality_arrays(records: list[dict], *, quality: str = "llm", pass_mark: int = 7) -> Arrays:
-    """Scores of the local and remote answers; unparseable verdicts are dropped and counted."""
-    kept, local, remote = [], [], []
+    """Scores of the local and remote answers; unparseable verdicts are dropped and counted.
+
+    Under ``quality="exact"`` the answers' quality is the verifier's verdict on the answer the
+    user gets (the options as first asked), and "pass", what AUROC, ECE and Brier score the
+    predictors on, is the record's label: for multiple choice asked twice, right in both option
+    orders (``collection.label``), the target the predictors learn. A right letter in one order
+    only is position, which no predictor can know, but it is a right answer for the user.
+    """
+    kept, local, remote, passed = [], [], [], []
     for r in records:
         if quality == "exact":
             if r.get("exact_local") is None or r.get("exact_remote") is None:
                 continue
             lq, rq = (EXACT_CORRECT if r["exact_local"] else EXACT_WRONG), (EXACT_CORRECT if r["exact_remote"] else EXACT_WRONG)
+            label = r.get("label") or {}
+            passed.append(bool(label["pass"]) if label.get("source") == "verified" else lq >= pass_mark)
         else:
             if r.get("judge_remote") is None:  # collected with --no-remote: nothing to compare against
                 continue
             lq, rq = r["judge_local"]["score"], r["judge_remote"]["score"]
             if lq is None or rq is None:
                 continue
+            passed.append(lq >= pass_mark)
         kept.append(r)
         local.append(lq)
         remote.append(rq)
     local_q, remote_q = np.asarray(local, float), np.asarray(remote, float)
-    return Arrays(local_q, remote_q, local_q >= pass_mark, np.clip(np.rint(local_q), 1, 10).astype(int), kept, len(records) - len(kept))
+    return Arrays(local_q, remote_q, np.asarray(passed, bool), np.clip(np.rint(local_q), 1, 10).astype(int), kept, len(records) - len(kept))
 
 
 def _prediction(records: list[dict], field: str, route_on: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

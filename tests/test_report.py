@@ -123,3 +123,13 @@ def test_every_predictor_has_its_auroc_per_suite_where_both_classes_occur(tmp_pa
     assert c["n"] == 1 and c["auroc"] == {}
     report = write_reports(res, tmp_path)["markdown"].read_text()
     assert "AUROC (pass) per suite" in report and "| a | 30 |" in report
+
+
+def test_under_exact_quality_the_user_gets_one_order_and_pass_is_the_label():
+    from rpra.benchmarks.report import EXACT_CORRECT, quality_arrays
+
+    lucky = {"exact_local": 1.0, "exact_remote": 1.0, "label": {"pass": False, "source": "verified"}}  # right letter in one order only
+    known = {"exact_local": 1.0, "exact_remote": 0.0, "label": {"pass": True, "source": "verified"}}
+    a = quality_arrays([lucky, known], quality="exact")
+    assert a.local_q.tolist() == [EXACT_CORRECT, EXACT_CORRECT]  # both answers were right for the user
+    assert a.passed.tolist() == [False, True]  # what the predictors learn and are scored on
