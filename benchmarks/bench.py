@@ -19,7 +19,7 @@ from pathlib import Path
 from rpra import prompts
 from rpra.benchmarks.cache import CallCache, cached
 from rpra.benchmarks.collect import Collector, collect, predict_only, provenance_for
-from rpra.benchmarks.collection import Collection, collection_dir
+from rpra.benchmarks.collection import LABEL_SETTINGS, Collection, collection_dir
 from rpra.benchmarks.data import SUITES, DataError, Item, load_file, load_hf, load_suite, split
 from rpra.benchmarks.judge import Judge
 from rpra.config import Settings
@@ -260,11 +260,6 @@ def add_self_verification(records: list[dict], settings: Settings, *, progress: 
         r["self_check"] = as_prediction(out["p_yes"], predictor="self-verification", scale_max=settings.scale_max)
         r["self_check_decision_ms"] = out["ms"]
     return records
-
-
-# Collection settings that change what a label means: an answer cut at 24 tokens names no letter
-# where one of 48 does, so a prior or probe trained on one is scored against labels of the other.
-LABEL_SETTINGS = ("max_tokens", "scale_max", "pass_mark", "answer_after_score", "temperature")
 
 
 def label_mismatches(evaluated: dict | None, train: list[Collection]) -> list[str]:

@@ -187,9 +187,11 @@ def collect(items: list[Item], collector: Collector, collection: Collection, *, 
 
 
 def _collect(items: list[Item], collector: Collector, collection: Collection, *, progress: bool, in_flight: int) -> list[dict]:
-    collection.set_provenance(collector.provenance)
     done = {r["id"] for r in collection.records if collector.has_all(r)}
     todo = [item for item in items if item.id not in done]
+    if not todo:  # nothing to collect: the collection and its provenance stay as they are
+        return collection.records
+    collection.set_provenance(collector.provenance)
     skipped = []
     started, before = time.perf_counter(), len(collection.records)
     network = collector.remote is not None or collector.judge is not None

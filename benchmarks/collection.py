@@ -46,6 +46,10 @@ def seeds_dir() -> Path | None:
         return SEEDS
     return Path(value).expanduser() if value.strip() else None
 
+# Collection settings that change what a label means: an answer cut at 24 tokens names no letter
+# where one of 48 does, so records made with one are not the same label as records made with the other.
+LABEL_SETTINGS = ("max_tokens", "scale_max", "pass_mark", "answer_after_score", "temperature")
+
 # The judge's three-level label, as the RPRA paper's report cards use: scores 1-3, 4-6, 7-10.
 LEVELS = {"bad": (1, 3), "ok": (4, 6), "great": (7, 10)}
 
@@ -215,13 +219,19 @@ class Collection:
 
     def set_provenance(self, provenance: Provenance) -> None:
         """Record what produces this collection; refuses one made with another device model file,
-        so records of two models are never mixed."""
+        or with other label-shaping settings (``LABEL_SETTINGS``), so records of two models or two
+        answer budgets are never mixed."""
         had = self.provenance.get("device_sha256")
         if self.records and had and had != provenance.device_sha256:
             raise ConfigError(
                 f"{self.folder} holds records of another device model file (sha256 {had[:12]}…, not "
                 f"{provenance.device_sha256[:12]}…). Move that folder away to collect for this model."
             )
+        ours, theirs = provenance.settings, self.settings
+        differ = [f"{k}={theirs[k]} (this run: {ours[k]})" for k in LABEL_SETTINGS if self.records and k in theirs and k in ours and theirs[k] != ours[k]]
+        if differ:
+            raise ConfigError(f"{self.folder} was collected with {', '.join(differ)}: its labels would mean two things. "
+                              "Collect with the same settings, or move that folder away.")  # fmt: skip
         self.folder.mkdir(parents=True, exist_ok=True)
         self.provenance = asdict(provenance)
         _atomic_write(self.folder / "provenance.json", json.dumps(self.provenance, indent=2))

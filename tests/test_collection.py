@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -146,3 +147,15 @@ def test_train_collections_made_with_another_answer_budget_are_named(tmp_path):
     assert label_mismatches({"max_tokens": 48, "pass_mark": 7}, [same, other]) == [
         "m--mmlu--train: max_tokens=24, the evaluated records max_tokens=48"]  # fmt: skip
     assert label_mismatches(None, [other]) == []
+
+
+def test_records_of_another_answer_budget_are_refused(tmp_path):
+    provenance = Provenance(suite="s", split="train", device_model="m", device_sha256="a" * 64, remote_id="none", judge_id="verifier",
+                            prompts_version="p", settings={"max_tokens": 48, "pass_mark": 7})  # fmt: skip
+    collection = Collection(tmp_path / "c")
+    collection.set_provenance(provenance)
+    with collection.appender() as add:
+        add({"id": "i0", "exact_local": 1.0})
+    collection.set_provenance(provenance)  # the same settings: fine
+    with pytest.raises(ConfigError, match=r"max_tokens=48 \(this run: 24\)"):
+        collection.set_provenance(replace(provenance, settings={"max_tokens": 24, "pass_mark": 7}))
