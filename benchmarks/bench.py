@@ -19,7 +19,7 @@ from pathlib import Path
 from rpra import prompts
 from rpra.benchmarks.cache import CallCache, cached
 from rpra.benchmarks.collect import Collector, collect, predict_only, provenance_for
-from rpra.benchmarks.collection import LABEL_SETTINGS, Collection, collection_dir
+from rpra.benchmarks.collection import Collection, collection_dir, label_differences
 from rpra.benchmarks.data import SUITES, DataError, Item, load_file, load_hf, load_suite, split
 from rpra.benchmarks.judge import Judge
 from rpra.config import Settings
@@ -267,13 +267,8 @@ def label_mismatches(evaluated: dict | None, train: list[Collection]) -> list[st
     evaluated records (``provenance["settings"]``): one line per setting and suite."""
     if not evaluated:
         return []
-    lines = []
-    for collection in train:
-        theirs = collection.settings
-        for name in LABEL_SETTINGS:
-            if name in theirs and name in evaluated and theirs[name] != evaluated[name]:
-                lines.append(f"{collection.folder.name}: {name}={theirs[name]}, the evaluated records {name}={evaluated[name]}")
-    return lines
+    return [f"{c.folder.name}: {name}={c.settings[name]}, the evaluated records {name}={evaluated[name]}"
+            for c in train for name in label_differences(c.settings, evaluated)]
 
 
 def add_baselines(records: list[dict], settings: Settings, *, log: Callable[[str], None] = print,

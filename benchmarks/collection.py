@@ -50,6 +50,12 @@ def seeds_dir() -> Path | None:
 # where one of 48 does, so records made with one are not the same label as records made with the other.
 LABEL_SETTINGS = ("max_tokens", "scale_max", "pass_mark", "answer_after_score", "temperature")
 
+
+def label_differences(a: dict, b: dict) -> list[str]:
+    """The ``LABEL_SETTINGS`` that two collections' settings both name and set differently."""
+    return [k for k in LABEL_SETTINGS if k in a and k in b and a[k] != b[k]]
+
+
 # The judge's three-level label, as the RPRA paper's report cards use: scores 1-3, 4-6, 7-10.
 LEVELS = {"bad": (1, 3), "ok": (4, 6), "great": (7, 10)}
 
@@ -227,8 +233,8 @@ class Collection:
                 f"{self.folder} holds records of another device model file (sha256 {had[:12]}…, not "
                 f"{provenance.device_sha256[:12]}…). Move that folder away to collect for this model."
             )
-        ours, theirs = provenance.settings, self.settings
-        differ = [f"{k}={theirs[k]} (this run: {ours[k]})" for k in LABEL_SETTINGS if self.records and k in theirs and k in ours and theirs[k] != ours[k]]
+        differ = [f"{k}={self.settings[k]} (this run: {provenance.settings[k]})"
+                  for k in label_differences(self.settings, provenance.settings)] if self.records else []  # fmt: skip
         if differ:
             raise ConfigError(f"{self.folder} was collected with {', '.join(differ)}: its labels would mean two things. "
                               "Collect with the same settings, or move that folder away.")  # fmt: skip
@@ -254,13 +260,9 @@ class Collection:
         """Hold this collection for one writer: a second ``rpra collect`` into the same folder
         gets a clear error instead of appending to a journal the first one may be rewriting. The
         records are re-read once held, so the writer starts from what is on disk now."""
-        from filelock import FileLock, Timeout
-
         self.folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.folder / ".lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        lock = _try_lock(self.folder)
+        if lock is None:
             raise ConfigError(f"Another process is collecting into {self.folder}. Wait for it to finish (or stop it: "
                               "its finished records are kept) and run this again.") from None  # fmt: skip
         try:
@@ -348,16 +350,24 @@ def _seed(folder: Path) -> bool:
     return True
 
 
-def _busy(folder: Path) -> bool:
-    """Whether a collector holds ``folder`` (``Collection.writing``)."""
+def _try_lock(folder: Path):
+    """``folder``'s collector lock, acquired; None if another process holds it."""
     from filelock import FileLock, Timeout
 
-    if not (folder / ".lock").exists():
-        return False
     lock = FileLock(str(folder / ".lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        return None
+    return lock
+
+
+def _busy(folder: Path) -> bool:
+    """Whether a collector holds ``folder`` (``Collection.writing``)."""
+    if not (folder / ".lock").exists():
+        return False
+    lock = _try_lock(folder)
+    if lock is None:
         return True
     lock.release()
     return False

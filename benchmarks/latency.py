@@ -257,11 +257,12 @@ def _committed_probe(model: str) -> Path | None:
     committed = Path(__file__).parent / "results" / "probes" / f"{model_name(model)}.probe.npz"
     if committed.exists():
         return committed
-    try:
-        from rpra.models import resolve
+    from rpra.errors import RpraError
+    from rpra.models import resolve
 
+    try:
         path = default_probe_path(resolve(model))
-    except Exception:  # not pulled: the full run reports that itself
+    except RpraError:  # not pulled: the run reports that itself
         return None
     return path if path.exists() else None
 

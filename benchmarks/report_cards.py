@@ -177,9 +177,7 @@ def contradictions(card: str, rows: list[dict], *, low: float = 0.4, high: float
             if not any(re.search(rf"\b{re.escape(name)}", sentence, re.I) for name in _names(r["topic"])):
                 continue
             rate = r["passed"] / r["n"]
-            if good and rate < low:
-                problems.append(f"- \"{sentence.strip()}\": but {r['passed']} of {r['n']} {r['topic']} answers pass ({rate:.0%}).")
-            elif bad and rate >= high:
+            if (good and rate < low) or (bad and rate >= high):
                 problems.append(f"- \"{sentence.strip()}\": but {r['passed']} of {r['n']} {r['topic']} answers pass ({rate:.0%}).")
     return problems
 
@@ -216,13 +214,10 @@ def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_
     finished updates and calls the writer only from where it stopped. A batch whose prompt the
     writer rejects (HTTP 400 / 413: longer than its context) is halved and retried.
     """
-    evidence_ = [r for r in records if evidence(r, pass_mark) is not None]
-    if not evidence_:
+    checked = usable(records)
+    if not checked:
         raise ValueError("No judged or verified records to write a report card from: run `rpra collect --split calibration` "
                          "(or `rpra collect --split train --verified`) first.")  # fmt: skip
-
-    def measured(rs: list[dict]) -> str:
-        return format_stats(topic_stats(rs, pass_mark=pass_mark), pass_mark=pass_mark)
 
     def reply(prompt: str) -> str:
         def call() -> dict:
@@ -233,9 +228,10 @@ def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_
         return limit_words(text.strip(), max_words)
 
     card, history, start, size = "(empty: no evidence yet)", [], 0, batch_size
-    while start < len(evidence_):
-        batch, seen = evidence_[start : start + size], evidence_[: start + size]
-        prompt = UPDATE_PROMPT.format(card=card, stats_header=STATS_HEADER, stats=measured(seen),
+    while start < len(checked):
+        batch, rows = checked[start : start + size], topic_stats(checked[: start + size], pass_mark=pass_mark)
+        stats = format_stats(rows, pass_mark=pass_mark)
+        prompt = UPDATE_PROMPT.format(card=card, stats_header=STATS_HEADER, stats=stats,
                                       examples=format_examples(batch, answer_chars=example_chars, question_chars=example_chars),
                                       max_words=max_words)  # fmt: skip
         try:
@@ -247,11 +243,11 @@ def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_
             if log:
                 log(f"update {len(history) + 1}: the writer rejected the prompt ({_clip(str(exc), 120)}); {size} examples per update from here")
             continue
-        problems = contradictions(update, topic_stats(seen, pass_mark=pass_mark))
+        problems = contradictions(update, rows)
         if problems:
-            fix = FIX_PROMPT.format(problems="\n".join(problems), stats_header=STATS_HEADER, stats=measured(seen), card=update, max_words=max_words)
+            fix = FIX_PROMPT.format(problems="\n".join(problems), stats_header=STATS_HEADER, stats=stats, card=update, max_words=max_words)
             update = reply(fix) or update
-            left = contradictions(update, topic_stats(seen, pass_mark=pass_mark))
+            left = contradictions(update, rows)
             if log:
                 log(f"update {len(history) + 1}: {len(problems)} statement(s) contradicted the numbers; {len(left)} left after the rewrite, cut")
             update = _without(update, left) if left else update
@@ -260,9 +256,10 @@ def build_card(records: list[dict], writer: Writer, *, batch_size: int = 8, max_
         start += len(batch)
         if progress:
             progress(len(batch))
-    judged = {(r.get("judge_local") or {}).get("score") is not None for r in evidence_}
+    judged = {(r.get("judge_local") or {}).get("score") is not None for r in checked}
     kind = "judged" if judged == {True} else "verified" if judged == {False} else "judged or verified"
-    return f"{card}\n\nMeasured on {len(evidence_)} {kind} answers:\n{measured(evidence_)}", history
+    final = format_stats(topic_stats(checked, pass_mark=pass_mark), pass_mark=pass_mark)
+    return f"{card}\n\nMeasured on {len(checked)} {kind} answers:\n{final}", history
 
 
 def limit_words(text: str, max_words: int) -> str:
