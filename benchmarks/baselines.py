@@ -27,13 +27,15 @@ from rpra import prompts
 _PSEUDO = 2.0
 
 
-def category_prior(train: Iterable[dict]) -> Callable[[dict], float]:
+def category_prior(train: Iterable[dict], outcome: Callable[[dict], bool | None] | None = None) -> Callable[[dict], float]:
     """P(pass) of a record from the train records' labels: the rate of its (suite, category),
     shrunk towards its suite's rate, shrunk towards the overall rate (``_PSEUDO`` pseudo-counts
-    each)."""
+    each). ``outcome``: what is counted (default the local label's pass; e.g.
+    ``collection.remote_passed`` for the remote's rate); records where it is None are skipped."""
+    outcome = outcome or (lambda r: (r.get("label") or {}).get("pass"))
     counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])  # key -> [passed, seen]
     for r in train:
-        passed = (r.get("label") or {}).get("pass")
+        passed = outcome(r)
         if passed is None:
             continue
         for key in ((), (r.get("suite"),), (r.get("suite"), r.get("category"))):
@@ -55,9 +57,10 @@ def category_prior(train: Iterable[dict]) -> Callable[[dict], float]:
     return prior
 
 
-def as_prediction(p_pass: float, *, predictor: str, scale_max: int = 10) -> dict:
-    """A P(pass) as the prediction fields the benchmark reads."""
-    return {"predictor": predictor, "p_pass": p_pass, "expected": 1 + (scale_max - 1) * p_pass}
+def as_prediction(p_pass: float, *, predictor: str, scale_max: int = 10, p_remote: float | None = None) -> dict:
+    """A P(pass) (and a P(remote passes)) as the prediction fields the benchmark reads."""
+    remote = {} if p_remote is None else {"p_remote": p_remote, "advantage": p_pass - p_remote}
+    return {"predictor": predictor, "p_pass": p_pass, "expected": 1 + (scale_max - 1) * p_pass, **remote}
 
 
 def answer_confidence(record: dict, *, which: str = "mean") -> float | None:

@@ -281,6 +281,7 @@ def add_baselines(records: list[dict], settings: Settings, *, log: Callable[[str
     (``label_mismatches``).
     Returns the fields added."""
     from rpra.benchmarks.baselines import answer_confidence, as_prediction, category_prior
+    from rpra.benchmarks.collection import remote_passed
 
     added = []
     collections = [Collection.open(collection_dir(settings.model, suite, "train"))
@@ -291,8 +292,13 @@ def add_baselines(records: list[dict], settings: Settings, *, log: Callable[[str
     train = [r for c in collections for r in c.records]
     if train:
         prior = category_prior(train)
+        # The remote's pass rate by category too, where train records hold remote answers: the
+        # category-level expected gain, the bar for a predictor of the advantage.
+        remote_pass = partial(remote_passed, pass_mark=settings.pass_mark)
+        remote_prior = category_prior(train, outcome=remote_pass) if any(remote_pass(r) is not None for r in train) else None
         for r in records:
-            r["prior"] = as_prediction(prior(r), predictor="category prior", scale_max=settings.scale_max)
+            r["prior"] = as_prediction(prior(r), predictor="category prior", scale_max=settings.scale_max,
+                                       p_remote=None if remote_prior is None else remote_prior(r))  # fmt: skip
         added.append("prior")
     else:
         log("no train collection for this model: no category prior (`rpra collect --split train --verified`)")

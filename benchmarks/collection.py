@@ -86,7 +86,7 @@ FIELDS = {
     "permuted_gold": "multiple choice: the key's letter with the options rotated (data.permuted), or null",
     "permuted_answer": "the device model's answer to the rotated options, or null",
     "exact_permuted": "the exact verifier's 1 / 0 for that answer, or null (not asked)",
-    "label": "what the predictors learn and are scored on (``label()``): {pass, source, level, remote_better}",
+    "label": "what the predictors learn and are scored on (``label()``): {pass, source, level, remote_better, orderings, remote_pass}",
 }  # fmt: skip
 # Predictors added later by the benchmark (``benchmarks.bench.add_predictions``) store
 # ``<field>``, ``<field>_decision_ms`` and for RPRA ``<field>_reasoning_tokens``.
@@ -104,6 +104,8 @@ def label(record: dict, *, pass_mark: int = 7) -> dict:
     - ``remote_better``: whether the remote's answer is better than the local one, the pairwise
       label APGR rewards: by the verifier where both answers have one, else by the judge; None
       without a remote answer. Ties are not better.
+    - ``remote_pass``: whether the remote's answer passes (``remote_passed``), what a probe's
+      remote head learns; None without a remote answer.
     """
     exact_local, exact_remote = record.get("exact_local"), record.get("exact_remote")
     rotated = record.get("exact_permuted")
@@ -125,7 +127,19 @@ def label(record: dict, *, pass_mark: int = 7) -> dict:
     else:
         remote_better = None
     orderings = 2 if rotated is not None else 1
-    return {"pass": passed, "source": source, "level": level, "remote_better": remote_better, "orderings": orderings}
+    return {"pass": passed, "source": source, "level": level, "remote_better": remote_better, "orderings": orderings,
+            "remote_pass": remote_passed(record, pass_mark=pass_mark)}  # fmt: skip
+
+
+def remote_passed(record: dict, *, pass_mark: int = 7) -> bool | None:
+    """Whether the remote's answer passes: the exact verifier's verdict where the item has a key
+    (the options as asked: the remote answers once), else the judge's score at the pass mark;
+    None without a remote answer. Computed from the record, so records collected before the
+    label carried it have it too."""
+    if record.get("exact_remote") is not None:
+        return bool(record["exact_remote"] >= 0.5)
+    score = (record.get("judge_remote") or {}).get("score")
+    return None if score is None else bool(score >= pass_mark)
 
 
 def upgrade(record: dict, *, pass_mark: int = 7) -> dict:

@@ -94,12 +94,22 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
 
     Routers rank and defer on ``route_on`` (E[score] or P(pass)) with the controller's own rule,
     so the remote share at ``threshold`` is the share the runtime would defer.
+
+    A predictor whose predictions also carry P(remote passes) (a probe with a remote head, the
+    category prior with remote train records) gets a second row, "<name>: advantage", routed on
+    P(local passes) - P(remote passes) at threshold 0 (or ``threshold`` when ``route_on`` is
+    "advantage"; then the other rows route on P(pass) and show no remote share).
+    "AUROC (remote better)" ranks every router against the pairwise label APGR rewards: the
+    remote's answer better than the local one.
     """
+    plain_on, plain_threshold = (route_on, threshold) if route_on != "advantage" else ("p_pass", None)
+    advantage_threshold = threshold if route_on == "advantage" else 0.0
     a = quality_arrays(records, quality=quality, pass_mark=pass_mark)
     n = len(a.kept)
     if n < 2:
         raise ValueError(f"Need at least two scored items to evaluate; have {n} ({a.dropped} without a usable score).")
     lq, rq = a.local_q, a.remote_q
+    remote_better = rq > lq
     rows = {}
 
     def ci(metric, *arrays):
@@ -114,28 +124,24 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
             "cpt80": M.cpt(pred, lq, rq, 0.8),
             "cpt95": M.cpt(pred, lq, rq, 0.95),
             "auroc": ci(M.auroc, pred, a.passed),
+            # A low routed score should mean the remote does better: rank -score against that.
+            "auroc_remote_better": ci(M.auroc, -pred, remote_better) if 0 < remote_better.sum() < n else None,
             "aurc": M.aurc(pred, a.passed),
             "curve": {"share": curve["share"].tolist(), "quality": curve["quality"].tolist()},
         }
 
-    for field, name in PREDICTORS.items():
-        if not all(isinstance(r.get(field), dict) for r in a.kept):
-            continue
-        pred, p_pass, label = _prediction(a.kept, field, route_on)
-        deferred = defers(pred, threshold)
+    def predictor_row(field: str, on: str, at: float | None) -> dict:
+        pred, p_pass, label = _prediction(a.kept, field, on)
         row = router_row(pred)
         # How well the judge's score is predicted: under exact verifiers there is no score to hit,
         # and the baselines give only P(pass), no score.
-        if quality == "llm" and field not in BASELINES:
+        if quality == "llm" and field not in BASELINES and on != "advantage":
             row["exact_acc"] = ci(M.exact_accuracy, label, a.judged)
             row["within1_acc"] = ci(M.within_one_accuracy, label, a.judged)
-        row.update({
-            "spearman": ci(M.spearman, pred, lq),
-            "ece": M.ece(p_pass, a.passed),
-            "brier": M.brier(p_pass, a.passed),
-            "remote_share_at_threshold": float(deferred.mean()),
-            "quality_at_threshold": float(np.where(deferred, rq, lq).mean()),
-        })  # fmt: skip
+        row.update({"spearman": ci(M.spearman, pred, lq), "ece": M.ece(p_pass, a.passed), "brier": M.brier(p_pass, a.passed)})
+        if at is not None:
+            deferred = defers(pred, at)
+            row.update({"remote_share_at_threshold": float(deferred.mean()), "quality_at_threshold": float(np.where(deferred, rq, lq).mean())})
         # Tokens the device generates before it can decide: none for PA, the reasoning for RPRA.
         spent = [r.get(f"{field}_reasoning_tokens", 0 if field.endswith("pa") else None) for r in a.kept]
         if all(t is not None for t in spent):
@@ -143,7 +149,13 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
         latency = [r.get(f"{field}_decision_ms") for r in a.kept if r.get(f"{field}_decision_ms") is not None]
         if latency:
             row["decision_ms_p50"], row["decision_ms_p95"] = np.percentile(latency, [50, 95]).tolist()
-        rows[name] = row
+        return row
+
+    present = [(field, name) for field, name in PREDICTORS.items() if all(isinstance(r.get(field), dict) for r in a.kept)]
+    for field, name in present:
+        rows[name] = predictor_row(field, plain_on, plain_threshold)
+        if all(r[field].get("advantage") is not None for r in a.kept):
+            rows[f"{name}: advantage"] = predictor_row(field, "advantage", advantage_threshold)
 
     # Random deferral in expectation: one constant score, whose ties the metrics interpolate as
     # random tie-breaking: the straight line from always-local to always-remote, APGR 0.5. (A
@@ -152,12 +164,12 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
     suites = np.asarray([r.get("suite") or "" for r in a.kept])
     for suite in sorted(set(suites)):
         held = suites == suite
-        entry = {"n": int(held.sum()), "local_pass_rate": float(a.passed[held].mean()), "auroc": {}}
+        entry = {"n": int(held.sum()), "local_pass_rate": float(a.passed[held].mean()), "remote_better_rate": float(remote_better[held].mean()),
+                 "auroc": {}}  # fmt: skip
         if 0 < a.passed[held].sum() < held.sum():  # AUROC needs both classes
-            for field, name in PREDICTORS.items():
-                if all(isinstance(r.get(field), dict) for r in a.kept):
-                    pred = np.asarray([routed_score(r[field], route_on) for r in a.kept], float)
-                    entry["auroc"][name] = float(M.auroc(pred[held], a.passed[held]))
+            for field, name in present:
+                pred = np.asarray([routed_score(r[field], plain_on) for r in a.kept], float)
+                entry["auroc"][name] = float(M.auroc(pred[held], a.passed[held]))
         by_suite[suite] = entry
     rows["random"] = router_row(np.zeros(n))
     rows["oracle"] = router_row(M.oracle_scores(lq, rq))
@@ -192,7 +204,8 @@ def _fmt(cell) -> str:
     return f"{cell:.3f}"
 
 
-COLUMNS = [("APGR", "apgr"), ("CPT(50%)", "cpt50"), ("CPT(80%)", "cpt80"), ("AUROC", "auroc"), ("Spearman", "spearman"),
+COLUMNS = [("APGR", "apgr"), ("CPT(50%)", "cpt50"), ("CPT(80%)", "cpt80"), ("AUROC", "auroc"), ("AUROC (remote better)", "auroc_remote_better"),
+           ("Spearman", "spearman"),
            ("exact acc", "exact_acc"), ("±1 acc", "within1_acc"), ("ECE", "ece"), ("Brier", "brier"), ("remote share", "remote_share_at_threshold"),
            ("tokens before decision", "tokens_before_decision"), ("decision p50 ms", "decision_ms_p50"), ("decision p95 ms", "decision_ms_p95")]  # fmt: skip
 

@@ -20,7 +20,7 @@ from rpra.errors import ConfigError
 
 Mode = Literal["auto", "local-only", "remote-only"]
 Protocol = Literal["pa", "rpra"]
-RouteOn = Literal["expected", "p_pass"]
+RouteOn = Literal["expected", "p_pass", "advantage"]
 PredictorName = Literal["zero-shot", "report-card", "fine-tuned", "probe"]
 Privacy = Literal["allow", "ask", "never-defer"]
 
@@ -80,7 +80,11 @@ class Settings:
     pass_mark: int = _opt(7, "A judged score at or above this counts as a pass (for P(pass)).")
     # The controller
     mode: Mode = _opt("auto", "auto: defer on a low prediction; local-only; remote-only.")
-    route_on: RouteOn = _opt("expected", "Threshold the expected score or P(score >= pass_mark).")
+    route_on: RouteOn = _opt(
+        "expected",
+        "Threshold the expected score, P(score >= pass_mark), or the advantage P(local passes) - P(remote passes) "
+        "(a probe with a remote head only; threshold 0: defer when the remote is expected to do better).",
+    )
     threshold: float = _opt(5.0, "Defer when the routed quantity is below this.")
     # The remote model
     remote_url: str | None = _opt(None, "Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1.")
@@ -144,6 +148,11 @@ class Settings:
         if self.route_on == "p_pass" and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(
                 f"With route_on = p_pass the threshold is a probability in [0, 1]; got {self.threshold}."
+            )
+        if self.route_on == "advantage" and not -1.0 <= self.threshold <= 1.0:
+            raise ConfigError(
+                f"With route_on = advantage the threshold is a difference of probabilities in [-1, 1] "
+                f"(0: defer when the remote is expected to do better); got {self.threshold}."
             )
         # E[score] lies in 1..scale_max: 0 never defers, scale_max + 1 always does; beyond is a typo.
         if self.route_on == "expected" and not 0.0 <= self.threshold <= self.scale_max + 1:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from rpra.config import Mode, RouteOn
+from rpra.errors import ConfigError
 from rpra.prediction import Prediction
 
 Route = Literal["local", "remote"]
@@ -18,10 +19,15 @@ Score = TypeVar("Score")  # a float, or a numpy array of them when the benchmark
 
 
 def routed_score(prediction: Prediction | Mapping, route_on: RouteOn) -> float:
-    """The quantity the controller thresholds: E[score] or P(pass), from a ``Prediction`` or its
-    ``to_dict()`` form (what collected records hold)."""
-    key = "expected" if route_on == "expected" else "p_pass"
-    return float(prediction[key] if isinstance(prediction, Mapping) else getattr(prediction, key))
+    """The quantity the controller thresholds, from a ``Prediction`` or its ``to_dict()`` form
+    (what collected records hold): E[score], P(pass), or the advantage P(local passes) -
+    P(remote passes), which only a predictor of the remote's pass gives."""
+    value = prediction.get(route_on) if isinstance(prediction, Mapping) else getattr(prediction, route_on)
+    if value is None:
+        name = prediction.get("predictor") if isinstance(prediction, Mapping) else prediction.predictor
+        raise ConfigError(f"route_on = {route_on} needs a prediction of the remote's pass as well; the {name} predictor "
+                         "gives none (a probe with a remote head does: `rpra train probe --remote`).")  # fmt: skip
+    return float(value)
 
 
 def defers(score: Score, threshold: float) -> Score:
@@ -41,7 +47,7 @@ class Decision:
     route: Route
     mode: Mode
     reason: str
-    score: float | None = None  # the routed quantity (expected score or P(pass)), if predicted
+    score: float | None = None  # the routed quantity (expected score, P(pass) or advantage), if predicted
     threshold: float | None = None
     route_on: RouteOn | None = None
 
@@ -58,7 +64,11 @@ class Decision:
 
 @dataclass(frozen=True)
 class Controller:
-    """Threshold routing (as in RouteLLM): defer when the predicted quality is below ``threshold``."""
+    """Threshold routing (as in RouteLLM): defer when the predicted quality is below ``threshold``.
+
+    With ``route_on="advantage"`` the quality is relative, P(local passes) - P(remote passes):
+    threshold 0 defers whenever the remote is expected to do better, and -c prices a remote call
+    at c passes (defer only when the remote is expected to gain more than c)."""
 
     threshold: float = 5.0
     route_on: RouteOn = "expected"
@@ -89,4 +99,6 @@ class Controller:
 
 
 def _show(value: float, route_on: RouteOn, scale_max: int) -> str:
+    if route_on == "advantage":
+        return f"advantage {value:+.2f}"
     return f"{value:.1f}/{scale_max}" if route_on == "expected" else f"P(pass) {value:.2f}"

@@ -32,6 +32,7 @@ class Predictor(ABC):
 
     name: str
     capture_layers: list[int] = []  # layers the device model must capture during the prefill
+    predicts_remote: bool = False  # whether its predictions carry P(remote passes) (route_on=advantage)
 
     def system_prompt(self, protocol: Protocol, scale_max: int) -> str:
         """Instructions placed before the conversation (a stable prefix: cached across requests)."""
@@ -86,6 +87,7 @@ class ProbePredictor(Predictor):
     def __init__(self, probe: Probe):
         self.probe = probe
         self.capture_layers = probe.capture_layers
+        self.predicts_remote = probe.predicts_remote
 
     def predict(self, session: LocalSession, slot: ScoreSlot, *, pass_mark: int) -> Prediction:
         return self.probe.prediction(probe_state(session, self.probe.layer), pass_mark)

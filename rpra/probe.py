@@ -12,6 +12,11 @@ single answer token is generated, and applies a linear head fitted on the train 
   distribution over 1..N whose mass at or above the pass mark is that P(pass).
   ``head`` "ridge" (format 1): a regressed judge score ``mu`` with residual spread ``sigma``, a
   normal discretised onto the scale.
+- ``remote_weights`` / ``remote_bias`` (optional, ``rpra train probe --remote``): a second
+  logistic head on the same state, P(the remote model's answer passes), fitted on records that
+  hold the remote's verified answer. With both heads the controller can route on the advantage
+  P(local passes) - P(remote passes) (``route_on=advantage``): the expected reward of each
+  target, predicted from the query alone, as in expected-reward routing (arXiv 2603.20217).
 
 A probe is fitted on one model file and refuses another (``check_model``): a probe's weights mean
 nothing on a different model's states, even one of the same width.
@@ -52,10 +57,19 @@ class Probe:
     meta: dict = field(default_factory=dict)
     layer: int | None = None  # None: the final hidden state
     head: str = "ridge"
+    remote_weights: np.ndarray | None = None  # the remote head: logit of P(remote passes), same standardisation
+    remote_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ConfigError(f"Unknown probe head {self.head!r}; expected one of {', '.join(HEADS)}.")
+        if self.remote_weights is not None and self.remote_weights.shape != self.weights.shape:
+            raise ConfigError(f"The probe's remote head has {self.remote_weights.shape[0]} weights for states of width {self.weights.shape[0]}.")
+
+    @property
+    def predicts_remote(self) -> bool:
+        """Whether the probe also predicts the remote's pass (``route_on=advantage`` needs it)."""
+        return self.remote_weights is not None
 
     @property
     def capture_layers(self) -> list[int]:
@@ -75,46 +89,60 @@ class Probe:
     def fingerprint(self) -> str:
         """A hash of what the probe computes (its arrays and scalars), e.g. for cache keys."""
         digest = hashlib.sha256()
-        for array in (self.mean, self.std, self.weights, np.array([self.bias, self.sigma, self.scale_max], float)):
+        remote = () if self.remote_weights is None else (self.remote_weights, np.array([self.remote_bias], float))
+        for array in (self.mean, self.std, self.weights, np.array([self.bias, self.sigma, self.scale_max], float), *remote):
             digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
         digest.update(f"{self.layer}:{self.head}".encode())
         return digest.hexdigest()
 
     def score(self, hidden: np.ndarray) -> float:
-        """The predicted judge score (unclipped) for one hidden state."""
+        """The predicted judge score (unclipped), or the logit of P(pass), for one hidden state."""
+        return float(self._standardised(hidden) @ self.weights + self.bias)
+
+    def p_remote(self, hidden: np.ndarray) -> float | None:
+        """P(the remote's answer passes), from the remote head; None without one."""
+        if self.remote_weights is None:
+            return None
+        return _sigmoid(float(self._standardised(hidden) @ self.remote_weights + self.remote_bias))
+
+    def _standardised(self, hidden: np.ndarray) -> np.ndarray:
         if hidden.shape != self.mean.shape:
             raise ConfigError(
                 f"The probe expects hidden states of width {self.mean.shape[0]}, got {hidden.shape[0]}: "
                 "it was fitted on another model. Refit it with `rpra train probe`."
             )
-        return float((hidden - self.mean) / self.std @ self.weights + self.bias)
+        return (hidden - self.mean) / self.std
 
     def prediction(self, hidden: np.ndarray, pass_mark: int) -> Prediction:
         """A distribution over 1..N. Logistic: P(pass) spread evenly over the scores at or above
         ``pass_mark``, the rest over those below (its expected score rises with P(pass)). Ridge:
-        the normal N(score, sigma²) integrated over each score's bin."""
+        the normal N(score, sigma²) integrated over each score's bin. With a remote head the
+        prediction carries ``p_remote`` too."""
+        p_remote = self.p_remote(hidden)
         if self.head == "logistic":
-            p = 1.0 / (1.0 + math.exp(-min(max(self.score(hidden), -50.0), 50.0)))
+            p = _sigmoid(self.score(hidden))
             passing = self.scale_max - pass_mark + 1
             if passing >= self.scale_max:  # every score passes
                 probs = np.full(self.scale_max, 1.0 / self.scale_max)
             else:
                 probs = np.array([(1 - p) / (self.scale_max - passing)] * (self.scale_max - passing) + [p / passing] * passing)
             probs = np.clip(probs, 1e-12, None)
-            return Prediction(tuple(float(q) for q in probs / probs.sum()), pass_mark, "probe")
+            return Prediction(tuple(float(q) for q in probs / probs.sum()), pass_mark, "probe", p_remote=p_remote)
         mu, sigma = self.score(hidden), max(self.sigma, 1e-3)
         edges = [-math.inf, *(k + 0.5 for k in range(1, self.scale_max)), math.inf]
         cdf = [0.5 * (1 + math.erf((e - mu) / (sigma * math.sqrt(2)))) if math.isfinite(e) else float(e > 0) for e in edges]
         probs = np.clip(np.diff(cdf), 1e-12, None)
-        return Prediction(tuple(float(p) for p in probs / probs.sum()), pass_mark, "probe")
+        return Prediction(tuple(float(p) for p in probs / probs.sum()), pass_mark, "probe", p_remote=p_remote)
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part.npz")  # np.savez adds .npz to names without it
+        remote = {} if self.remote_weights is None else {"remote_weights": self.remote_weights, "remote_bias": np.array(self.remote_bias)}
         np.savez(
             tmp, mean=self.mean, std=self.std, weights=self.weights,
             scalars=np.array([self.bias, self.sigma, self.scale_max]),
             meta=np.array(json.dumps({**self.meta, "format": PROBE_FORMAT, "layer": self.layer, "head": self.head})),
+            **remote,
         )  # fmt: skip
         tmp.replace(path)
         return path
@@ -128,13 +156,18 @@ class Probe:
                 bias, sigma, scale_max = f["scalars"].tolist()
                 if meta.get("format") not in READABLE:
                     raise ConfigError(f"{path} is a probe of format {meta.get('format')!r}; this rpra reads {', '.join(READABLE)}.")
+                remote = {"remote_weights": f["remote_weights"], "remote_bias": float(f["remote_bias"])} if "remote_weights" in f else {}
                 probe = cls(f["mean"], f["std"], f["weights"], bias, sigma, int(scale_max), meta,
-                            layer=meta.get("layer"), head=meta.get("head", "ridge"))  # fmt: skip
+                            layer=meta.get("layer"), head=meta.get("head", "ridge"), **remote)  # fmt: skip
         except FileNotFoundError:
             raise ConfigError(f"No probe at {path}. Fit one with `rpra train probe`.") from None
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"{path} is not a readable rpra probe ({exc}). Refit it with `rpra train probe`.") from None
         return probe
+
+
+def _sigmoid(logit: float) -> float:
+    return 1.0 / (1.0 + math.exp(-min(max(logit, -50.0), 50.0)))
 
 
 def default_probe_path(model_path: Path) -> Path:
@@ -153,5 +186,6 @@ def list_probes() -> list[dict]:
             probe = Probe.load(path)
             keys = ("examples", "passing", "cv_auroc_pass", "cv_rmse", "mean_baseline_rmse", "cv_spearman", "created")
             found.append({"model": model["name"], "path": str(path), "head": probe.head, "layer": probe.layer,
+                          "remote_head": (probe.meta.get("remote_head") or {}).get("cv_auroc_pass") if probe.predicts_remote else None,
                           **{k: probe.meta.get(k) for k in keys}})  # fmt: skip
     return found

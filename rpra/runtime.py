@@ -149,6 +149,10 @@ class Runtime:
         if local is not None and wanted and (missing := wanted - set(local.capture_layers)):
             raise ConfigError(f"The {self.predictor.name} predictor reads layer(s) {sorted(missing)}, which the device model "
                               f"does not capture: open it with LocalModel.from_settings(..., capture_layers={self.predictor.capture_layers}).")  # fmt: skip
+        if settings.route_on == "advantage" and settings.mode != "remote-only" and not self.predictor.predicts_remote:
+            raise ConfigError(f"route_on = advantage routes on P(local passes) - P(remote passes), and the {self.predictor.name} "
+                              "predictor does not predict the remote: use a probe with a remote head "
+                              "(`rpra train probe --remote`, then predictor = probe), or route_on = p_pass.")  # fmt: skip
         self.store = store
         self.controller = Controller(threshold=settings.threshold, route_on=settings.route_on, mode=settings.mode)
         self._slot = make_slot(local, settings.scale_max) if local else None

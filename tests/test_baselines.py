@@ -30,6 +30,17 @@ def test_unlabelled_records_are_ignored_and_none_at_all_is_an_error():
         category_prior([_r("a", "x", None)])
 
 
+def test_the_remote_prior_counts_the_remote_answers_and_skips_records_without_one():
+    from rpra.benchmarks.collection import remote_passed
+
+    train = [{"suite": "a", "category": "x", "exact_remote": 1.0}] * 3 + [{"suite": "a", "category": "x", "exact_remote": None}] * 5
+    remote = category_prior(train + [{"suite": "b", "category": "z", "exact_remote": 0.0}], outcome=remote_passed)
+    overall = 3 / 4
+    assert remote({"suite": "b", "category": "z"}) == pytest.approx((0 + 2 * (0 + 2 * overall) / 3) / 3)
+    both = as_prediction(0.25, predictor="category prior", p_remote=0.75)
+    assert both["advantage"] == pytest.approx(-0.5) and "p_remote" not in as_prediction(0.25, predictor="p")
+
+
 def test_answer_confidence_is_the_geometric_mean_token_probability():
     record = {"local_logprobs": {"mean": math.log(0.5), "min": math.log(0.1)}}
     assert answer_confidence(record) == pytest.approx(0.5) and answer_confidence(record, which="min") == pytest.approx(0.1)

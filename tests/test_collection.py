@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from rpra.benchmarks.collection import Collection, Provenance, collection_dir, label, upgrade
+from rpra.benchmarks.collection import Collection, Provenance, collection_dir, label, remote_passed, upgrade
 from rpra.errors import ConfigError
 
 
@@ -19,15 +19,15 @@ def _judged(score, *, exact=None, remote=None, exact_remote=None) -> dict:
 
 
 def test_a_key_decides_the_label_whatever_the_judge_says():
-    assert label(_judged(9.0, exact=0.0)) == {"pass": False, "source": "verified", "level": "great", "remote_better": None, "orderings": 1}
+    assert label(_judged(9.0, exact=0.0)) == {"pass": False, "source": "verified", "level": "great", "remote_better": None, "orderings": 1, "remote_pass": None}
     assert label(_judged(2.0, exact=1.0))["pass"] is True
     assert label({"id": "x", "judge_local": None, "exact_local": 1.0})["source"] == "verified"
 
 
 def test_without_a_key_the_judge_labels_at_the_pass_mark():
-    assert label(_judged(7.0)) == {"pass": True, "source": "judge", "level": "great", "remote_better": None, "orderings": 1}
+    assert label(_judged(7.0)) == {"pass": True, "source": "judge", "level": "great", "remote_better": None, "orderings": 1, "remote_pass": None}
     assert label(_judged(6.9), pass_mark=7)["pass"] is False and label(_judged(6.0), pass_mark=6)["pass"] is True
-    assert label({"id": "x", "judge_local": {"score": None}, "exact_local": None}) == {"pass": None, "source": None, "level": None, "remote_better": None, "orderings": 1}
+    assert label({"id": "x", "judge_local": {"score": None}, "exact_local": None}) == {"pass": None, "source": None, "level": None, "remote_better": None, "orderings": 1, "remote_pass": None}
 
 
 def test_with_the_options_rotated_both_answers_must_be_right():
@@ -52,6 +52,14 @@ def test_remote_better_by_the_key_where_both_have_one_else_by_the_judge():
     assert label(_judged(3.0, exact=0.0, remote=2.0, exact_remote=1.0))["remote_better"] is True  # the key wins
     assert label(_judged(3.0, remote=8.0))["remote_better"] is True
     assert label(_judged(5.0, remote=5.0))["remote_better"] is False  # a tie is not better
+
+
+def test_remote_pass_by_the_key_where_there_is_one_else_by_the_judge():
+    assert label(_judged(3.0, exact=0.0, remote=2.0, exact_remote=1.0))["remote_pass"] is True  # the key wins
+    assert label(_judged(3.0, remote=8.0))["remote_pass"] is True
+    assert label(_judged(3.0, remote=6.0))["remote_pass"] is False  # under the pass mark
+    assert label(_judged(3.0, remote=6.0), pass_mark=6)["remote_pass"] is True
+    assert remote_passed({"id": "x", "exact_remote": None, "judge_remote": None}) is None  # no remote answer
 
 
 def test_old_records_gain_their_label_when_read(tmp_path):

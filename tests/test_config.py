@@ -46,6 +46,7 @@ def test_env_values_are_typed(monkeypatch):
         ({"threshold": "high"}, "threshold must be of type float"),
         ({"mode": "sometimes"}, "mode must be one of auto, local-only, remote-only"),
         ({"route_on": "p_pass", "threshold": "5"}, "a probability in [0, 1]"),
+        ({"route_on": "advantage", "threshold": "2"}, "a difference of probabilities in [-1, 1]"),
         ({"pass_mark": "11"}, "pass_mark must lie on the scale 1..10"),
         ({"max_tokens": "1.5"}, "max_tokens must be of type int"),
         ({"colour": "blue"}, "Unknown setting 'colour'"),

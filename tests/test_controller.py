@@ -51,3 +51,17 @@ def test_per_request_mode_overrides_the_default():
 def test_auto_without_prediction_is_a_programming_error():
     with pytest.raises(ValueError):
         Controller().decide(None)
+
+
+def test_routes_on_the_advantage_over_the_remote_when_the_prediction_has_one():
+    from rpra.errors import ConfigError
+
+    with_remote = Prediction(point(8).probs, pass_mark=7, predictor="probe", p_remote=0.9)  # P(pass) 1, the remote's 0.9
+    assert with_remote.advantage == pytest.approx(0.1) and with_remote.to_dict()["p_remote"] == 0.9
+    d = Controller(threshold=0.2, route_on="advantage").decide(with_remote)
+    assert d.route == "remote" and d.reason == "predicted advantage +0.10 < advantage +0.20"
+    assert Controller(threshold=0.0, route_on="advantage").decide(with_remote).route == "local"
+    with pytest.raises(ConfigError, match="zero-shot predictor gives none"):
+        Controller(threshold=0.0, route_on="advantage").decide(point(8))
+    with pytest.raises(ValueError, match="p_remote must be a probability"):
+        Prediction(point(8).probs, pass_mark=7, p_remote=1.5)

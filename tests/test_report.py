@@ -133,3 +133,28 @@ def test_under_exact_quality_the_user_gets_one_order_and_pass_is_the_label():
     a = quality_arrays([lucky, known], quality="exact")
     assert a.local_q.tolist() == [EXACT_CORRECT, EXACT_CORRECT]  # both answers were right for the user
     assert a.passed.tolist() == [False, True]  # what the predictors learn and are scored on
+
+
+def test_a_predictor_of_the_remote_too_gets_an_advantage_row_that_routes_on_the_gain():
+    # 20 items where the local answer is right and the remote's wrong (keep them local); 60 where
+    # the local answer is wrong and the remote right on half. A constant P(local passes) knows
+    # nothing; the advantage knows where deferring gains.
+    recs = []
+    for i in range(80):
+        local, remote = (1.0, 0.0) if i < 20 else (0.0, float(i % 2))
+        pred = {"expected": 1 + 9 * 0.3, "p_pass": 0.3, "p_remote": 0.8 * remote + 0.1, "advantage": 0.3 - (0.8 * remote + 0.1)}
+        flat = {"expected": 5.0, "p_pass": 0.5}
+        recs.append({"id": str(i), "suite": "s", "exact_local": local, "exact_remote": remote, "probe_pa": pred, "pa": flat,
+                     "label": {"pass": bool(local), "source": "verified"}})  # fmt: skip
+    res = evaluate(recs, quality="exact", route_on="p_pass", threshold=0.5, n_boot=100)
+    gain, plain = res["routers"]["probe (PA slot): advantage"], res["routers"]["probe (PA slot)"]
+    assert "zero-shot PA: advantage" not in res["routers"]  # no P(remote passes): no such row
+    assert gain["auroc_remote_better"]["value"] == pytest.approx(1.0)  # the remote-better items rank first
+    assert plain["auroc_remote_better"]["value"] == pytest.approx(0.5)  # a constant P(pass) knows nothing of it
+    # At threshold 0 the advantage row defers exactly where the remote is expected to do better.
+    assert gain["remote_share_at_threshold"] == pytest.approx(30 / 80)
+    assert gain["quality_at_threshold"] == pytest.approx(1 + 9 * 50 / 80)  # every right answer kept
+    assert gain["apgr"]["value"] > plain["apgr"]["value"] == pytest.approx(0.5)
+    routed_on_gain = evaluate(recs, quality="exact", route_on="advantage", threshold=-0.5, n_boot=50)["routers"]
+    assert routed_on_gain["probe (PA slot): advantage"]["remote_share_at_threshold"] == pytest.approx(30 / 80)  # -0.5: the 0.9 - 0.3 gain clears it
+    assert "remote_share_at_threshold" not in routed_on_gain["zero-shot PA"]  # routed on P(pass): no share at an advantage threshold

@@ -19,7 +19,7 @@ from rpra.probe import Probe
 from rpra.runtime import Runtime
 from rpra.training.config import SFTConfig, load_config
 from rpra.training.data import IGNORE, build_examples, hold_out, target_score, turn_example
-from rpra.training.probe import fit_logistic, fit_probe, slot_states, sweep_layer
+from rpra.training.probe import fit_logistic, fit_probe, slot_states, sweep_layer, with_remote_head
 
 PROMPT = "What is the capital of France?"
 
@@ -215,6 +215,23 @@ def test_a_logistic_prediction_puts_p_pass_at_and_above_the_pass_mark_and_round_
         loaded.check_model("b" * 64, "other-model")
 
 
+def test_a_remote_head_fitted_on_a_subset_keeps_its_logits_on_the_probes_standardisation(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(loc=3.0, scale=2.0, size=(200, 6))
+    local, _ = fit_logistic(x, (x[:, 0] > 3).astype(int), layer=4, meta={"model_sha256": "a" * 64})
+    held = np.arange(0, 200, 2)  # the remote answered half the records: its own mean and spread
+    remote, report = fit_logistic(x[held], (x[held, 1] > 2.5).astype(int), layer=4)
+    both = Probe.load(with_remote_head(local, remote, report).save(tmp_path / "two.probe.npz"))
+    assert both.predicts_remote and both.meta["remote_head"]["examples"] == 100
+    for row in x[:20]:
+        p = both.prediction(row, pass_mark=7)
+        assert p.p_remote == pytest.approx(1 / (1 + np.exp(-remote.score(row))), abs=1e-9)  # the subset fit's own logit
+        assert p.p_pass == pytest.approx(local.prediction(row, 7).p_pass) and p.advantage == pytest.approx(p.p_pass - p.p_remote)
+        assert p.to_dict()["advantage"] == round(p.advantage, 4)
+    plain = Probe(local.mean, local.std, local.weights, local.bias, 0.0, 10, head="logistic", layer=4)
+    assert not plain.predicts_remote and plain.prediction(x[0], 7).p_remote is None and plain.fingerprint() != both.fingerprint()
+
+
 def test_a_format_1_probe_still_loads_as_a_ridge_on_the_final_state(tmp_path):
     path = tmp_path / "old.npz"
     np.savez(path, mean=np.zeros(3), std=np.ones(3), weights=np.ones(3), scalars=np.array([5.0, 1.0, 10]),
@@ -350,14 +367,22 @@ def test_the_probe_commands_as_a_user_runs_them(rpra, model_path, isolated_home,
     folder = isolated_home / "collections" / "smollm2-135m-instruct--rpra-mix--train"
     folder.mkdir(parents=True)
     scores = [8, 3, 8, 2, 8, 3, 7, 5, 6, 4]
-    folder.joinpath("records.jsonl").write_text("".join(json.dumps(_record(i, s)) + "\n" for i, s in enumerate(scores)))
+    # The remote answered 8 of the 10 (right on the even ones): the remote head learns from those 8.
+    remote = [{"exact_remote": float(i % 2 == 0), "remote_answer": str(2 * i)} if i < 8 else {} for i in range(10)]
+    folder.joinpath("records.jsonl").write_text("".join(json.dumps(_record(i, s, **remote[i])) + "\n" for i, s in enumerate(scores)))
     probe_file = tmp_path / "smollm2.probe.npz"
-    fit = rpra("train", "probe", "--folds", "2", "--layer", "9", "--output", str(probe_file), env=env)
+    fit = rpra("train", "probe", "--folds", "2", "--layer", "9", "--remote", "--output", str(probe_file), env=env)
     assert fit.returncode == 0, fit.stderr
     assert f"probe: {probe_file}" in fit.stdout and "layer 9 · 10 examples, 5 pass" in fit.stdout and "CV AUROC" in fit.stdout
-    asked = rpra("ask", "What is 2 + 2?", "--mode", "local-only", "--json", "--set", "predictor=probe", "--set", f"probe={probe_file}", env=env)
+    assert "remote head: 8 records with a remote answer, 4 pass" in fit.stdout and "route_on=advantage" in fit.stdout
+    asked = rpra("ask", "What is 2 + 2?", "--mode", "local-only", "--json", "--set", "predictor=probe", "--set", f"probe={probe_file}",
+                 "--set", "route_on=advantage", "--set", "threshold=0", env=env)  # fmt: skip
     assert asked.returncode == 0, asked.stderr
-    assert json.loads(asked.stdout)["prediction"]["predictor"] == "probe"
+    answer = json.loads(asked.stdout)
+    assert answer["prediction"]["predictor"] == "probe" and 0 <= answer["prediction"]["p_remote"] <= 1
+    assert "advantage" in answer["decision"]["reason"] and answer["decision"]["route_on"] == "advantage"
+    zero_shot = rpra("ask", "Hi", "--mode", "local-only", "--set", "route_on=advantage", "--set", "threshold=0", env=env)
+    assert zero_shot.returncode != 0 and "does not predict the remote" in zero_shot.stderr
     refused = rpra("train", "probe", "--split", "test", env=env)
     assert refused.returncode == 1 and "test split" in refused.stderr
     other = rpra("ask", "Hi", "--mode", "local-only", "--set", "predictor=probe", "--set", f"probe={probe_file}",

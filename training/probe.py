@@ -200,6 +200,17 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0,
     return probe, report
 
 
+def with_remote_head(probe: Probe, remote: Probe, report: dict) -> Probe:
+    """``probe`` carrying ``remote``'s logistic head (fitted on a subset of the records, with its
+    own standardisation), re-expressed on ``probe``'s standardisation: the same logit for every
+    state, one ``(h - mean) / std`` for both heads on the device."""
+    scale = remote.weights / remote.std
+    probe.remote_weights = scale * probe.std
+    probe.remote_bias = float(remote.bias + scale @ (probe.mean - remote.mean))
+    probe.meta["remote_head"] = report
+    return probe
+
+
 def sweep_layer(model: str, results: Path | None = None) -> int | None:
     """The best slot layer of ``model``'s committed layer sweep, or None (the final state) without one.
 
@@ -236,21 +247,27 @@ def _states(local: LocalModel, records: list[dict], settings: Settings, layer: i
 
 
 def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: int = 5, output: Path | None = None,
-                layer: int | str | None = "auto", head: str = "logistic",
+                layer: int | str | None = "auto", head: str = "logistic", remote: bool = False,
                 progress: Callable[[int], Callable[[], None]] = lambda total: lambda: None) -> tuple[Path, dict]:  # fmt: skip
     """Fit the probe on collected splits and save it (by default next to the model).
 
     ``suite``: one suite or several, comma-separated (their collections are pooled). ``layer``:
-    a layer number, None for the final state, or "auto" (``sweep_layer``). ``progress(total)``
-    returns the callback advanced once per record read.
+    a layer number, None for the final state, or "auto" (``sweep_layer``). ``remote``: also fit
+    the remote head, P(the remote's answer passes), on the records that hold a remote answer
+    (collected with ``--remote``), for ``route_on=advantage``; its report is ``report["remote"]``.
+    ``progress(total)`` returns the callback advanced once per record read.
     """
     from rpra.benchmarks.bench import bench_settings
     from rpra.models import file_sha256, resolve
     from rpra.probe import HEADS, default_probe_path
     from rpra.training.data import load_collection, target_score
 
+    from rpra.benchmarks.collection import remote_passed
+
     if head not in HEADS:
         raise RpraError(f"Unknown probe head {head!r}; use one of {', '.join(HEADS)}.")
+    if remote and head != "logistic":
+        raise RpraError("A remote head is logistic, beside a logistic pass head: use --head logistic with --remote.")
     settings = bench_settings(settings)
     suites = [s.strip() for s in suite.split(",") if s.strip()]
     collections = [load_collection(settings.model, s, split) for s in suites]
@@ -271,6 +288,14 @@ def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: 
     if head == "logistic":
         y = np.asarray([bool(r["label"]["pass"]) for r in records], int)
         probe, report = fit_logistic(x, y, folds=folds, layer=layer, scale_max=settings.scale_max, meta=meta)
+        if remote:
+            held = [i for i, r in enumerate(records) if remote_passed(r, pass_mark=settings.pass_mark) is not None]
+            if not held:
+                raise RpraError(f"No record in {suite} ({split}) holds a remote answer: collect some with "
+                                "`rpra collect --verified --remote --split train`, then fit the remote head.")  # fmt: skip
+            y_remote = np.asarray([remote_passed(records[i], pass_mark=settings.pass_mark) for i in held], int)
+            remote_probe, report["remote"] = fit_logistic(x[held], y_remote, folds=folds, layer=layer, scale_max=settings.scale_max)
+            with_remote_head(probe, remote_probe, report["remote"])
     else:
         y = np.asarray([target_score(r, target="pass", scale_max=settings.scale_max) for r in records], float)
         probe, report = fit_probe(x, y, scale_max=settings.scale_max, folds=folds, meta=meta)

@@ -102,6 +102,8 @@ def train_probe(
                                             "or 'auto' (the best slot layer of the model's layer sweep, else final).")] = "auto",
     head: Annotated[str, typer.Option(help="logistic: calibrated P(pass) (needs the train extra); ridge: a regressed score (format 1).")] = "logistic",
     folds: Annotated[int, typer.Option(help="Cross-validation folds for choosing the head's strength.")] = 5,
+    remote: Annotated[bool, typer.Option(help="Also fit a remote head, P(the remote's answer passes), on the records that hold one "
+                                              "(`rpra collect --verified --remote`): then --set route_on=advantage routes on the expected gain.")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Probe file (default: next to the model).")] = None,
 ) -> None:
     """Fit the activation probe: a linear head from a hidden state at the PA slot to the pass label (verified where keyed, else the judge)."""
@@ -119,14 +121,18 @@ def train_probe(
             task = bar.add_task("reading hidden states", total=total)
             return lambda: bar.advance(task)
 
-        path, report = fit(settings, suite=suite, split=split, folds=folds, output=output, layer=chosen, head=head, progress=progress)
+        path, report = fit(settings, suite=suite, split=split, folds=folds, output=output, layer=chosen, head=head, remote=remote, progress=progress)
     where = "the final state" if report.get("layer") is None else f"layer {report['layer']}"
     if report.get("head") == "logistic":
         out.print(f"probe: {path} ({path.stat().st_size / 1e3:.0f} kB) · {where} · {report['examples']} examples, {report['passing']} pass · "
                   f"logistic C {report['c']:g} · CV AUROC (pass) {report['cv_auroc_pass']:.3f} · CV Brier {report['cv_brier']:.3f} "
                   f"(base rate: {report['base_rate_brier']:.3f})")  # fmt: skip
+        if "remote" in report:
+            r = report["remote"]
+            out.print(f"remote head: {r['examples']} records with a remote answer, {r['passing']} pass · logistic C {r['c']:g} · "
+                      f"CV AUROC {r['cv_auroc_pass']:.3f} · CV Brier {r['cv_brier']:.3f} (base rate: {r['base_rate_brier']:.3f})")  # fmt: skip
     else:
         out.print(f"probe: {path} ({path.stat().st_size / 1e3:.0f} kB) · {where} · {report['examples']} examples · ridge alpha {report['alpha']:g} · "
                   f"CV RMSE {report['cv_rmse']:.2f} (always-the-mean: {report['mean_baseline_rmse']:.2f}) · CV Spearman {report['cv_spearman']:.2f}"
                   + (f" · CV AUROC (pass) {report['cv_auroc_pass']:.2f}" if report.get("cv_auroc_pass") is not None else ""))  # fmt: skip
-    out.print("[dim]use it with --set predictor=probe[/]")
+    out.print("[dim]use it with --set predictor=probe" + (" (and --set route_on=advantage --set threshold=0)" if "remote" in report else "") + "[/]")
