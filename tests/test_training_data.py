@@ -290,6 +290,9 @@ def test_train_probe_reuses_the_states_the_layer_sweep_cached_and_reads_only_the
     assert (x[0] == 7).all()  # from the cache: no prefill
     again = slot_states(capturing, [records[1]["prompt"]], settings, layer=12)[0]
     assert np.corrcoef(x[1], again)[0, 1] > 0.99  # read by a prefill (the cached prefix differs: kernels round differently)
+    with np.load(folder / "mmlu_2.npz") as added:  # and added to the cache, every layer: a refit reads nothing
+        assert added["slot"].shape == (capturing.n_layer, capturing.n_embd)
+    np.testing.assert_array_equal(_states(capturing, records, settings, 3, lambda: None)[1], np.load(folder / "mmlu_2.npz")["slot"][3].astype(np.float32))
 
 
 @pytest.mark.slow

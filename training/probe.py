@@ -233,16 +233,23 @@ def sweep_layer(model: str, results: Path | None = None) -> int | None:
 
 
 def _states(local: LocalModel, records: list[dict], settings: Settings, layer: int | None, advance: Callable[[], None]) -> np.ndarray:
-    """Each record's probe state: from the layer sweep's feature cache where it has the record
-    (the same state, read the same way), else read with a prefill (``slot_states``)."""
-    from rpra.training.layer_sweep import cached_slot_states
+    """Each record's probe state. A middle layer's comes from the feature cache the layer sweep
+    keeps (every layer's slot state, by model file and record id); a record not in it is read
+    once with every layer captured (``layer_sweep.features``) and added to it, so a refit, a
+    remote head or a probe at another layer costs no prefill again. The final state is read
+    with a prefill (``slot_states``)."""
+    from rpra.training.layer_sweep import cached_slot_states, features
 
-    cached = cached_slot_states(settings.model, records, layer) if layer is not None else {}
+    if layer is None:
+        return slot_states(local, [r["prompt"] for r in records], settings, layer=None, progress=advance)
+    cached = cached_slot_states(settings.model, records, layer)
     for _ in cached:
         advance()
     missing = [r for r in records if r["id"] not in cached]
-    read = slot_states(local, [r["prompt"] for r in missing], settings, layer=layer, progress=advance) if missing else []
-    fresh = dict(zip((r["id"] for r in missing), read))
+    fresh = {}
+    if missing:
+        slot, _, _ = features(settings.model, missing, progress=advance, threads=settings.n_threads, self_check=False)
+        fresh = dict(zip((r["id"] for r in missing), slot[layer]))
     return np.stack([cached[r["id"]] if r["id"] in cached else fresh[r["id"]] for r in records])
 
 
