@@ -100,7 +100,9 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
     P(local passes) - P(remote passes) at threshold 0 (or ``threshold`` when ``route_on`` is
     "advantage"; then the other rows route on P(pass) and show no remote share).
     "AUROC (remote better)" ranks every router against the pairwise label APGR rewards: the
-    remote's answer better than the local one.
+    remote's answer better than the local one. Where the category prior is present, every other
+    predictor row has its AUROC and APGR minus the prior's (the advantage rows: minus the prior's
+    advantage row), with paired bootstrap intervals: the bar of a predictor that knows the item.
     """
     plain_on, plain_threshold = (route_on, threshold) if route_on != "advantage" else ("p_pass", None)
     advantage_threshold = threshold if route_on == "advantage" else 0.0
@@ -130,8 +132,11 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
             "curve": {"share": curve["share"].tolist(), "quality": curve["quality"].tolist()},
         }
 
+    routed: dict[str, np.ndarray] = {}  # each predictor row's routed scores, for the paired comparisons
+
     def predictor_row(field: str, on: str, at: float | None) -> dict:
         pred, p_pass, label = _prediction(a.kept, field, on)
+        routed[PREDICTORS[field] + (": advantage" if on == "advantage" else "")] = pred
         row = router_row(pred)
         # How well the judge's score is predicted: under exact verifiers there is no score to hit,
         # and the baselines give only P(pass), no score.
@@ -156,6 +161,14 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
         rows[name] = predictor_row(field, plain_on, plain_threshold)
         if all(r[field].get("advantage") is not None for r in a.kept):
             rows[f"{name}: advantage"] = predictor_row(field, "advantage", advantage_threshold)
+
+    # The bar a predictor must clear: the category prior's, on the same resampled items (a paired
+    # bootstrap, so the interval is of the difference, not two overlapping intervals).
+    for name, pred in routed.items():
+        bar = PREDICTORS["prior"] + (": advantage" if name.endswith(": advantage") else "")
+        if bar in routed and name != bar:
+            rows[name]["auroc_minus_prior"] = ci(lambda p, q, y: M.auroc(p, y) - M.auroc(q, y), pred, routed[bar], a.passed)
+            rows[name]["apgr_minus_prior"] = ci(lambda p, q, l, r: M.apgr(p, l, r) - M.apgr(q, l, r), pred, routed[bar], lq, rq)
 
     # Random deferral in expectation: one constant score, whose ties the metrics interpolate as
     # random tie-breaking: the straight line from always-local to always-remote, APGR 0.5. (A
@@ -205,7 +218,7 @@ def _fmt(cell) -> str:
 
 
 COLUMNS = [("APGR", "apgr"), ("CPT(50%)", "cpt50"), ("CPT(80%)", "cpt80"), ("AUROC", "auroc"), ("AUROC (remote better)", "auroc_remote_better"),
-           ("Spearman", "spearman"),
+           ("AUROC - prior", "auroc_minus_prior"), ("APGR - prior", "apgr_minus_prior"), ("Spearman", "spearman"),
            ("exact acc", "exact_acc"), ("±1 acc", "within1_acc"), ("ECE", "ece"), ("Brier", "brier"), ("remote share", "remote_share_at_threshold"),
            ("tokens before decision", "tokens_before_decision"), ("decision p50 ms", "decision_ms_p50"), ("decision p95 ms", "decision_ms_p95")]  # fmt: skip
 

@@ -158,3 +158,19 @@ def test_a_predictor_of_the_remote_too_gets_an_advantage_row_that_routes_on_the_
     routed_on_gain = evaluate(recs, quality="exact", route_on="advantage", threshold=-0.5, n_boot=50)["routers"]
     assert routed_on_gain["probe (PA slot): advantage"]["remote_share_at_threshold"] == pytest.approx(30 / 80)  # -0.5: the 0.9 - 0.3 gain clears it
     assert "remote_share_at_threshold" not in routed_on_gain["zero-shot PA"]  # routed on P(pass): no share at an advantage threshold
+
+
+def test_every_predictor_is_compared_with_the_category_prior_on_the_same_resampled_items():
+    rng = np.random.default_rng(3)
+    recs = []
+    for i in range(120):
+        local = float(rng.random() < 0.4)
+        knows = {"expected": 5.0, "p_pass": 0.2 + 0.6 * local}  # ranks the items by their pass
+        prior = {"expected": 5.0, "p_pass": float(rng.uniform(0.3, 0.5))}  # knows nothing here
+        recs.append({"id": str(i), "exact_local": local, "exact_remote": 1.0, "pa": knows, "prior": prior,
+                     "label": {"pass": bool(local), "source": "verified"}})  # fmt: skip
+    r = evaluate(recs, quality="exact", route_on="p_pass", threshold=0.5, n_boot=200)["routers"]
+    diff = r["zero-shot PA"]["auroc_minus_prior"]
+    assert diff["value"] == pytest.approx(r["zero-shot PA"]["auroc"]["value"] - r["category prior (train)"]["auroc"]["value"])
+    assert diff["ci"][0] > 0.3  # the paired interval is clear of zero
+    assert "auroc_minus_prior" not in r["category prior (train)"] and "apgr_minus_prior" in r["zero-shot PA"]
