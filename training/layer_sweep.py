@@ -86,7 +86,9 @@ def features(model: str, records: list[dict], *, progress=None, threads: int | N
                 saved.update(slot=reader.slot.astype(np.float16), mean=reader.mean.astype(np.float16))
             if self_check:
                 saved["self_check"] = np.float32(self_verification(local, r["prompt"], r.get("local_answer") or ""))
-            np.savez(file, **saved)
+            tmp = file.with_name(file.stem + ".part.npz")  # whole or absent: another job may read it now
+            np.savez(tmp, **saved)
+            tmp.replace(file)
         slot_rows.append(np.asarray(saved["slot"], np.float32))
         mean_rows.append(np.asarray(saved["mean"], np.float32))
         checks.append(float(saved["self_check"]) if self_check else np.nan)
