@@ -196,6 +196,25 @@ def add_predictions(records: list[dict], settings: Settings, *, field: str, pred
     return records
 
 
+def add_configured_predictions(records: list[dict], settings: Settings) -> str:
+    """The field of ``records`` holding the prediction of the predictor ``settings`` configure:
+    the collected zero-shot one (``settings.protocol``) for the zero-shot predictor, else that
+    predictor's, added as ``record["configured"]`` (device calls, cached). A threshold is only
+    meaningful on the predictor that will be thresholded: `rpra calibrate` uses this."""
+    from rpra.runtime import predictor_from_settings
+
+    if settings.predictor == "zero-shot" and not settings.adapter:
+        return settings.protocol
+    adapter = None
+    if settings.adapter:
+        from rpra.adapters import resolve_adapter
+
+        adapter = resolve_adapter(settings.adapter, model=resolve(settings.model))
+    add_predictions(records, settings, field="configured", predictor=predictor_from_settings(settings), adapter=adapter,
+                    protocol=settings.protocol)  # fmt: skip
+    return "configured"
+
+
 def add_card_predictions(records: list[dict], settings: Settings, card_text: str, *, field: str = "card_pa") -> list[dict]:
     """The report-card predictor's PA prediction for each record (device calls only, cached)."""
     return add_predictions(records, settings, field=field, predictor=ReportCardPredictor(card_text))

@@ -52,7 +52,8 @@ def calibrate(records: list[dict], *, protocol: str, route_on: str, pass_mark: i
     """The threshold for collected calibration ``records`` and what it does on them (``describe``).
 
     Exactly one of ``target_share`` (the share to defer) and ``max_fail`` (the largest share of
-    failing local answers) is given. Predictions are the records' ``protocol`` ones, routed on
+    failing local answers) is given. Predictions are the records' ``protocol`` field (the collected
+    "pa" / "rpra", or another predictor's, ``bench.add_configured_predictions``), routed on
     ``route_on`` as the controller does; a failure limit needs judged local answers, so records
     without a judge score are left out for it.
     """
@@ -65,6 +66,6 @@ def calibrate(records: list[dict], *, protocol: str, route_on: str, pass_mark: i
     pred = np.array([routed_score(r[protocol], route_on) for r in records])
     passed = np.array([r["judge_local"]["score"] is not None and r["judge_local"]["score"] >= pass_mark for r in records])
     t = threshold_for_share(pred, target_share) if target_share is not None else threshold_for_failure(pred, passed, max_fail)
-    if route_on == "p_pass":
-        t = min(t, 1.0)  # a probability threshold: "defer everything" stops short of P(pass) = 1 exactly
+    if route_on in ("p_pass", "advantage"):
+        t = min(t, 1.0)  # a probability (difference): "defer everything" stops short of 1 exactly
     return describe(pred, passed, round(t, 4))

@@ -201,12 +201,13 @@ def calibrate(
     from rpra.benchmarks.calibrate import calibrate as choose
 
     records, _ = bench.run_collect(settings, suite=suite, which="calibration", limit=limit, judge_url=judge_url, judge_grammar=judge_grammar)
+    field = bench.add_configured_predictions(records, settings)  # the threshold is for the predictor that will use it
     try:
-        result = choose(records, protocol=settings.protocol, route_on=settings.route_on, pass_mark=settings.pass_mark,
+        result = choose(records, protocol=field, route_on=settings.route_on, pass_mark=settings.pass_mark,
                         target_share=target_share, max_fail=max_fail)  # fmt: skip
     except ValueError as exc:
         raise RpraError(str(exc)) from None
-    out.print(f"threshold {result['threshold']} ({settings.route_on}, {settings.protocol}): remote share {result['remote_share']:.1%}, "
+    out.print(f"threshold {result['threshold']} ({settings.predictor}, {settings.route_on}, {settings.protocol}): remote share {result['remote_share']:.1%}, "
               f"local answers failing {result['local_fail_rate']:.1%} on {result['items']} calibration items")  # fmt: skip
     if write:
         path = write_settings(config or default_config_path(), {"threshold": result["threshold"]})
