@@ -275,11 +275,12 @@ def markdown(results: dict, *, plot: str | None = None, agreement: dict | None =
     by_suite = results.get("by_suite") or {}
     names = list(dict.fromkeys(name for entry in by_suite.values() for name in entry["auroc"]))
     if names:
-        lines += ["", "AUROC (pass) per suite:", "", "| suite | items | local pass | " + " | ".join(names) + " |",
-                  "|---|---|---|" + "---|" * len(names)]  # fmt: skip
+        lines += ["", "AUROC (pass) per suite:", "", "| suite | items | local pass | remote better | " + " | ".join(names) + " |",
+                  "|---|---|---|---|" + "---|" * len(names)]  # fmt: skip
         for suite, entry in by_suite.items():
             cells = [f"{entry['auroc'][name]:.3f}" if name in entry["auroc"] else "-" for name in names]
-            lines.append(f"| {suite} | {entry['n']} | {entry['local_pass_rate']:.1%} | " + " | ".join(cells) + " |")
+            better = f"{entry['remote_better_rate']:.1%}" if "remote_better_rate" in entry else "-"
+            lines.append(f"| {suite} | {entry['n']} | {entry['local_pass_rate']:.1%} | {better} | " + " | ".join(cells) + " |")
     if agreement:
         lines += ["", f"LLM judge vs exact verifiers: agreement {agreement['accuracy']:.1%} on {agreement['n']} items (Cohen's κ {agreement['kappa']:.2f})."]
     if plot:
