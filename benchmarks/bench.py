@@ -20,7 +20,7 @@ from rpra import prompts
 from rpra.benchmarks.cache import CallCache, cached
 from rpra.benchmarks.collect import Collector, collect, predict_only, provenance_for
 from rpra.benchmarks.collection import Collection, collection_dir, label_differences
-from rpra.benchmarks.data import SUITES, DataError, Item, load_file, load_hf, load_suite, split
+from rpra.benchmarks.data import SUITES, DataError, Item, load_file, load_hf, load_suite, sample, split
 from rpra.benchmarks.judge import Judge
 from rpra.config import Settings
 from rpra.local import LocalModel
@@ -91,13 +91,15 @@ def load_items(suite: str, *, limit: int | None = None, seed: int = 0, report=pr
 
 
 def items_for(suite: str, which: str, *, limit: int | None, seed: int = 0, keyed: bool = False) -> list[Item]:
-    """The first ``limit`` items of a split (``keyed``: of those with an answer key). Splits hash
-    item ids, so an item's split never changes."""
+    """The first ``limit`` items of a split (``keyed``: of those with an answer key), in the
+    suite's sample order (``data.sample``: the levels in turn where a suite has them, so a
+    ``--limit 40`` sample of arithmetic holds every level, not the first levels of the source
+    order). Splits hash item ids, so an item's split never changes."""
     pool = load_items(suite, limit=None if limit is None else max(4 * limit, 40), seed=seed, report=_warn)
     chosen = split(pool, seed=seed)[which]
     if keyed:
         chosen = [item for item in chosen if item.gold is not None]
-    return chosen if limit is None else chosen[:limit]
+    return chosen if limit is None else sample(chosen, limit, seed, suite=suite)
 
 
 def _warn(message: str) -> None:

@@ -95,8 +95,14 @@ def load_suite(name: str, *, limit: int | None = None, seed: int = 0) -> list[It
         log.info("%s: %d source rows skipped or noted, e.g. %s", name, len(problems), problems[0])
     if limit is None or limit >= len(items):
         return items
-    chosen = {item.id for item in _sample(items, limit, seed, stratify=name == "arithmetic" or name in _LEVELLED)}
+    chosen = {item.id for item in sample(items, limit, seed, suite=name)}
     return [item for item in items if item.id in chosen]
+
+
+def sample(items: list[Item], n: int, seed: int = 0, *, suite: str = "") -> list[Item]:
+    """The first ``n`` of ``items`` in the suite's sample order: hashed from (seed, id), the
+    levels in turn for a suite with levels (so a small sample spans them all)."""
+    return _sample(items, n, seed, stratify=suite == "arithmetic" or suite in _LEVELLED)
 
 
 def _sample(items: list[Item], n: int, seed: int, *, stratify: bool = False) -> list[Item]:

@@ -200,3 +200,11 @@ def test_report_card_build_writes_a_grounded_card_that_the_benchmark_then_evalua
 def test_a_report_card_is_never_built_from_the_test_split(rpra_bin, isolated_home):
     run = subprocess.run([rpra_bin, "report-card", "build", "--split", "test"], capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "test split" in run.stderr
+
+
+def test_a_limited_sample_of_a_split_spans_a_suites_levels():
+    # The source lists arithmetic by level; the first 8 train items in that order would be level 1.
+    chosen = bench.items_for("arithmetic", "train", limit=8)
+    assert len(chosen) == 8 and {item.category for item in chosen} == {"level-1", "level-2", "level-3", "level-4"}
+    assert [i.id for i in bench.items_for("arithmetic", "train", limit=8)] == [i.id for i in chosen]  # the same on every run
+    assert {i.id for i in chosen} <= {i.id for i in bench.items_for("arithmetic", "train", limit=None)}  # still the train split
