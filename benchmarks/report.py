@@ -255,6 +255,12 @@ def shown_quality(results: dict) -> tuple[str, Callable[[Any], Any]]:
     return f"mean quality ({results['quality']} judge, 1-10)", lambda q: np.asarray(q, float)
 
 
+def agreement_line(agreement: dict) -> str:
+    """The judge's agreement with the exact verifiers in words (Cohen's kappa may be undefined)."""
+    kappa = "undefined: one class only" if agreement.get("kappa") is None else f"{agreement['kappa']:.2f}"
+    return f"LLM judge vs exact verifiers: agreement {agreement['accuracy']:.1%} on {agreement['n']} items (Cohen's κ {kappa})"
+
+
 def markdown(results: dict, *, plot: str | None = None, agreement: dict | None = None) -> str:
     """A markdown report: the table, the setup, the judge's agreement with exact verifiers."""
     head = "| router | " + " | ".join(c for c, _ in COLUMNS) + " |"
@@ -282,7 +288,7 @@ def markdown(results: dict, *, plot: str | None = None, agreement: dict | None =
             better = f"{entry['remote_better_rate']:.1%}" if "remote_better_rate" in entry else "-"
             lines.append(f"| {suite} | {entry['n']} | {entry['local_pass_rate']:.1%} | {better} | " + " | ".join(cells) + " |")
     if agreement:
-        lines += ["", f"LLM judge vs exact verifiers: agreement {agreement['accuracy']:.1%} on {agreement['n']} items (Cohen's κ {agreement['kappa']:.2f})."]
+        lines += ["", agreement_line(agreement) + "."]
     if plot:
         lines += ["", f"![deferral curves]({plot})"]
     return "\n".join(lines) + "\n"

@@ -174,3 +174,9 @@ def test_every_predictor_is_compared_with_the_category_prior_on_the_same_resampl
     assert diff["value"] == pytest.approx(r["zero-shot PA"]["auroc"]["value"] - r["category prior (train)"]["auroc"]["value"])
     assert diff["ci"][0] > 0.3  # the paired interval is clear of zero
     assert "auroc_minus_prior" not in r["category prior (train)"] and "apgr_minus_prior" in r["zero-shot PA"]
+
+
+def test_a_judge_agreement_without_a_kappa_is_written_not_crashed_on(tmp_path):
+    # Two items of one class: Cohen's kappa is undefined (None), as `judge.agreement` returns it.
+    md = write_reports(evaluate(records(), n_boot=20), tmp_path, agreement={"accuracy": 1.0, "n": 2, "kappa": None})["markdown"].read_text()
+    assert "agreement 100.0% on 2 items (Cohen's κ undefined: one class only)" in md

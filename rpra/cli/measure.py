@@ -111,7 +111,9 @@ def _report(settings, records, out_dir, *, quality: str, seed: int, json_out: bo
         table.add_row(*row)
     out.print(table)
     if agree:
-        out.print(f"LLM judge vs exact verifiers: {agree['accuracy']:.1%} agreement on {agree['n']} answers (κ {agree['kappa']:.2f})")
+        from rpra.benchmarks.report import agreement_line
+
+        out.print(agreement_line(agree))
     out.print(f"[dim]report {paths['markdown']} · plot {paths['plot']} · json {paths['json']}[/]")
 
 
