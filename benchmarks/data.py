@@ -102,12 +102,8 @@ def load_suite(name: str, *, limit: int | None = None, seed: int = 0) -> list[It
 def sample(items: list[Item], n: int, seed: int = 0, *, suite: str = "") -> list[Item]:
     """The first ``n`` of ``items`` in the suite's sample order: hashed from (seed, id), the
     levels in turn for a suite with levels (so a small sample spans them all)."""
-    return _sample(items, n, seed, stratify=suite == "arithmetic" or suite in _LEVELLED)
-
-
-def _sample(items: list[Item], n: int, seed: int, *, stratify: bool = False) -> list[Item]:
     ranked = sorted(items, key=lambda item: _unit("sample", seed, item.id))
-    if stratify:
+    if suite == "arithmetic" or suite in _LEVELLED:
         groups: dict[Any, list[Item]] = {}
         for item in ranked:
             groups.setdefault(item.category, []).append(item)

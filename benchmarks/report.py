@@ -29,6 +29,7 @@ PREDICTORS = {"pa": "zero-shot PA", "rpra": "zero-shot RPRA", "card_pa": "report
               "confidence_mean": "answer confidence: mean (after the answer)", "confidence_min": "answer confidence: min (after the answer)",
               "self_check": "self-verification, AutoMix (after the answer)"}
 BASELINES = {"prior", "confidence_mean", "confidence_min", "self_check"}  # benchmarks.baselines: P(pass) only
+ADVANTAGE = ": advantage"  # the suffix of a predictor's row routed on P(local passes) - P(remote passes)
 
 
 @dataclass
@@ -134,9 +135,9 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
 
     routed: dict[str, np.ndarray] = {}  # each predictor row's routed scores, for the paired comparisons
 
-    def predictor_row(field: str, on: str, at: float | None) -> dict:
+    def predictor_row(name: str, field: str, on: str, at: float | None) -> dict:
         pred, p_pass, label = _prediction(a.kept, field, on)
-        routed[PREDICTORS[field] + (": advantage" if on == "advantage" else "")] = pred
+        routed[name] = pred
         row = router_row(pred)
         # How well the judge's score is predicted: under exact verifiers there is no score to hit,
         # and the baselines give only P(pass), no score.
@@ -157,15 +158,18 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
         return row
 
     present = [(field, name) for field, name in PREDICTORS.items() if all(isinstance(r.get(field), dict) for r in a.kept)]
+    bars = {}  # row -> the category prior's row it is measured against
     for field, name in present:
-        rows[name] = predictor_row(field, plain_on, plain_threshold)
+        rows[name] = predictor_row(name, field, plain_on, plain_threshold)
+        bars[name] = PREDICTORS["prior"]
         if all(r[field].get("advantage") is not None for r in a.kept):
-            rows[f"{name}: advantage"] = predictor_row(field, "advantage", advantage_threshold)
+            rows[name + ADVANTAGE] = predictor_row(name + ADVANTAGE, field, "advantage", advantage_threshold)
+            bars[name + ADVANTAGE] = PREDICTORS["prior"] + ADVANTAGE
 
     # The bar a predictor must clear: the category prior's, on the same resampled items (a paired
     # bootstrap, so the interval is of the difference, not two overlapping intervals).
-    for name, pred in routed.items():
-        bar = PREDICTORS["prior"] + (": advantage" if name.endswith(": advantage") else "")
+    for name, bar in bars.items():
+        pred = routed[name]
         if bar in routed and name != bar:
             rows[name]["auroc_minus_prior"] = ci(lambda p, q, y: M.auroc(p, y) - M.auroc(q, y), pred, routed[bar], a.passed)
             rows[name]["apgr_minus_prior"] = ci(lambda p, q, l, r: M.apgr(p, l, r) - M.apgr(q, l, r), pred, routed[bar], lq, rq)

@@ -97,30 +97,34 @@ class Probe:
 
     def score(self, hidden: np.ndarray) -> float:
         """The predicted judge score (unclipped), or the logit of P(pass), for one hidden state."""
-        return float(self._standardised(hidden) @ self.weights + self.bias)
+        return self._heads(hidden)[0]
 
     def p_remote(self, hidden: np.ndarray) -> float | None:
         """P(the remote's answer passes), from the remote head; None without one."""
-        if self.remote_weights is None:
-            return None
-        return _sigmoid(float(self._standardised(hidden) @ self.remote_weights + self.remote_bias))
+        remote = self._heads(hidden)[1]
+        return None if remote is None else _sigmoid(remote)
 
-    def _standardised(self, hidden: np.ndarray) -> np.ndarray:
+    def _heads(self, hidden: np.ndarray) -> tuple[float, float | None]:
+        """Both heads' outputs for one state, standardised once: the score (or pass logit) and
+        the remote head's logit (None without one)."""
         if hidden.shape != self.mean.shape:
             raise ConfigError(
                 f"The probe expects hidden states of width {self.mean.shape[0]}, got {hidden.shape[0]}: "
                 "it was fitted on another model. Refit it with `rpra train probe`."
             )
-        return (hidden - self.mean) / self.std
+        z = (hidden - self.mean) / self.std
+        remote = None if self.remote_weights is None else float(z @ self.remote_weights + self.remote_bias)
+        return float(z @ self.weights + self.bias), remote
 
     def prediction(self, hidden: np.ndarray, pass_mark: int) -> Prediction:
         """A distribution over 1..N. Logistic: P(pass) spread evenly over the scores at or above
         ``pass_mark``, the rest over those below (its expected score rises with P(pass)). Ridge:
         the normal N(score, sigma²) integrated over each score's bin. With a remote head the
         prediction carries ``p_remote`` too."""
-        p_remote = self.p_remote(hidden)
+        score, remote = self._heads(hidden)
+        p_remote = None if remote is None else _sigmoid(remote)
         if self.head == "logistic":
-            p = _sigmoid(self.score(hidden))
+            p = _sigmoid(score)
             passing = self.scale_max - pass_mark + 1
             if passing >= self.scale_max:  # every score passes
                 probs = np.full(self.scale_max, 1.0 / self.scale_max)
@@ -128,7 +132,7 @@ class Probe:
                 probs = np.array([(1 - p) / (self.scale_max - passing)] * (self.scale_max - passing) + [p / passing] * passing)
             probs = np.clip(probs, 1e-12, None)
             return Prediction(tuple(float(q) for q in probs / probs.sum()), pass_mark, "probe", p_remote=p_remote)
-        mu, sigma = self.score(hidden), max(self.sigma, 1e-3)
+        mu, sigma = score, max(self.sigma, 1e-3)
         edges = [-math.inf, *(k + 0.5 for k in range(1, self.scale_max)), math.inf]
         cdf = [0.5 * (1 + math.erf((e - mu) / (sigma * math.sqrt(2)))) if math.isfinite(e) else float(e > 0) for e in edges]
         probs = np.clip(np.diff(cdf), 1e-12, None)

@@ -265,11 +265,10 @@ def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: 
     ``progress(total)`` returns the callback advanced once per record read.
     """
     from rpra.benchmarks.bench import bench_settings
+    from rpra.benchmarks.collection import remote_passed
     from rpra.models import file_sha256, resolve
     from rpra.probe import HEADS, default_probe_path
     from rpra.training.data import load_collection, target_score
-
-    from rpra.benchmarks.collection import remote_passed
 
     if head not in HEADS:
         raise RpraError(f"Unknown probe head {head!r}; use one of {', '.join(HEADS)}.")
@@ -283,7 +282,7 @@ def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: 
     records = [r for c in collections for r in c.records if target_score(r, target="pass", scale_max=settings.scale_max) is not None]
     if layer == "auto":
         layer = sweep_layer(settings.model)
-    local = LocalModel.from_settings(settings, capture_layers=None if layer is None else [int(layer)])
+    local = LocalModel.from_settings(settings)  # a middle layer's states come from layer_sweep.features (_states)
     if layer is not None and not 0 <= int(layer) < local.n_layer:
         raise RpraError(f"layer {layer} is not a layer of {settings.model} (0 to {local.n_layer - 1}).")
     layer = None if layer is None else int(layer)
@@ -296,11 +295,12 @@ def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: 
         y = np.asarray([bool(r["label"]["pass"]) for r in records], int)
         probe, report = fit_logistic(x, y, folds=folds, layer=layer, scale_max=settings.scale_max, meta=meta)
         if remote:
-            held = [i for i, r in enumerate(records) if remote_passed(r, pass_mark=settings.pass_mark) is not None]
+            passed = [remote_passed(r, pass_mark=settings.pass_mark) for r in records]
+            held = [i for i, p in enumerate(passed) if p is not None]
             if not held:
                 raise RpraError(f"No record in {suite} ({split}) holds a remote answer: collect some with "
                                 "`rpra collect --verified --remote --split train`, then fit the remote head.")  # fmt: skip
-            y_remote = np.asarray([remote_passed(records[i], pass_mark=settings.pass_mark) for i in held], int)
+            y_remote = np.asarray([passed[i] for i in held], int)
             remote_probe, report["remote"] = fit_logistic(x[held], y_remote, folds=folds, layer=layer, scale_max=settings.scale_max)
             with_remote_head(probe, remote_probe, report["remote"])
     else:
