@@ -145,3 +145,10 @@ def test_ask_remote_only_with_a_failing_remote_answers_locally_and_flags_it(rpra
     assert run.returncode == 0, run.stderr
     turn = json.loads(run.stdout)
     assert turn["answered_by"] == "local" and turn["fallback"] and turn["answer"] and turn["remote_error"]
+
+
+def test_the_suite_option_names_every_suite_the_data_module_serves():
+    from rpra.benchmarks.data import SUITES
+    from rpra.cli.measure import SUITE_NAMES
+
+    assert SUITE_NAMES == SUITES

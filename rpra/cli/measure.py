@@ -16,8 +16,12 @@ from rich.table import Table
 from rpra.cli.common import ConfigOpt, SetOpt, bench_module, err, load, out, settings_command
 from rpra.errors import RpraError
 
-SuiteOpt = Annotated[str, typer.Option(help="mmlu, commonsenseqa, openbookqa, mtbench, arithmetic, gsm, rpra-mix; "
-                                             "or a .jsonl/.csv file with a prompt column; or hf:NAME[:SPLIT].")]  # fmt: skip
+# The suites are named here, not imported: the bench extra is imported inside the commands only
+# (tests/test_cli.py keeps this list equal to benchmarks.data.SUITES).
+SUITE_NAMES = ("mmlu", "commonsenseqa", "openbookqa", "medqa", "logiqa", "mtbench", "arithmetic", "gsm", "arithmetic-graded",
+               "letter-counting", "gcd", "simple-equations", "rpra-mix")
+SuiteOpt = Annotated[str, typer.Option(help=f"{', '.join(SUITE_NAMES)}; or a .jsonl/.csv file with a prompt column; "
+                                             "or hf:NAME[:SPLIT].")]  # fmt: skip
 LimitOpt = Annotated[Optional[int], typer.Option(help="Items from the split (default: all).")]
 JudgeOpt = Annotated[Optional[str], typer.Option("--judge-url", help="OpenAI-compatible judge (default: the remote model).")]
 GrammarOpt = Annotated[Optional[bool], typer.Option("--judge-grammar/--no-judge-grammar",
