@@ -143,3 +143,68 @@ def cached(cache: CallCache | None, kind: str, model_id: str, payload: dict, fn:
     value = fn()
     cache.put(call_key, value)
     return value
+
+
+class Journal:
+    """A cache whose entries are also kept in a committed file, for calls too slow to lose with the
+    machine (a report card's writer: about an hour of one core per build).
+
+    The file is gzipped JSON Lines of ``{"key", "value"}``, one gzip member appended per call as it
+    returns, so a build stopped at any point has kept every finished call (a torn last member from a
+    hard kill is skipped on reading). Opening a journal copies its entries into ``cache``; ``get`` and
+    ``put`` are the cache's (``put`` also appends to the file unless ``write=False``), so ``cached``
+    takes either. Keys name the calls' content (``key``), so a journal written on one machine
+    replays on another.
+    """
+
+    def __init__(self, cache: CallCache, path: Path, *, write: bool = True) -> None:
+        self.cache, self.path, self.write = cache, Path(path), write
+        entries, good = self._read()
+        if good == 0 and self.path.is_file() and self.path.stat().st_size > 32:  # more than one torn member's worth
+            raise RpraError(f"{self.path} is not a journal of model calls (gzipped JSON lines): move it away, or restore it from git.")
+        for entry in entries:
+            if cache.get(entry["key"]) is None:
+                cache.put(entry["key"], entry["value"])
+        self.loaded = len(entries)
+        if write and self.path.is_file() and good < self.path.stat().st_size:
+            with open(self.path, "r+b") as f:  # cut the torn tail, or every call appended after it is unreadable
+                f.truncate(good)
+
+    def _read(self) -> tuple[list[dict], int]:
+        """The entries of the whole members, and the byte length they take."""
+        import zlib
+
+        if not self.path.is_file():
+            return [], 0
+        entries, data, good = [], self.path.read_bytes(), 0
+        while good < len(data):
+            inflate = zlib.decompressobj(wbits=31)
+            try:
+                text = inflate.decompress(data[good:])
+            except zlib.error:
+                break
+            if not inflate.eof:
+                break
+            good = len(data) - len(inflate.unused_data)
+            for line in text.decode("utf-8", errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(entry, dict) and isinstance(entry.get("key"), str) and isinstance(entry.get("value"), dict):
+                    entries.append(entry)
+        return entries, good
+
+    def get(self, key: str) -> dict | None:
+        return self.cache.get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        import gzip
+
+        self.cache.put(key, value)
+        if not self.write:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"key": key, "value": value}, ensure_ascii=False, sort_keys=True) + "\n"
+        with open(self.path, "ab") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
+            gz.write(line.encode("utf-8"))

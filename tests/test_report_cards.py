@@ -156,3 +156,47 @@ def test_a_batch_too_long_for_the_writer_is_halved_and_a_rerun_replays_the_finis
     assert history == ["card 1", "card 2", "card 3", "card 4"] and len(again.prompts) == 1  # only the unfinished update called
     with pytest.raises(RemoteError, match="HTTP 400"):
         build_card(records[:1], Overflowing(["x"], limit=0), batch_size=4)  # one example still too long: the error stands
+
+
+def test_a_journal_carries_the_finished_writer_calls_to_a_machine_with_an_empty_cache(tmp_path):
+    from rpra.benchmarks.cache import CallCache, Journal
+
+    records = [verified(i, i % 2 == 0) for i in range(6)]
+    path = tmp_path / "results" / "card-writer.jsonl.gz"
+    here = Journal(CallCache(tmp_path / "here.sqlite"), path)
+    with pytest.raises(IndexError):  # stopped after two of three updates
+        build_card(records, Writer(["card 1", "card 2"]), batch_size=2, cache=here, writer_id="w")
+    (tmp_path / "here.sqlite").unlink()  # the machine is gone; the committed file is all that is left
+    with open(path, "ab") as f:
+        f.write(b"\x1f\x8b\x08\x00torn")  # and a hard kill tore a last member: that call only is lost
+
+    there = Journal(CallCache(tmp_path / "there.sqlite"), path)
+    assert there.loaded == 2
+    writer = Writer(["card 3"])
+    card, history = build_card(records, writer, batch_size=2, cache=there, writer_id="w")
+    assert history == ["card 1", "card 2", "card 3"] and len(writer.prompts) == 1  # only the third update is made again
+    assert Journal(CallCache(tmp_path / "later.sqlite"), path).loaded == 3  # the torn tail was cut, so the third call is readable
+
+
+def test_a_read_only_journal_replays_but_writes_nothing(tmp_path):
+    from rpra.benchmarks.cache import CallCache, Journal
+
+    path = tmp_path / "calls.jsonl.gz"
+    Journal(CallCache(tmp_path / "a.sqlite"), path).put("k", {"text": "kept"})
+    reader = Journal(CallCache(tmp_path / "b.sqlite"), path, write=False)
+    size = path.stat().st_size
+    reader.put("k2", {"text": "only cached"})
+    assert reader.get("k") == {"text": "kept"} and reader.get("k2") == {"text": "only cached"}
+    assert path.stat().st_size == size and Journal(CallCache(tmp_path / "c.sqlite"), path).loaded == 1
+
+
+def test_a_file_that_is_no_journal_is_refused_and_left_as_it_was(tmp_path):
+    from rpra.benchmarks.cache import CallCache, Journal
+    from rpra.errors import RpraError
+
+    path = tmp_path / "calls.jsonl.gz"
+    path.write_text("not a journal, but somebody's notes: keep them\n" * 3)
+    before = path.read_bytes()
+    with pytest.raises(RpraError, match="not a journal"):
+        Journal(CallCache(tmp_path / "a.sqlite"), path)
+    assert path.read_bytes() == before

@@ -134,13 +134,15 @@ def card_build(
     seed: Annotated[int, typer.Option(help="Seed of the order the writer sees the examples in.")] = 0,
     judge_url: JudgeOpt = None,
     judge_grammar: GrammarOpt = None,
+    journal: Annotated[bool, typer.Option("--journal", help="Also append each writer call to benchmarks/results/calls/ (commit it): a build stopped on one machine resumes on another. A committed journal is always replayed.")] = False,
 ) -> None:
     """Write a new version of the device model's report card from checked calibration or train records.
 
     The writer (the remote model) rewrites the card batch by batch (suites interleaved), shown the
     measured per-topic statistics so far; a card that contradicts them is sent back once and what
     stays wrong is cut; the final card ends with those statistics. Every writer call is cached, so
-    a re-run after an interruption or an error resumes where it stopped.
+    a re-run after an interruption or an error resumes where it stopped (on another machine too,
+    from a committed --journal).
     """
     if split not in ("calibration", "train"):
         raise RpraError(f"--split must be calibration or train, not {split!r}: a card built from the test split would have seen the answers it is scored on.")
@@ -159,12 +161,16 @@ def card_build(
     records.sort(key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).digest())  # every batch sees several suites
     from rich.progress import Progress
 
-    from rpra.benchmarks.cache import CallCache
+    from rpra.benchmarks.cache import CallCache, Journal
+    from rpra.benchmarks.report_cards import journal_path
 
+    calls = Journal(CallCache.default(), journal_path(settings.model), write=journal)
+    if calls.loaded:
+        err.print(f"[dim]{calls.loaded} writer calls replayed from {calls.path}[/]")
     with bench.endpoints(settings, judge_url=judge_url) as ep, Progress(console=err, transient=True) as bar:
         task = bar.add_task("writing the card", total=len(records))
         text, history = build_card(records, ep.remote, batch_size=batch_size, max_words=max_words, pass_mark=settings.pass_mark,
-                                   example_chars=example_chars, cache=CallCache.default(), writer_id=ep.remote_id,
+                                   example_chars=example_chars, cache=calls, writer_id=ep.remote_id,
                                    progress=lambda n: bar.advance(task, n), log=lambda line: bar.console.print(f"[dim]{escape(line)}[/]"))  # fmt: skip
     card = save_card(text, device_model=settings.model, meta={"suite": suite, "split": split, "verified": verified, "records": len(records),
                                                               "collections": folders, "writer": ep.remote_id, "batch_size": batch_size,
