@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rpra.config import home
@@ -252,6 +252,8 @@ class Collection:
         if differ:
             raise ConfigError(f"{self.folder} was collected with {', '.join(differ)}: its labels would mean two things. "
                               "Collect with the same settings, or move that folder away.")  # fmt: skip
+        if provenance.remote_id == "none" and self.records and self.provenance.get("remote_id", "none") != "none":
+            provenance = replace(provenance, remote_id=self.provenance["remote_id"])  # a device-only run keeps who wrote the remote answers
         self.folder.mkdir(parents=True, exist_ok=True)
         self.provenance = asdict(provenance)
         _atomic_write(self.folder / "provenance.json", json.dumps(self.provenance, indent=2))
