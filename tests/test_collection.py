@@ -113,6 +113,9 @@ def test_a_verified_collection_labels_keyed_items_by_the_verifier_alone(rpra, en
         assert r["judge_local"] is None and r["remote_answer"] is None and "rpra" not in r
         assert r["label"]["source"] == "verified" and r["label"]["pass"] == (r["exact_local"] == 1.0)
         assert r["local_logprobs"]["min"] <= r["local_logprobs"]["mean"] <= 0  # the answer-confidence baseline's input
+    again = rpra("collect", "--suite", "arithmetic", "--split", "train", "--limit", "4", "--verified", "--set", "max_tokens=24", env=env, timeout=300)
+    assert again.returncode == 0 and "4 records" in again.stderr
+    assert "items/hour" not in again.stderr  # nothing new: no rate, not the last run's
 
 
 @pytest.mark.slow

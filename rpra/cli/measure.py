@@ -50,7 +50,10 @@ def collect(
 
     An empty collection starts from its committed export, if there is one, so only new items cost calls.
     """
+    from datetime import datetime, timezone
+
     bench = bench_module()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     records, out_dir = bench.run_collect(settings, suite=suite, which=split, limit=limit, seed=seed, judge_url=judge_url,
                                          judge_grammar=judge_grammar, remote_answers=(not verified) if remote is None else remote, verified=verified,
                                          permute=permute, in_flight=in_flight, remote_max_tokens=remote_max_tokens)  # fmt: skip
@@ -58,6 +61,7 @@ def collect(
 
     collection = Collection.open(out_dir)
     rate = (collection.runs() or [{}])[-1]
+    rate = rate if rate.get("finished", "") >= started else {}  # a run with nothing to collect logs none: no stale rate
     passed = [r["label"]["pass"] for r in records if r.get("label", {}).get("pass") is not None]
     err.print(f"{len(records)} records in {out_dir}" + (f" · this run: {rate['new_records']} new, {rate['items_per_hour']} items/hour" if rate.get("items_per_hour") else "")
               + (f" · pass rate {sum(passed) / len(passed):.1%} of {len(passed)} labelled" if passed else ""))  # fmt: skip
