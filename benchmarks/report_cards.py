@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from rpra.benchmarks.cache import cached
-from rpra.benchmarks.collection import SEEDS, model_name, upgrade
+from rpra.benchmarks.collection import model_name, seeds_dir, upgrade
 from rpra.config import home
 from rpra.errors import RemoteError
 
@@ -280,10 +280,12 @@ def cards_dir(device_model: str) -> Path:
     return home() / "report-cards" / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(device_model).name)
 
 
-def journal_path(device_model: str) -> Path:
+def journal_path(device_model: str) -> Path | None:
     """The committed journal of the card writer's calls for ``device_model`` (``cache.Journal``):
-    ``benchmarks/results/calls/card-writer--<model>.jsonl.gz``, next to the committed collections."""
-    return SEEDS.parent / "calls" / f"card-writer--{model_name(device_model)}.jsonl.gz"
+    ``benchmarks/results/calls/card-writer--<model>.jsonl.gz``, beside the committed collections
+    (``RPRA_SEEDS``'s parent when that is set; None when it is empty: nothing committed is read)."""
+    seeds = seeds_dir()
+    return None if seeds is None else seeds.parent / "calls" / f"card-writer--{model_name(device_model)}.jsonl.gz"
 
 
 def save_card(text: str, *, device_model: str, meta: dict) -> Card:

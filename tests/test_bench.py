@@ -208,3 +208,8 @@ def test_a_limited_sample_of_a_split_spans_a_suites_levels():
     assert len(chosen) == 8 and {item.category for item in chosen} == {"level-1", "level-2", "level-3", "level-4"}
     assert [i.id for i in bench.items_for("arithmetic", "train", limit=8)] == [i.id for i in chosen]  # the same on every run
     assert {i.id for i in chosen} <= {i.id for i in bench.items_for("arithmetic", "train", limit=None)}  # still the train split
+
+
+def test_a_card_journal_with_nothing_committed_to_write_into_is_refused_before_any_call(rpra_bin, isolated_home):
+    run = subprocess.run([rpra_bin, "report-card", "build", "--journal"], capture_output=True, text=True, timeout=60)  # RPRA_SEEDS="" here
+    assert run.returncode != 0 and "--journal needs a folder of committed results" in run.stderr

@@ -200,3 +200,14 @@ def test_a_file_that_is_no_journal_is_refused_and_left_as_it_was(tmp_path):
     with pytest.raises(RpraError, match="not a journal"):
         Journal(CallCache(tmp_path / "a.sqlite"), path)
     assert path.read_bytes() == before
+
+
+def test_the_journal_lives_beside_the_committed_collections_and_tests_read_none(tmp_path, monkeypatch):
+    from rpra.benchmarks.collection import SEEDS
+    from rpra.benchmarks.report_cards import journal_path
+
+    assert journal_path("qwen2.5-coder-0.5b-instruct") is None  # RPRA_SEEDS="" (conftest): nothing committed is read
+    monkeypatch.setenv("RPRA_SEEDS", str(tmp_path / "results" / "collections"))
+    assert journal_path("/models/My Model.gguf") == tmp_path / "results" / "calls" / "card-writer--My_Model.jsonl.gz"
+    monkeypatch.delenv("RPRA_SEEDS")
+    assert journal_path("qwen2.5-coder-0.5b-instruct") == SEEDS.parent / "calls" / "card-writer--qwen2.5-coder-0.5b-instruct.jsonl.gz"

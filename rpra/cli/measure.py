@@ -153,7 +153,11 @@ def card_build(
     bench = bench_module()
     import hashlib
 
-    from rpra.benchmarks.report_cards import build_card, save_card
+    from rpra.benchmarks.report_cards import build_card, journal_path, save_card
+
+    path = journal_path(settings.model)
+    if path is None and journal:
+        raise RpraError("--journal needs a folder of committed results, and RPRA_SEEDS is set empty (nothing committed is read or written).")
 
     suites = [s.strip() for s in suite.split(",") if s.strip()]
     records, folders = [], []
@@ -166,10 +170,9 @@ def card_build(
     from rich.progress import Progress
 
     from rpra.benchmarks.cache import CallCache, Journal
-    from rpra.benchmarks.report_cards import journal_path
 
-    calls = Journal(CallCache.default(), journal_path(settings.model), write=journal)
-    if calls.loaded:
+    calls = CallCache.default() if path is None else Journal(CallCache.default(), path, write=journal)
+    if getattr(calls, "loaded", 0):
         err.print(f"[dim]{calls.loaded} writer calls replayed from {calls.path}[/]")
     with bench.endpoints(settings, judge_url=judge_url) as ep, Progress(console=err, transient=True) as bar:
         task = bar.add_task("writing the card", total=len(records))
