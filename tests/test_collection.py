@@ -160,25 +160,30 @@ def test_train_collections_made_with_another_answer_budget_are_named(tmp_path):
     assert label_mismatches(None, [other]) == []
 
 
-def test_records_of_another_answer_budget_are_refused(tmp_path):
-    provenance = Provenance(suite="s", split="train", device_model="m", device_sha256="a" * 64, remote_id="none", judge_id="verifier",
-                            prompts_version="p", settings={"max_tokens": 48, "pass_mark": 7})  # fmt: skip
-    collection = Collection(tmp_path / "c")
+def _one_record(folder, provenance: Provenance, **record) -> Collection:
+    """A collection of one record made under ``provenance``."""
+    collection = Collection(folder)
     collection.set_provenance(provenance)
     with collection.appender() as add:
-        add({"id": "i0", "exact_local": 1.0})
+        add({"id": "i0", "exact_local": 1.0, **record})
+    return collection
+
+
+AT_48 = Provenance(suite="s", split="train", device_model="m", device_sha256="a" * 64, remote_id="none", judge_id="verifier",
+                   prompts_version="p", settings={"max_tokens": 48, "pass_mark": 7})  # fmt: skip
+
+
+def test_records_of_another_answer_budget_are_refused(tmp_path):
+    provenance = AT_48
+    collection = _one_record(tmp_path / "c", provenance)
     collection.set_provenance(provenance)  # the same settings: fine
     with pytest.raises(ConfigError, match=r"max_tokens=48 \(this run: 24\)"):
         collection.set_provenance(replace(provenance, settings={"max_tokens": 24, "pass_mark": 7}))
 
 
 def test_a_device_only_run_keeps_the_remote_that_answered_earlier_records(tmp_path):
-    provenance = Provenance(suite="s", split="train", device_model="m", device_sha256="a" * 64, remote_id="gguf:remote", judge_id="verifier",
-                            prompts_version="p", settings={"max_tokens": 48, "pass_mark": 7})  # fmt: skip
-    collection = Collection(tmp_path / "c")
-    collection.set_provenance(provenance)
-    with collection.appender() as add:
-        add({"id": "i0", "exact_local": 1.0, "remote_answer": "B"})
+    provenance = replace(AT_48, remote_id="gguf:remote")
+    collection = _one_record(tmp_path / "c", provenance, remote_answer="B")
     collection.set_provenance(replace(provenance, remote_id="none"))  # `rpra collect --verified` without --remote, more items
     assert Collection.open(tmp_path / "c").provenance["remote_id"] == "gguf:remote"
     collection.set_provenance(replace(provenance, remote_id="https://api.example/v1|big"))  # a run with another remote says so
