@@ -14,10 +14,12 @@ Only results are stored: a call that raises is not cached and is made again next
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import sqlite3
 import threading
+import zlib
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -151,7 +153,7 @@ class Journal:
 
     The file is gzipped JSON Lines of ``{"key", "value"}``, one gzip member appended per call as it
     returns, so a build stopped at any point has kept every finished call (a torn last member from a
-    hard kill is skipped on reading). Opening a journal copies its entries into ``cache``; ``get`` and
+    hard kill is cut; a file that is not gzip at all is refused). Opening a journal copies its entries into ``cache``; ``get`` and
     ``put`` are the cache's (``put`` also appends to the file unless ``write=False``), so ``cached``
     takes either. Keys name the calls' content (``key``), so a journal written on one machine
     replays on another.
@@ -160,7 +162,7 @@ class Journal:
     def __init__(self, cache: CallCache, path: Path, *, write: bool = True) -> None:
         self.cache, self.path, self.write = cache, Path(path), write
         entries, good = self._read()
-        if good == 0 and self.path.is_file() and self.path.stat().st_size > 32:  # more than one torn member's worth
+        if good == 0 and self.path.is_file() and not self.path.read_bytes().startswith(b"\x1f\x8b"):  # not even a torn gzip member
             raise RpraError(f"{self.path} is not a journal of model calls (gzipped JSON lines): move it away, or restore it from git.")
         for entry in entries:
             if cache.get(entry["key"]) is None:
@@ -172,8 +174,6 @@ class Journal:
 
     def _read(self) -> tuple[list[dict], int]:
         """The entries of the whole members, and the byte length they take."""
-        import zlib
-
         if not self.path.is_file():
             return [], 0
         entries, data, good = [], self.path.read_bytes(), 0
@@ -199,8 +199,6 @@ class Journal:
         return self.cache.get(key)
 
     def put(self, key: str, value: dict) -> None:
-        import gzip
-
         self.cache.put(key, value)
         if not self.write:
             return

@@ -200,6 +200,8 @@ def test_a_file_that_is_no_journal_is_refused_and_left_as_it_was(tmp_path):
     with pytest.raises(RpraError, match="not a journal"):
         Journal(CallCache(tmp_path / "a.sqlite"), path)
     assert path.read_bytes() == before
+    path.write_bytes(b"\x1f\x8b\x08\x00" + b"a hard kill in the first call" * 3)  # a journal torn inside its first member
+    assert Journal(CallCache(tmp_path / "b.sqlite"), path).loaded == 0 and path.read_bytes() == b""  # is a journal with no call yet
 
 
 def test_the_journal_lives_beside_the_committed_collections_and_tests_read_none(tmp_path, monkeypatch):
