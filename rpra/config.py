@@ -86,6 +86,17 @@ class Settings:
         "(a probe with a remote head only; threshold 0: defer when the remote is expected to do better).",
     )
     threshold: float = _opt(5.0, "Defer when the routed quantity is below this.")
+    verifier: str | None = _opt(
+        None,
+        "Verifier file (.npz, `rpra train verifier`): the cascade's second decision point. A request the prediction "
+        "keeps local is drafted first, unseen; the verifier scores the draft, which is shown, or deferred when its "
+        "routed quantity is below verify_threshold. Unset: no check, local answers stream at once.",
+    )
+    verify_threshold: float | None = _opt(
+        None,
+        "Defer a checked draft whose routed quantity is below this (route_on p_pass: the draft's P(pass); advantage: "
+        "it minus P(remote passes); expected: its expected score). Unset: the same as threshold.",
+    )
     # The remote model
     remote_url: str | None = _opt(None, "Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1.")
     remote_model: str = _opt("default", "Model name sent to the remote endpoint.")
@@ -145,21 +156,25 @@ class Settings:
             raise ConfigError(f"scale_max must be at least 2; got {self.scale_max}.")
         if not 1 <= self.pass_mark <= self.scale_max:
             raise ConfigError(f"pass_mark must lie on the scale 1..{self.scale_max}; got {self.pass_mark}.")
-        if self.route_on == "p_pass" and not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(
-                f"With route_on = p_pass the threshold is a probability in [0, 1]; got {self.threshold}."
-            )
-        if self.route_on == "advantage" and not -1.0 <= self.threshold <= 1.0:
-            raise ConfigError(
-                f"With route_on = advantage the threshold is a difference of probabilities in [-1, 1] "
-                f"(0: defer when the remote is expected to do better); got {self.threshold}."
-            )
-        # E[score] lies in 1..scale_max: 0 never defers, scale_max + 1 always does; beyond is a typo.
-        if self.route_on == "expected" and not 0.0 <= self.threshold <= self.scale_max + 1:
-            raise ConfigError(
-                f"threshold must be in [0, {self.scale_max + 1}] (the expected score lies on 1..{self.scale_max}; "
-                f"0 never defers, {self.scale_max + 1} always does); got {self.threshold}."
-            )
+        for name in ("threshold", "verify_threshold"):  # both points route on the same quantity
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.route_on == "p_pass" and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"With route_on = p_pass the {name} is a probability in [0, 1]; got {value}.")
+            if self.route_on == "advantage" and not -1.0 <= value <= 1.0:
+                raise ConfigError(
+                    f"With route_on = advantage the {name} is a difference of probabilities in [-1, 1] "
+                    f"(0: defer when the remote is expected to do better); got {value}."
+                )
+            # E[score] lies in 1..scale_max: 0 never defers, scale_max + 1 always does; beyond is a typo.
+            if self.route_on == "expected" and not 0.0 <= value <= self.scale_max + 1:
+                raise ConfigError(
+                    f"{name} must be in [0, {self.scale_max + 1}] (the expected score lies on 1..{self.scale_max}; "
+                    f"0 never defers, {self.scale_max + 1} always does); got {value}."
+                )
+        if self.verifier and self.protocol != "pa":
+            raise ConfigError("The verifier reads a draft in the PA layout: use it with protocol = pa.")
         low, high = TEMPERATURE_RANGE
         if not low <= self.temperature <= high:
             raise ConfigError(f"temperature must be in [{low:g}, {high:g}] (0 = greedy); got {self.temperature}.")

@@ -7,7 +7,7 @@ replays recorded predictions through the same code the runtime runs.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
 from rpra.config import Mode, RouteOn
@@ -50,6 +50,15 @@ class Decision:
     score: float | None = None  # the routed quantity (expected score, P(pass) or advantage), if predicted
     threshold: float | None = None
     route_on: RouteOn | None = None
+    # The cascade's second point: the routed quantity of the verifier's prediction for the local
+    # draft, and its threshold; None when no draft was checked (the first point decided).
+    draft_score: float | None = None
+    draft_threshold: float | None = None
+
+    @property
+    def point(self) -> str:
+        """Which point decided: "prompt" (before any answer) or "draft" (the verifier, after one)."""
+        return "prompt" if self.draft_score is None else "draft"
 
     def to_dict(self) -> dict:
         return {
@@ -59,6 +68,8 @@ class Decision:
             "score": None if self.score is None else round(self.score, 4),
             "threshold": self.threshold,
             "route_on": self.route_on,
+            "point": self.point,
+            **({} if self.draft_score is None else {"draft_score": round(self.draft_score, 4), "draft_threshold": self.draft_threshold}),
         }
 
 
@@ -73,6 +84,11 @@ class Controller:
     threshold: float = 5.0
     route_on: RouteOn = "expected"
     mode: Mode = "auto"
+    verify_threshold: float | None = None  # the cascade's second point: a checked draft below it is deferred (None: threshold)
+
+    @property
+    def draft_threshold(self) -> float:
+        return self.threshold if self.verify_threshold is None else self.verify_threshold
 
     def needs_prediction(self, mode: Mode | None = None) -> bool:
         """remote-only skips the local model entirely; the other modes predict (local-only to log it)."""
@@ -96,6 +112,37 @@ class Controller:
         if defers(score, self.threshold):
             return Decision("remote", reason=f"predicted {shown} < {limit}", **common)
         return Decision("local", reason=f"predicted {shown} >= {limit}", **common)
+
+
+    def check(self, first: Decision, verdict: Prediction) -> Decision:
+        """The cascade's second point: ``first`` kept the request on the device, the device
+        drafted an answer, and a verifier predicted ``verdict`` for that draft. Keep the draft, or
+        defer it when its routed quantity is below ``verify_threshold`` (by default ``threshold``; the same ``route_on``
+        and the same rule as the first point, ``defers``). In mode local-only the draft stays,
+        with its check recorded."""
+        if first.route != "local":
+            raise ValueError("Only a draft the first point kept local is checked.")
+        score = routed_score(verdict, self.route_on)
+        shown = _show(score, self.route_on, verdict.scale_max)
+        limit = _show(self.draft_threshold, self.route_on, verdict.scale_max)
+        checked = dict(draft_score=score, draft_threshold=self.draft_threshold)
+        if first.mode != "auto":
+            return replace(first, reason=f"{first.reason}; draft checked: {shown}", **checked)
+        if defers(score, self.draft_threshold):
+            return replace(first, route="remote", reason=f"{first.reason}; draft checked: {shown} < {limit}", **checked)
+        return replace(first, reason=f"{first.reason}; draft checked: {shown} >= {limit}", **checked)
+
+
+def cascade_scores(first: Score, draft: Score, threshold: float) -> Score:
+    """One routed score per request for a cascade, for the benchmark's curves: a request the
+    first point defers (``first`` below ``threshold``) ranks below every drafted one, in the
+    order of its first score; a drafted one ranks by its draft's score. Thresholding this at a
+    ``verify_threshold`` above -1 defers exactly what ``decide`` then ``check`` defer (routed
+    quantities lie in [-1, 10]); lower thresholds trace the first point's own deferrals."""
+    import numpy as np
+
+    first, draft = np.asarray(first, float), np.asarray(draft, float)
+    return np.where(defers(first, threshold), first - 100.0, draft)
 
 
 def _show(value: float, route_on: RouteOn, scale_max: int) -> str:

@@ -421,6 +421,8 @@ class LocalSession:
         self._pending: list[int] = []
         # Where the runtime wrote its score slot (set by the runtime): a local answer rewinds to it.
         self.slot_at: int | None = None
+        # Captured layers' rows of what is evaluated after ``watch_states()``: the draft's states.
+        self._watched: dict[int, list[np.ndarray]] | None = None
 
     def _flush(self, extra: Sequence[int] = ()) -> None:
         todo = self._pending + list(extra)
@@ -430,8 +432,33 @@ class LocalSession:
         llm = self.model._llm
         if llm.n_tokens + len(todo) > self.model.n_ctx:
             raise PromptTooLongError(f"The turn outgrew the device model's context ({self.model.n_ctx} tokens).")
-        llm.eval(todo)
+        if self._watched is None:
+            llm.eval(todo)
+        else:
+            for layer, rows in self.model._tap.capture(lambda: llm.eval(todo), keep=None).items():
+                self._watched[layer].append(rows)
         self.tokens += list(extra)
+
+    def watch_states(self) -> None:
+        """From now on, keep the captured layers' rows of every token this session evaluates:
+        the states over a draft answer, for a verifier (``watched_states``). Costs a copy of one
+        row per layer and token; the model must capture layers (``capture_layers``)."""
+        if self.model._tap is None:
+            raise ValueError("This model captures no layers: open it with LocalModel(..., capture_layers=[...]).")
+        self._watched = {layer: [] for layer in self.model.capture_layers}
+
+    def watched_states(self) -> dict[int, np.ndarray]:
+        """The mean of each captured layer's residual stream over the tokens evaluated since
+        ``watch_states()``, the pending last sampled token included (it is evaluated now: one
+        single-token decode). After ``rewind`` to the slot and a generated (or committed) answer,
+        those are the prompt's last token and every answer token, whether the answer was
+        generated token by token or committed in one batch. The model's last layer is left out:
+        llama.cpp computes it for the output row only."""
+        if self._watched is None:
+            raise ValueError("No states are watched: call watch_states() before the answer.")
+        self._flush()
+        last = self.model.n_layer - 1
+        return {layer: np.concatenate(rows).mean(axis=0) for layer, rows in self._watched.items() if rows and layer != last}
 
     def extend(self, text: str) -> None:
         """Put runtime-written text (not generated) into the context."""

@@ -93,6 +93,35 @@ class ProbePredictor(Predictor):
         return self.probe.prediction(probe_state(session, self.probe.layer), pass_mark)
 
 
+class DraftVerifier:
+    """The cascade's second decision point: a verifier (``rpra train verifier``) reads the local
+    draft (``probe.draft_features``: the slot state, the mean state over the draft, its token
+    log-probabilities) and predicts whether *that draft* is right.
+
+    Its prediction carries the pre-answer prediction's P(remote passes), where there is one, so
+    the controller routes it on the same quantity as the first point (``route_on``)."""
+
+    name = "verifier"
+
+    def __init__(self, probe: Probe):
+        if probe.reads != "draft":
+            raise ValueError("This probe reads the PA slot, not a draft: fit a verifier with `rpra train verifier`.")
+        if probe.layer is None:
+            raise ValueError("A verifier reads a middle layer's states; this one names none.")
+        self.probe = probe
+        self.layer = probe.layer
+        self.capture_layers = [probe.layer]
+
+    def verify(self, slot_state: np.ndarray, draft_state: np.ndarray, logprobs, *, pass_mark: int,
+               p_remote: float | None = None) -> Prediction:  # fmt: skip
+        from dataclasses import replace
+
+        from rpra.probe import draft_features
+
+        prediction = self.probe.prediction(draft_features(slot_state, draft_state, logprobs), pass_mark)
+        return replace(prediction, predictor=self.name, p_remote=p_remote)
+
+
 def probe_state(session: LocalSession, layer: int | None) -> np.ndarray:
     """The state a probe reads at the slot: the final hidden state (``layer`` None), else that
     layer's residual stream at the slot token, captured during the prefill. Training reads

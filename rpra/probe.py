@@ -18,6 +18,11 @@ single answer token is generated, and applies a linear head fitted on the train 
   P(local passes) - P(remote passes) (``route_on=advantage``): the expected reward of each
   target, predicted from the query alone, as in expected-reward routing (arXiv 2603.20217).
 
+A **verifier** (``rpra train verifier``) is the same head read after the answer instead: on
+``draft_features`` (the slot state, the mean residual stream over the local draft at the same
+layer, and the draft's token log-probabilities), its P(pass) is whether *this draft* is right:
+the second decision point of a cascade (``meta["reads"]`` is "draft"; a probe's is "slot").
+
 A probe is fitted on one model file and refuses another (``check_model``): a probe's weights mean
 nothing on a different model's states, even one of the same width.
 
@@ -70,6 +75,11 @@ class Probe:
     def predicts_remote(self) -> bool:
         """Whether the probe also predicts the remote's pass (``route_on=advantage`` needs it)."""
         return self.remote_weights is not None
+
+    @property
+    def reads(self) -> str:
+        """What the head reads: "slot" (a probe, before the answer) or "draft" (a verifier, after it)."""
+        return self.meta.get("reads", "slot")
 
     @property
     def capture_layers(self) -> list[int]:
@@ -170,13 +180,25 @@ class Probe:
         return probe
 
 
+def draft_features(slot: np.ndarray, draft: np.ndarray, logprobs: list[float] | dict) -> np.ndarray:
+    """What a verifier reads, in one layout for training and the device: the state at the PA slot,
+    the mean state over the draft (the same layer), and the draft's mean and minimum token
+    log-probability and log(1 + its length in tokens). ``logprobs``: each token's, or a
+    record's ``{"mean", "min", "tokens"}``; an empty draft reads as certain (0, 0, 0)."""
+    if isinstance(logprobs, dict):
+        stats = [logprobs.get("mean") or 0.0, logprobs.get("min") or 0.0, math.log1p(logprobs.get("tokens") or 0)]
+    else:
+        stats = [sum(logprobs) / len(logprobs), min(logprobs), math.log1p(len(logprobs))] if logprobs else [0.0, 0.0, 0.0]
+    return np.concatenate([np.asarray(slot, np.float32), np.asarray(draft, np.float32), np.asarray(stats, np.float32)])
+
+
 def _sigmoid(logit: float) -> float:
     return 1.0 / (1.0 + math.exp(-min(max(logit, -50.0), 50.0)))
 
 
-def default_probe_path(model_path: Path) -> Path:
-    """Where a model's probe lives: next to the model file."""
-    return model_path.with_name(f"{model_path.stem}.probe.npz")
+def default_probe_path(model_path: Path, reads: str = "slot") -> Path:
+    """Where a model's probe (``reads`` "slot") or verifier ("draft") lives: next to the model file."""
+    return model_path.with_name(f"{model_path.stem}.{'probe' if reads == 'slot' else 'verifier'}.npz")
 
 
 def list_probes() -> list[dict]:

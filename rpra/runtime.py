@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from rpra import prompts
 from rpra.config import Mode, Settings
 from rpra.controller import Controller, Decision
@@ -27,7 +29,8 @@ from rpra.errors import ConfigError, InputError, PrivacyError, PromptTooLongErro
 from rpra.local import Generated, LocalModel, LocalSession
 from rpra.prediction import Prediction
 from rpra.privacy import Redactor, StreamRestorer, Vault, redact_messages
-from rpra.predictors import FineTunedPredictor, Predictor, ProbePredictor, ReportCardPredictor, ZeroShotPredictor, make_slot
+from rpra.predictors import (DraftVerifier, FineTunedPredictor, Predictor, ProbePredictor, ReportCardPredictor, ZeroShotPredictor,
+                             make_slot)
 from rpra.remote import RemoteModel, Waiting
 from rpra.store import LogStore
 
@@ -54,6 +57,10 @@ class TurnResult:
     model: str = ""
     prediction: Prediction | None = None
     decision: Decision | None = None
+    # The cascade (a verifier set): its prediction for the local draft, and the draft itself when
+    # it was deferred unseen (else the draft is the answer).
+    draft_prediction: Prediction | None = None
+    discarded_draft: str | None = None
     reasoning: str = ""
     fallback: bool = False  # deferred, but the remote failed and the local model answered
     remote_error: str | None = None
@@ -85,8 +92,9 @@ class TurnResult:
         return f"local · {why}"
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("prediction", "decision")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("prediction", "decision", "draft_prediction")}
         out["prediction"] = self.prediction.to_dict() if self.prediction else None
+        out["draft_prediction"] = self.draft_prediction.to_dict() if self.draft_prediction else None
         out["decision"] = self.decision.to_dict() if self.decision else None
         out["verdict"] = self.verdict
         return out
@@ -140,21 +148,27 @@ class Runtime:
         remote: RemoteModel | None = None,
         predictor: Predictor | None = None,
         store: LogStore | None = None,
+        verifier: DraftVerifier | None = None,
     ):
         self.settings = settings
         self.local = local
         self.remote = remote
         self.predictor = predictor or ZeroShotPredictor()
-        wanted = set(self.predictor.capture_layers)
-        if local is not None and wanted and (missing := wanted - set(local.capture_layers)):
-            raise ConfigError(f"The {self.predictor.name} predictor reads layer(s) {sorted(missing)}, which the device model "
-                              f"does not capture: open it with LocalModel.from_settings(..., capture_layers={self.predictor.capture_layers}).")  # fmt: skip
+        self.verifier = verifier
+        for reader in (self.predictor, verifier):
+            wanted = set(reader.capture_layers) if reader is not None else set()
+            if local is not None and wanted and (missing := wanted - set(local.capture_layers)):
+                raise ConfigError(f"The {reader.name} reads layer(s) {sorted(missing)}, which the device model does not capture: "
+                                  f"open it with LocalModel.from_settings(..., capture_layers={sorted(wanted)}).")  # fmt: skip
+        if verifier is not None and settings.protocol != "pa":
+            raise ConfigError("The verifier reads a draft in the PA layout: use it with protocol = pa.")
         if settings.route_on == "advantage" and settings.mode != "remote-only" and not self.predictor.predicts_remote:
             raise ConfigError(f"route_on = advantage routes on P(local passes) - P(remote passes), and the {self.predictor.name} "
                               "predictor does not predict the remote: use a probe with a remote head "
                               "(`rpra train probe --remote`, then predictor = probe), or route_on = p_pass.")  # fmt: skip
         self.store = store
-        self.controller = Controller(threshold=settings.threshold, route_on=settings.route_on, mode=settings.mode)
+        self.controller = Controller(threshold=settings.threshold, route_on=settings.route_on, mode=settings.mode,
+                                     verify_threshold=settings.verify_threshold)
         self._slot = make_slot(local, settings.scale_max) if local else None
         self.redactor = Redactor(phone_region=settings.phone_region) if settings.redact else None
 
@@ -162,16 +176,19 @@ class Runtime:
     def from_settings(cls, settings: Settings, *, need_local: bool = True) -> Runtime:
         """Load what ``settings`` name: the device model (unless not needed), the remote, the log."""
         predictor = predictor_from_settings(settings)
-        local = LocalModel.from_settings(settings, capture_layers=predictor.capture_layers or None) if need_local else None
+        verifier = verifier_from_settings(settings)
+        layers = sorted(set(predictor.capture_layers) | set(verifier.capture_layers if verifier else ()))
+        local = LocalModel.from_settings(settings, capture_layers=layers or None) if need_local else None
         # never-defer is fully offline: no remote client exists to send anything with.
         remote = RemoteModel.from_settings(settings) if settings.remote_url and settings.privacy != "never-defer" else None
         store = LogStore.default() if settings.log else None
-        return cls(settings, local=local, remote=remote, predictor=predictor, store=store)
+        return cls(settings, local=local, remote=remote, predictor=predictor, store=store, verifier=verifier)
 
     def configured(self, **changes) -> Runtime:
         """This runtime with some settings changed for one request (e.g. ``max_tokens``), sharing
         its models, predictor and store. Settings the controller reads cannot change this way."""
-        fixed = sorted(set(changes) & {"threshold", "route_on", "mode", "model", "adapter", "protocol", "predictor"})
+        fixed = sorted(set(changes) & {"threshold", "route_on", "mode", "model", "adapter", "protocol", "predictor", "verifier",
+                                       "verify_threshold"})
         if fixed:
             raise ValueError(f"{', '.join(fixed)} cannot change per request; build another Runtime.")
         view = copy.copy(self)
@@ -206,6 +223,26 @@ class Runtime:
         finally:
             events.close()  # runs the turn's cleanup: the model's lock is released
         raise AssertionError("a turn always decides before it answers")
+
+    def read_draft(self, messages: list[dict], answer: str, *, layers: list[int] | None = None
+                   ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:  # fmt: skip
+        """The captured layers' states a verifier reads when ``answer`` is this turn's local draft:
+        at the PA slot, and the mean over the draft in the layout the device answers in (the slot
+        rewound, the answer after the assistant turn's start). The answer is committed in one
+        batch, not generated; ``LocalSession.watched_states`` makes the two the same. For
+        training and the benchmark, on recorded answers: nothing is generated, sent or logged."""
+        _check_messages(messages)
+        if self.local is None or not self.local.capture_layers:
+            raise ConfigError("Reading a draft needs a device model that captures layers (LocalModel(..., capture_layers=...)).")
+        with self.local.lock:
+            session = self._open_session(messages, TurnResult(model=self.settings.model), opening=prompts.SLOT_OPEN["pa"])
+            slot = session.layer_states("last")
+            session.rewind(session.slot_at)
+            session.watch_states()
+            session.commit(self.local.tokenize(answer) or [self.local.end_of_turn])
+            draft = session.watched_states()
+        keep = set(layers) if layers is not None else set(slot)
+        return {k: v for k, v in slot.items() if k in keep}, {k: v for k, v in draft.items() if k in keep}
 
     def ask(self, messages: list[dict], *, mode: Mode | None = None, conversation_id: str | None = None) -> TurnResult:
         """Run one turn to completion and return its result."""
@@ -322,7 +359,9 @@ class Runtime:
             raise
         result.timings_ms["decision"] = _ms(start)
 
-        if result.decision.route == "local":
+        if result.decision.route == "local" and self._checks_draft(mode, kept, result):
+            yield from self._draft_and_check(messages, session, result, confirm)
+        elif result.decision.route == "local":
             try:  # the lock is still held: release it even if the consumer stops listening here
                 yield self._decided(result)
                 if kept == _NO_REMOTE:
@@ -334,6 +373,43 @@ class Runtime:
             yield self._decided(result)
             yield from self._answer_remotely(messages, outgoing, vault, session, result)
         result.timings_ms["total"] = _ms(start)
+
+    def _checks_draft(self, mode: Mode, kept: str | None, result: TurnResult) -> bool:
+        """Whether this local turn drafts unseen for the verifier: a verifier is set, the controller
+        decides (mode auto), the prediction kept it local, and a deferral could leave the device
+        (a remote, and privacy not never-defer): otherwise the check could change nothing."""
+        return (self.verifier is not None and mode == "auto" and kept is None and result.prediction is not None
+                and self.remote is not None and self.settings.privacy != "never-defer")
+
+    def _draft_and_check(self, messages: list[dict], session: LocalSession, result: TurnResult, confirm: Confirm | None) -> Iterator[Event]:
+        """The cascade's second point: draft the answer without showing it, let the verifier
+        score it, then show it, or defer it unseen (``Controller.check``)."""
+        started = time.perf_counter()
+        try:  # the lock is held from the first decision: release it even if the consumer stops listening here
+            yield Notice("checking the local draft before showing it")
+            shown = [e for e in self._answer_locally(session, result, watch=True)]
+            slot = session.layer_states("last")[self.verifier.layer]
+            draft = session.watched_states()[self.verifier.layer]
+            stats = {**(result.local_logprobs or {}), "tokens": result.tokens.get("local_answer", 0)}
+            p_remote = result.prediction.p_remote
+            result.draft_prediction = self.verifier.verify(slot, draft, stats, pass_mark=self.settings.pass_mark, p_remote=p_remote)
+            checked = self.controller.check(result.decision, result.draft_prediction)
+            result.timings_ms["draft_check"] = _ms(started)
+            outgoing = vault = None
+            if checked.route == "remote":
+                outgoing, vault = self._outgoing(messages, result)
+                if kept := self._kept_on_device(outgoing, confirm):
+                    checked = dataclasses.replace(checked, route="local", reason=f"{checked.reason}; kept on the device: {kept}")
+            result.decision = checked
+            yield self._decided(result)
+            if checked.route == "local":
+                yield from shown
+                return
+            result.discarded_draft = "".join(e.text for e in shown if isinstance(e, Text))
+            result.answered_by = ""
+        finally:
+            self.local.lock.release()
+        yield from self._answer_remotely(messages, outgoing, vault, session, result)
 
     @staticmethod
     def _decided(result: TurnResult) -> Decided:
@@ -417,7 +493,9 @@ class Runtime:
         result.tokens["reasoning"] = out.tokens
         return out.text.strip()
 
-    def _answer_locally(self, session: LocalSession, result: TurnResult) -> Iterator[Event]:
+    def _answer_locally(self, session: LocalSession, result: TurnResult, *, watch: bool = False) -> Iterator[Event]:
+        """Generate the local answer, streamed as Text events; ``watch``: keep the captured layers'
+        states over it, for the verifier (``LocalSession.watch_states``)."""
         s = self.settings
         started = time.perf_counter()
         result.answered_by = "local"
@@ -430,6 +508,8 @@ class Runtime:
             # The slot goes: a small model's answer copies the score it reads ("[[1]]" ... "The
             # answer is 1."). Its KV cells are dropped, so this costs one token's decode.
             session.rewind(session.slot_at)
+        if watch:
+            session.watch_states()
         out = Generated()
         started_text = False
         rating_line = None if s.answer_after_score else prompts.LeadingRatingFilter()  # a score the model writes itself
@@ -518,6 +598,14 @@ class Runtime:
         result.remote_partial = partial or None
         if self.local is None:
             raise error
+        if result.discarded_draft is not None:  # the draft is already made: show it, flagged
+            yield Notice(f"remote failed ({error}); showing the local draft the verifier had set aside")
+            if partial:
+                yield Text(_BROKE_OFF, "local")
+            result.answered_by = "local"
+            yield Text(result.discarded_draft, "local")
+            result.discarded_draft = None
+            return
         with self.local.lock:
             try:
                 session = self._resume_session(messages, session, result)
@@ -542,6 +630,21 @@ class Runtime:
             return resumed
         # remote-only mode: no prediction was made, so answer in the PA layout without one.
         return self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
+
+
+def verifier_from_settings(settings: Settings) -> DraftVerifier | None:
+    """The cascade's verifier the settings name (``verifier``), checked against the model; None unset."""
+    if not settings.verifier:
+        return None
+    from rpra.models import file_sha256, resolve
+    from rpra.probe import Probe
+
+    probe = Probe.load(settings.verifier)
+    probe.check_model(file_sha256(resolve(settings.model)), settings.model)
+    try:
+        return DraftVerifier(probe)
+    except ValueError as exc:
+        raise ConfigError(f"{settings.verifier}: {exc}") from None
 
 
 def predictor_from_settings(settings: Settings) -> Predictor:
@@ -615,7 +718,8 @@ def _ms(since: float) -> float:
 def _log_fields(r: TurnResult, s: Settings) -> dict:
     t, n = r.timings_ms, r.tokens
     return dict(
-        prediction_json=r.prediction.to_dict() if r.prediction else None,
+        prediction_json=(r.prediction.to_dict() | ({"draft_check": r.draft_prediction.to_dict()} if r.draft_prediction else {})
+                         if r.prediction else None),
         expected=r.prediction.expected if r.prediction else None,
         p_pass=r.prediction.p_pass if r.prediction else None,
         route=r.decision.route if r.decision else None,

@@ -193,3 +193,45 @@ def test_generated_logprobs_are_each_greedy_tokens_full_softmax(local_model, mod
     # Greedy at temperature 0 with no repeat penalty: each token is the step's most probable one.
     assert answer == list(log_softmax.argmax(axis=1))
     np.testing.assert_allclose(out.logprobs, log_softmax.max(axis=1), atol=1e-4)
+
+
+def test_draft_states_are_the_same_generated_or_committed(capturing):
+    """The verifier's features at run time (states watched while the answer is generated token by
+    token) are those training reads (the recorded answer committed in one batch)."""
+    tokens = capturing.chat_tokens(QUESTION)
+    with capturing.lock:
+        session = capturing.session(tokens + capturing.tokenize("Rating: [["))
+        session.rewind(len(tokens))
+        session.watch_states()
+        out = Generated()
+        for _ in session.generate(12, temperature=0.0, out=out):
+            pass
+        generated = session.watched_states()
+        answer = session.tokens[len(tokens):]
+        assert len(answer) == out.tokens > 0
+        session = capturing.session(tokens + capturing.tokenize("Rating: [["))
+        session.rewind(len(tokens))
+        session.watch_states()
+        session.commit(answer)
+        committed = session.watched_states()
+    assert sorted(generated) == sorted(committed) == [0, 10, 20]  # the last layer holds the output row only
+    for layer in generated:
+        assert correlation(generated[layer], committed[layer]) > 0.999
+        assert np.abs(generated[layer] - committed[layer]).max() < 0.05 * np.abs(committed[layer]).max()
+    # The states move with the answer: another answer's mean is not the same.
+    with capturing.lock:
+        session = capturing.session(tokens + capturing.tokenize("Rating: [["))
+        session.rewind(len(tokens))
+        session.watch_states()
+        session.commit(capturing.tokenize("I do not know, sorry."))
+        other = session.watched_states()
+    assert correlation(other[20], committed[20]) < 0.999
+
+
+def test_watching_needs_a_capturing_model(local_model):
+    with local_model.lock:
+        session = local_model.session(local_model.chat_tokens(QUESTION))
+        with pytest.raises(ValueError, match="captures no layers"):
+            session.watch_states()
+        with pytest.raises(ValueError, match="No states are watched"):
+            session.watched_states()

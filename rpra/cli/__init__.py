@@ -83,9 +83,10 @@ cards.command("show")(measure.card_show)
 app.command()(measure.calibrate)
 
 # Training the predictors
-training = _group("train", "Fine-tuned predictors: a LoRA adapter (SFT) and an activation probe, trained on judged records.")
+training = _group("train", "Trained predictors: a LoRA adapter (SFT), an activation probe and a draft verifier, fitted on collected records.")
 training.command("sft")(train.sft_command())
 training.command("probe")(train.train_probe)
+training.command("verifier")(train.train_verifier)
 training.command("list")(train.train_list)
 training.command("export")(train.train_export)
 

@@ -1,4 +1,4 @@
-"""Training the predictors: `rpra train sft`, `probe`, `list` and `export`.
+"""Training the predictors: `rpra train sft`, `probe`, `verifier`, `list` and `export`.
 
 `sft` and `export` need the train extra (torch, transformers, peft, trl), imported only when they
 run; `list` needs nothing beyond the runtime.
@@ -136,3 +136,38 @@ def train_probe(
                   f"CV RMSE {report['cv_rmse']:.2f} (always-the-mean: {report['mean_baseline_rmse']:.2f}) · CV Spearman {report['cv_spearman']:.2f}"
                   + (f" · CV AUROC (pass) {report['cv_auroc_pass']:.2f}" if report.get("cv_auroc_pass") is not None else ""))  # fmt: skip
     out.print("[dim]use it with --set predictor=probe" + (" (and --set route_on=advantage --set threshold=0)" if "remote" in report else "") + "[/]")
+
+
+@settings_command()
+def train_verifier(
+    settings,
+    suite: Annotated[str, typer.Option(help="Collection(s) to fit on: a suite, or several comma-separated (e.g. arithmetic,gsm,mmlu).")] = "rpra-mix",
+    split: Annotated[str, typer.Option(help="Collection split to fit on (not the test split).")] = "train",
+    layer: Annotated[str, typer.Option(help="The layer whose states it reads: a number, or 'auto' (the pre-answer probe's layer "
+                                            "from the model's layer sweep).")] = "auto",
+    limit: Annotated[Optional[int], typer.Option(help="At most this many records per suite (a seeded sample); default all.")] = None,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for choosing the head's strength.")] = 5,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Verifier file (default: next to the model).")] = None,
+) -> None:
+    """Fit the draft verifier: a logistic head from the device model's states over its own answer (and the answer's token
+    log-probabilities) to whether that answer is right. The cascade's second decision point (--set verifier=FILE)."""
+    bench_module()  # the verifier reads a benchmark collection
+    from rich.progress import Progress
+
+    from rpra.training.verifier import train_verifier as fit
+
+    if layer != "auto" and not layer.isdigit():
+        raise typer.BadParameter(f"{layer!r} is not a layer number or 'auto'.", param_hint="--layer")
+    with Progress(console=err, transient=True) as bar:
+
+        def progress(total: int):
+            task = bar.add_task("reading drafts", total=total)
+            return lambda: bar.advance(task)
+
+        path, report = fit(settings, suite=suite, split=split, layer="auto" if layer == "auto" else int(layer), limit=limit,
+                           folds=folds, output=output, progress=progress)  # fmt: skip
+    out.print(f"verifier: {path} ({path.stat().st_size / 1e3:.0f} kB) · layer {report['layer']} · {report['examples']} drafts, "
+              f"{report['passing']} right · logistic C {report['c']:g} · CV AUROC {report['cv_auroc_pass']:.3f} "
+              f"(the draft's log-probabilities alone: {report['logprobs_only']['cv_auroc_pass']:.3f}) · CV Brier {report['cv_brier']:.3f} "
+              f"(base rate: {report['base_rate_brier']:.3f})")  # fmt: skip
+    out.print("[dim]use it with --set verifier=" + str(path) + "[/]")
