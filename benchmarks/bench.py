@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from rpra import prompts
 from rpra.benchmarks.cache import CallCache, cached
 from rpra.benchmarks.collect import Collector, collect, predict_only, provenance_for
@@ -25,7 +27,7 @@ from rpra.benchmarks.judge import Judge
 from rpra.config import Settings
 from rpra.local import LocalModel
 from rpra.models import file_sha256, resolve
-from rpra.predictors import Predictor, ProbePredictor, ReportCardPredictor, ZeroShotPredictor
+from rpra.predictors import DraftVerifier, Predictor, ProbePredictor, ReportCardPredictor, ZeroShotPredictor
 from rpra.remote import RemoteModel
 from rpra.runtime import Runtime
 
@@ -258,7 +260,52 @@ def add_trained_predictions(records: list[dict], settings: Settings, *, log: Cal
         added.append("probe_pa")
     else:
         log("no probe for this model yet (`rpra train probe`): no probe predictor")
+    verifier_path = Path(settings.verifier).expanduser() if settings.verifier else default_probe_path(model, "draft")
+    if verifier_path.exists() and all(r.get("local_answer") is not None for r in records):
+        verifier = Probe.load(verifier_path)
+        verifier.check_model(sha, settings.model)
+        add_verifier_predictions(records, settings, DraftVerifier(verifier))
+        added.append("verifier")
+    elif not verifier_path.exists():
+        log("no draft verifier for this model yet (`rpra train verifier`): no verifier or cascade")
     return added
+
+
+def add_verifier_predictions(records: list[dict], settings: Settings, verifier: DraftVerifier, *, field: str = "verifier",
+                             remote_from: str = "probe_pa", progress: bool = True) -> list[dict]:  # fmt: skip
+    """The draft verifier's prediction for each record's recorded local answer, as ``record[field]``,
+    carrying the P(remote passes) of ``record[remote_from]`` (the pre-answer probe's remote head)
+    where there is one, as the runtime's second point does.
+
+    The states come from ``Runtime.read_draft`` (one prefill of the prompt and the answer), cached
+    by model file, layer, prompt and answer: a refitted verifier on the same layer costs no device
+    call. ``<field>_read_ms`` is that read's time (the runtime watches the states while drafting
+    instead, at no extra prefill)."""
+    from rich.progress import track
+
+    from rpra.benchmarks.baselines import as_prediction
+
+    settings = bench_settings(settings)
+    local = LocalModel.from_settings(settings, capture_layers=verifier.capture_layers)
+    runtime = Runtime(settings, local=local)
+    cache, sha = CallCache.default(), file_sha256(local.path)
+    layer = verifier.layer
+    for r in track(records, description=f"reading drafts: {field}", disable=not progress, transient=True):
+        answer = r.get("local_answer") or ""
+
+        def read(r=r, answer=answer) -> dict:
+            started = time.perf_counter()
+            slot, draft = runtime.read_draft([{"role": "user", "content": r["prompt"]}], answer, layers=[layer])
+            return {"slot": [round(float(v), 5) for v in slot[layer]], "draft": [round(float(v), 5) for v in draft[layer]],
+                    "ms": (time.perf_counter() - started) * 1000}  # fmt: skip
+
+        out = cached(cache, "draft-read", sha, {"layer": layer, "prompt": r["prompt"], "answer": answer}, read)
+        stats = {**(r.get("local_logprobs") or {}), "tokens": r.get("local_tokens") or 0}
+        p_remote = (r.get(remote_from) or {}).get("p_remote")
+        verdict = verifier.verify(np.asarray(out["slot"]), np.asarray(out["draft"]), stats, pass_mark=settings.pass_mark)
+        r[field] = as_prediction(verdict.p_pass, predictor="verifier", scale_max=settings.scale_max, p_remote=p_remote)
+        r[f"{field}_read_ms"] = out["ms"]
+    return records
 
 
 def add_self_verification(records: list[dict], settings: Settings, *, progress: bool = True) -> list[dict]:
@@ -349,7 +396,7 @@ def report(records: list[dict], settings: Settings, out_dir: Path, *, quality: s
     add_trained_predictions(records, settings, log=log)
     add_baselines(records, settings, log=log, provenance=provenance)
     results = evaluate(records, quality=quality, pass_mark=settings.pass_mark, threshold=settings.threshold,
-                       route_on=settings.route_on, seed=seed)  # fmt: skip
+                       route_on=settings.route_on, verify_threshold=settings.verify_threshold, seed=seed)  # fmt: skip
     # The judge against the verifiers, where both scored an answer (a verified collection has no judge).
     pairs = [((r.get(f"judge_{side}") or {}).get("score"), r[f"exact_{side}"]) for r in records for side in ("local", "remote")]
     pairs = [p for p in pairs if p[0] is not None and p[1] is not None]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from rpra.benchmarks import metrics as M
-from rpra.controller import defers, routed_score
+from rpra.controller import cascade_scores, defers, routed_score
 
 # The quality of an answer under exact verifiers: a judge-scale score, so that both quality
 # sources share every metric.
@@ -27,9 +27,14 @@ EXACT_CORRECT, EXACT_WRONG = 10.0, 1.0
 PREDICTORS = {"pa": "zero-shot PA", "rpra": "zero-shot RPRA", "card_pa": "report card PA", "sft_pa": "SFT PA", "sft_rpra": "SFT RPRA",
               "probe_pa": "probe (PA slot)", "prior": "category prior (train)",
               "confidence_mean": "answer confidence: mean (after the answer)", "confidence_min": "answer confidence: min (after the answer)",
-              "self_check": "self-verification, AutoMix (after the answer)"}
+              "self_check": "self-verification, AutoMix (after the answer)", "verifier": "verifier (after the draft)"}
 BASELINES = {"prior", "confidence_mean", "confidence_min", "self_check"}  # benchmarks.baselines: P(pass) only
 ADVANTAGE = ": advantage"  # the suffix of a predictor's row routed on P(local passes) - P(remote passes)
+CASCADE = "cascade: probe, then verifier"
+# The cascade's first point defers at once only an obvious miss: P(pass) under 10%, an expected
+# score under 2, or the remote expected to pass 50 points more often. Set before any test run,
+# not tuned on one; the runtime's own first threshold is the setting ``threshold``.
+CASCADE_FIRST = {"p_pass": 0.1, "expected": 2.0, "advantage": -0.5}
 
 
 @dataclass
@@ -90,7 +95,7 @@ def _prediction(records: list[dict], field: str, route_on: str) -> tuple[np.ndar
 
 
 def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, threshold: float = 5.0, route_on: str = "expected",
-             n_boot: int = 1000, seed: int = 0) -> dict:  # fmt: skip
+             verify_threshold: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict:  # fmt: skip
     """All metrics for every predictor present in ``records`` and for the baselines.
 
     Routers rank and defer on ``route_on`` (E[score] or P(pass)) with the controller's own rule,
@@ -104,6 +109,12 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
     remote's answer better than the local one. Where the category prior is present, every other
     predictor row has its AUROC and APGR minus the prior's (the advantage rows: minus the prior's
     advantage row), with paired bootstrap intervals: the bar of a predictor that knows the item.
+
+    With both the probe and the draft verifier present, the cascade gets a row (and one on the
+    advantage): the probe defers an obvious miss at once (below ``CASCADE_FIRST``), every other
+    request is drafted and ranked by the verifier (``controller.cascade_scores``, the runtime's
+    two points); its remote share is at ``verify_threshold`` (default: the row's threshold), and
+    ``drafted_share`` / ``local_s_per_request`` say what the drafts cost the device.
     """
     plain_on, plain_threshold = (route_on, threshold) if route_on != "advantage" else ("p_pass", None)
     advantage_threshold = threshold if route_on == "advantage" else 0.0
@@ -174,6 +185,27 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
             rows[name]["auroc_minus_prior"] = ci(lambda p, q, y: M.auroc(p, y) - M.auroc(q, y), pred, routed[bar], a.passed)
             rows[name]["apgr_minus_prior"] = ci(lambda p, q, l, r: M.apgr(p, l, r) - M.apgr(q, l, r), pred, routed[bar], lq, rq)
 
+    fields = {field for field, _ in present}
+    if {"probe_pa", "verifier"} <= fields:
+        local_ms = [r.get("local_ms") for r in a.kept]
+        decision_ms = [r.get("probe_pa_decision_ms") for r in a.kept]
+        for on, at, suffix in ((plain_on, plain_threshold, ""), ("advantage", advantage_threshold, ADVANTAGE)):
+            if on == "advantage" and not all(r["verifier"].get("advantage") is not None for r in a.kept):
+                continue
+            first = np.asarray([routed_score(r["probe_pa"], on) for r in a.kept], float)
+            draft = np.asarray([routed_score(r["verifier"], on) for r in a.kept], float)
+            pred = cascade_scores(first, draft, CASCADE_FIRST[on])
+            drafted = ~defers(first, CASCADE_FIRST[on])
+            row = router_row(pred)
+            row.update({"first_threshold": CASCADE_FIRST[on], "drafted_share": float(drafted.mean())})
+            if all(v is not None for v in local_ms + decision_ms):
+                row["local_s_per_request"] = float(np.mean(np.where(drafted, local_ms, decision_ms)) / 1000)
+            at = verify_threshold if verify_threshold is not None and on == plain_on else at
+            if at is not None:
+                deferred = defers(pred, at)
+                row.update({"remote_share_at_threshold": float(deferred.mean()), "quality_at_threshold": float(np.where(deferred, rq, lq).mean())})
+            rows[CASCADE + suffix] = row
+
     # Random deferral in expectation: one constant score, whose ties the metrics interpolate as
     # random tie-breaking: the straight line from always-local to always-remote, APGR 0.5. (A
     # single random draw would make the baseline itself noisy.)
@@ -224,7 +256,8 @@ def _fmt(cell) -> str:
 COLUMNS = [("APGR", "apgr"), ("CPT(50%)", "cpt50"), ("CPT(80%)", "cpt80"), ("AUROC", "auroc"), ("AUROC (remote better)", "auroc_remote_better"),
            ("AUROC - prior", "auroc_minus_prior"), ("APGR - prior", "apgr_minus_prior"), ("Spearman", "spearman"),
            ("exact acc", "exact_acc"), ("±1 acc", "within1_acc"), ("ECE", "ece"), ("Brier", "brier"), ("remote share", "remote_share_at_threshold"),
-           ("tokens before decision", "tokens_before_decision"), ("decision p50 ms", "decision_ms_p50"), ("decision p95 ms", "decision_ms_p95")]  # fmt: skip
+           ("tokens before decision", "tokens_before_decision"), ("decision p50 ms", "decision_ms_p50"), ("decision p95 ms", "decision_ms_p95"),
+           ("drafted", "drafted_share"), ("local s / request", "local_s_per_request")]  # fmt: skip
 
 
 # The terminal shows the headline columns; the markdown report and JSON carry all of them.

@@ -180,3 +180,31 @@ def test_a_judge_agreement_without_a_kappa_is_written_not_crashed_on(tmp_path):
     # Two items of one class: Cohen's kappa is undefined (None), as `judge.agreement` returns it.
     md = write_reports(evaluate(records(), n_boot=20), tmp_path, agreement={"accuracy": 1.0, "n": 2, "kappa": None})["markdown"].read_text()
     assert "agreement 100.0% on 2 items (Cohen's κ undefined: one class only)" in md
+
+
+def test_the_cascade_defers_obvious_misses_at_once_and_ranks_the_rest_by_the_verifier():
+    # 30 obvious misses the probe knows (P(pass) 0.05); 50 it cannot tell apart (0.5), of which the
+    # draft is wrong on 25 and the verifier, which reads the draft, knows which.
+    recs = []
+    for i in range(80):
+        obvious = i < 30
+        right = not obvious and i % 2 == 0
+        first = 0.05 if obvious else 0.5
+        verdict = 0.9 if right else 0.2
+        pred = lambda p, extra=None: {"expected": 1 + 9 * p, "p_pass": p, **(extra or {})}  # noqa: E731
+        recs.append({"id": str(i), "suite": "s", "exact_local": float(right), "exact_remote": 1.0,
+                     "probe_pa": pred(first), "verifier": pred(verdict), "pa": pred(0.5),
+                     "probe_pa_decision_ms": 100.0, "local_ms": 1100.0, "label": {"pass": right, "source": "verified"}})  # fmt: skip
+    res = evaluate(recs, quality="exact", route_on="p_pass", threshold=0.5, n_boot=50)
+    cascade, probe = res["routers"]["cascade: probe, then verifier"], res["routers"]["probe (PA slot)"]
+    assert cascade["first_threshold"] == 0.1 and cascade["drafted_share"] == pytest.approx(50 / 80)
+    assert cascade["local_s_per_request"] == pytest.approx((30 * 0.1 + 50 * 1.1) / 80)
+    # At the verify threshold 0.5: the 30 obvious misses and the 25 doubted drafts go remote.
+    assert cascade["remote_share_at_threshold"] == pytest.approx(55 / 80)
+    assert cascade["quality_at_threshold"] == pytest.approx(10.0)  # every answer the user gets is right
+    assert cascade["apgr"]["value"] > probe["apgr"]["value"]
+    assert cascade["apgr"]["value"] == pytest.approx(res["routers"]["oracle"]["apgr"]["value"], abs=0.02)
+    assert "cascade: probe, then verifier: advantage" not in res["routers"]  # no P(remote passes)
+    # A verify threshold of its own: 0.1 keeps every draft.
+    looser = evaluate(recs, quality="exact", route_on="p_pass", threshold=0.5, verify_threshold=0.1, n_boot=50)
+    assert looser["routers"]["cascade: probe, then verifier"]["remote_share_at_threshold"] == pytest.approx(30 / 80)
