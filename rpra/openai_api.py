@@ -151,6 +151,10 @@ def result_fields(result) -> dict:
     """Everything about the finished turn a client may want (the ``rpra`` field)."""
     return {
         **decision_fields(result.decision, result.prediction),
+        # The cascade (a verifier set): its prediction for the local draft, and whether that
+        # draft was made and discarded unseen (deferred after the check).
+        "draft_prediction": result.draft_prediction.to_dict() if result.draft_prediction else None,
+        "draft_discarded": result.discarded_draft is not None,
         "answered_by": result.answered_by,
         "model": result.model if result.answered_by == "local" else None,
         "fallback": result.fallback,
@@ -203,7 +207,8 @@ def final_chunks(result, *, rid: str, model: str, include_usage: bool) -> str:
 
 def decision_headers(decision, prediction, turn_id: int | None) -> dict[str, str]:
     """The routing decision as response headers (ASCII only, as HTTP headers must be)."""
-    headers = {"X-RPRA-Route": decision.route, "X-RPRA-Mode": decision.mode, "X-RPRA-Reason": _ascii(decision.reason)}
+    headers = {"X-RPRA-Route": decision.route, "X-RPRA-Mode": decision.mode, "X-RPRA-Reason": _ascii(decision.reason),
+               "X-RPRA-Decided-At": decision.point}  # "prompt", or "draft" when a verifier checked a draft
     if prediction is not None:
         headers["X-RPRA-Expected-Score"] = f"{prediction.expected:.3f}"
         headers["X-RPRA-P-Pass"] = f"{prediction.p_pass:.3f}"

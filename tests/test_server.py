@@ -498,3 +498,31 @@ def test_allowed_origins_must_be_origins():
     with pytest.raises(ConfigError, match="http://localhost:3000"):
         Settings(allowed_origins="localhost:3000")
     Settings(allowed_origins=" http://localhost:3000 ,*")
+
+
+@pytest.mark.slow
+def test_a_checked_draft_is_streamed_only_when_kept(greedy_settings, model_path, remote_server, tmp_path):
+    """With a verifier, the server starts the response after the draft's check: a doubted draft
+    is never sent, the remote's answer is, and the rpra field says a draft was made and discarded."""
+    from rpra.local import LocalModel
+    from tests.test_cascade import CASCADE, LAYER, verifier
+
+    capturing = LocalModel(model_path, n_ctx=1024, n_threads=2, seed=0, capture_layers=[LAYER])
+    try:
+        for bias, route in ((5.0, "local"), (-5.0, "remote")):
+            settings = greedy_settings(remote_url=remote_server.url, remote_model="stand-in", remote_retries=0, remote_timeout=20, **CASCADE)
+            runtime = Runtime(settings, local=capturing, remote=RemoteModel.from_settings(settings), store=LogStore(tmp_path / f"{route}.db"),
+                              verifier=verifier(capturing.n_embd, bias=bias))  # fmt: skip
+            with running(runtime) as url:
+                raw = client(url).chat.completions.with_raw_response.create(model="rpra", messages=ASK, stream=True)
+                assert raw.headers["x-rpra-route"] == route and raw.headers["x-rpra-decided-at"] == "draft"
+                chunks = list(raw.parse())
+                text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+                final = [ch for ch in chunks if ch.choices][-1].model_extra["rpra"]
+                assert final["answered_by"] == route and final["decision"]["point"] == "draft"
+                assert final["draft_discarded"] is (route == "remote") and final["draft_prediction"]["predictor"] == "verifier"
+                turn = runtime.store.get_turn(final["turn_id"])
+                assert text.strip() == turn["answer"] and text.strip()
+                assert turn["answered_by"].startswith(f"{route}:")
+    finally:
+        capturing.close()
