@@ -128,6 +128,9 @@ class Generated:
     # of the raw logits at temperature 1, before repeat penalty and top-k / top-p / min-p. Whatever
     # the sampling settings, that is the model's confidence (mean / min: the answer-confidence baseline).
     logprobs: list[float] = field(default_factory=list)
+    # ``LocalSession.sample_many(watch=True)``: the captured layers' mean over the answer.
+    states: dict[int, np.ndarray] | None = None
+    _last: int | None = field(default=None, repr=False)  # the last token sampled (sample_many's bookkeeping)
 
 
 class LocalModel:
@@ -147,8 +150,12 @@ class LocalModel:
         use_mlock: bool = False,
         capture_layers: Sequence[int] | None = None,
         capture_tokens: int | None = 1,
+        parallel: int = 1,
     ):
-        """``capture_layers``: layers whose residual stream (llama.cpp's ``l_out-<i>``, the output of
+        """``parallel``: how many sequences one context decodes together (llama.cpp's
+        ``n_seq_max``, with one KV cache the sequences share): ``LocalSession.sample_many`` draws
+        that many answers at once over a prompt evaluated once.
+        ``capture_layers``: layers whose residual stream (llama.cpp's ``l_out-<i>``, the output of
         block ``i``; 0-based) every prefill keeps, for ``LocalSession.layer_states``.
         ``capture_tokens``: how many of the prompt's last tokens a capturing prefill always
         evaluates, even where the cache holds them: only evaluated tokens are seen, so pooling over
@@ -208,6 +215,12 @@ class LocalModel:
         self._n_layer = llama_cpp.llama_model_n_layer(self._llm.model)
         self.capture_tokens = capture_tokens
         self._tap: _LayerTap | None = None
+        if parallel < 1:
+            raise ConfigError(f"parallel is {parallel}; use 1 or more sequences.")
+        self.parallel = parallel
+        if parallel > 1:  # read by llama.cpp only when a context is made: made again below
+            self._llm.context_params.n_seq_max = parallel
+            self._llm.context_params.kv_unified = True  # one cache: the prompt's cells are shared, not copied
         if capture_layers is not None:
             if capture_tokens is not None and capture_tokens < 1:
                 raise ConfigError(f"capture_tokens is {capture_tokens}; use 1 or more, or None for the whole prompt.")
@@ -218,18 +231,20 @@ class LocalModel:
                     f"which has {self.n_layer} (0 to {self.n_layer - 1})."
                 )
             self._tap = _LayerTap(layers, self.n_embd)
-            _recreate_context(self._llm, self._tap.callback)
+        if self._tap is not None or parallel > 1:
+            _recreate_context(self._llm, self._tap.callback if self._tap else None)
 
     @classmethod
     def from_settings(
-        cls, settings, *, capture_layers: Sequence[int] | None = None, capture_tokens: int | None = 1
+        cls, settings, *, capture_layers: Sequence[int] | None = None, capture_tokens: int | None = 1, parallel: int = 1
     ) -> LocalModel:
         """The device model as ``settings`` name it: the model and adapter (resolved and checked
         against each other), context, threads, batch, seed, mmap / mlock.
 
         The one way the runtime, the benchmark and training open it; a caller that needs
         something else changes the settings (``dataclasses.replace``), not this call.
-        ``capture_layers`` / ``capture_tokens``: layer capture, as in ``LocalModel()`` (not a setting yet).
+        ``capture_layers`` / ``capture_tokens`` / ``parallel``: layer capture and parallel
+        sequences, as in ``LocalModel()`` (not settings yet).
         """
         from rpra.adapters import resolve_adapter
         from rpra.models import resolve
@@ -247,6 +262,7 @@ class LocalModel:
             use_mlock=settings.use_mlock,
             capture_layers=capture_layers,
             capture_tokens=capture_tokens,
+            parallel=parallel,
         )
 
     @property
@@ -394,9 +410,10 @@ class LocalModel:
             return reuse, None
         return reuse, self._tap.capture(lambda: llm.eval(tokens[reuse:]), keep=self.capture_tokens)
 
-    def _token_logprob(self, token: int) -> float:
-        """log P(token) at the last evaluated position: log-softmax of the raw logits (temperature 1)."""
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._llm.ctx, -1), shape=(self._n_vocab,))
+    def _token_logprob(self, token: int, idx: int = -1) -> float:
+        """log P(token) at the last evaluated position (or the batch's row ``idx``): log-softmax of
+        the raw logits (temperature 1)."""
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._llm.ctx, idx), shape=(self._n_vocab,))
         top = logits.max()
         return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
 
@@ -586,6 +603,7 @@ class LocalSession:
         repeat_penalty: float = 1.0,
         stop: str | None = None,
         out: Generated | None = None,
+        seed: int | None = None,
     ) -> Iterator[str]:
         """Sample up to ``max_tokens`` tokens, yielding text as it becomes valid UTF-8.
 
@@ -596,7 +614,7 @@ class LocalSession:
         out = out if out is not None else Generated()
         model, llm = self.model, self.model._llm
         # The same sampler chain llama-cpp-python's own generate() builds (pinned version).
-        sampler = llm._init_sampler(temp=temperature, repeat_penalty=repeat_penalty, **_SAMPLING)
+        sampler = _sampler(llm, temperature, repeat_penalty, model.seed if seed is None else seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         held = ""  # text withheld while it could still be the start of ``stop``
         out.finish_reason = "length"
@@ -630,6 +648,121 @@ class LocalSession:
         if held:
             out.text += held
             yield held
+
+
+    def sample_many(self, n: int, max_tokens: int, *, temperature: float, repeat_penalty: float = 1.0, greedy_first: bool = True,
+                    watch: bool = False, seed: int | None = None) -> list[Generated]:  # fmt: skip
+        """``n`` answers from the current position, decoded as ``n`` parallel sequences: one
+        llama.cpp batch per step holds every unfinished sequence's next token, and the prompt's
+        cells in the KV cache are shared, not copied (the model opened with ``parallel >= n``).
+
+        Sequence 0 is greedy when ``greedy_first`` (so the best of them is never chosen from
+        worse than the plain answer), the others sample at ``temperature`` with seeds of their
+        own. Each ``Generated`` has its text, tokens, finish reason and log-probabilities, and
+        with ``watch`` its ``states``: the captured layers' mean over the prompt's last token
+        and the answer's tokens, as ``watched_states`` gives for one answer. Afterwards the
+        context holds the prompt alone (the answers' cells are dropped): commit the chosen
+        answer to keep it.
+        """
+        model, llm, lib = self.model, self.model._llm, self.model._lib
+        if not 1 <= n <= model.parallel:
+            raise ValueError(f"{n} sequences asked of a model opened with parallel={model.parallel}.")
+        if watch and model._tap is None:
+            raise ValueError("This model captures no layers: open it with LocalModel(..., capture_layers=[...]).")
+        if llm.n_tokens + len(self._pending) + n * max_tokens > model.n_ctx:
+            raise PromptTooLongError(f"{n} answers of {max_tokens} tokens do not fit the device model's context ({model.n_ctx} tokens).")
+        rows: list[dict[int, list[np.ndarray]]] = [{layer: [] for layer in model.capture_layers} for _ in range(n)]
+
+        def evaluate(run, owners: list[int]) -> None:
+            """Run one decode; with ``watch``, give row j of each layer to sequence ``owners[j]``."""
+            if not watch:
+                run()
+                return
+            for layer, got in model._tap.capture(run, keep=None).items():
+                for j, owner in enumerate(owners):
+                    rows[owner][layer].append(got[j : j + 1])
+
+        from llama_cpp import _internals
+
+        if watch and not self._pending:  # the prompt's last token is watched too: evaluate it again
+            llm.n_tokens -= 1
+            self._pending = [self.tokens[-1]]
+        todo, self._pending = self._pending, []
+        if todo:  # the prompt's last token, evaluated once for every sequence
+            evaluate(lambda: llm.eval(todo), [0] * len(todo))
+            for i in range(1, n):
+                for layer in rows[i]:
+                    rows[i][layer] = [r.copy() for r in rows[0][layer]]
+        start = llm.n_tokens
+        memory = lib.llama_get_memory(llm.ctx)
+        for i in range(1, n):
+            lib.llama_memory_seq_cp(memory, 0, i, -1, -1)
+        samplers = [_sampler(llm, 0.0 if greedy_first and i == 0 else temperature, repeat_penalty, sequence_seed(model.seed if seed is None else seed, i))
+                    for i in range(n)]  # fmt: skip
+        outs = [Generated(finish_reason="length") for _ in range(n)]
+        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n)]
+        rows_of = {i: -1 for i in range(n)}  # each live sequence's logits row in the last batch
+        batch = _internals.LlamaBatch(n_tokens=n, embd=0, n_seq_max=1, verbose=False)
+        try:
+            for step in range(max_tokens + 1):
+                going = []
+                for i, row in rows_of.items():
+                    if step == max_tokens:  # evaluated only for its states: its logits are not read
+                        going.append((i, outs[i]._last))
+                        continue
+                    token = samplers[i].sample(llm._ctx, row)
+                    if model._is_end(token):
+                        outs[i].finish_reason = "stop"
+                        continue
+                    outs[i].tokens += 1
+                    outs[i].logprobs.append(model._token_logprob(token, row))
+                    outs[i].text += decoders[i].decode(llm.detokenize([token]))
+                    outs[i]._last = token
+                    going.append((i, token))
+                if step == max_tokens and not watch:
+                    break
+                if not going:
+                    break
+                b = batch.batch
+                b.n_tokens = len(going)
+                for j, (i, token) in enumerate(going):
+                    b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = token, start + step, 1, True
+                    b.seq_id[j][0] = i
+                status = []
+                evaluate(lambda: status.append(lib.llama_decode(llm.ctx, b)), [i for i, _ in going])
+                if status[0] != 0:
+                    raise ModelError(f"llama.cpp could not decode {len(going)} parallel sequences (status {status[0]}).")
+                rows_of = {i: j for j, (i, _) in enumerate(going)}
+        finally:
+            batch.close()
+            for i in range(1, n):
+                lib.llama_memory_seq_rm(memory, i, -1, -1)
+            lib.llama_memory_seq_rm(memory, 0, start, -1)
+            # As after ``rewind``: the prompt's last token is evaluated again, lazily, for fresh logits.
+            self._pending = [self.tokens[-1]]
+            llm.n_tokens = start - 1
+        for i, out in enumerate(outs):
+            out.text += decoders[i].decode(b"", final=True)
+            if watch:
+                last = model.n_layer - 1
+                out.states = {layer: np.concatenate(r).mean(axis=0) for layer, r in rows[i].items() if r and layer != last}
+        return outs
+
+
+def sequence_seed(seed: int, i: int) -> int:
+    """The sampling seed of the ``i``-th of several answers drawn with ``seed``: each its own draws."""
+    return seed + 7919 * i
+
+
+def _sampler(llm, temperature: float, repeat_penalty: float, seed: int):
+    """llama-cpp-python's sampler chain (``Llama._init_sampler``, pinned version) with ``seed``:
+    it reads the seed from the ``Llama``, so it is set for the call and put back."""
+    saved = llm._seed
+    llm._seed = seed
+    try:
+        return llm._init_sampler(temp=temperature, repeat_penalty=repeat_penalty, **_SAMPLING)
+    finally:
+        llm._seed = saved
 
 
 class _TensorHead(ctypes.Structure):
@@ -719,7 +852,8 @@ class _LayerTap:
 
 
 def _recreate_context(llm, callback) -> None:
-    """Give ``llm`` a new context whose graph evaluation calls ``callback``.
+    """Give ``llm`` a new context from its (changed) parameters, whose graph evaluation calls
+    ``callback`` (or none).
 
     ``Llama()`` takes no ``cb_eval``, and llama.cpp reads it only while creating a context, so the
     context Llama made is replaced by one made from the same parameters plus the callback (about
@@ -728,7 +862,8 @@ def _recreate_context(llm, callback) -> None:
     import llama_cpp
     from llama_cpp import _internals
 
-    llm.context_params.cb_eval = callback
+    if callback is not None:
+        llm.context_params.cb_eval = callback
     ctx = _internals.LlamaContext(model=llm._model, params=llm.context_params, verbose=False)
     old, llm._ctx = llm._ctx, ctx
     old.close()

@@ -26,7 +26,7 @@ from rpra import prompts
 from rpra.config import Mode, Settings
 from rpra.controller import Controller, Decision
 from rpra.errors import ConfigError, InputError, PrivacyError, PromptTooLongError, RemoteError, RpraError
-from rpra.local import Generated, LocalModel, LocalSession
+from rpra.local import Generated, LocalModel, LocalSession, sequence_seed
 from rpra.prediction import Prediction
 from rpra.privacy import Redactor, StreamRestorer, Vault, redact_messages
 from rpra.predictors import (DraftVerifier, FineTunedPredictor, Predictor, ProbePredictor, ReportCardPredictor, ZeroShotPredictor,
@@ -243,6 +243,37 @@ class Runtime:
             draft = session.watched_states()
         keep = set(layers) if layers is not None else set(slot)
         return {k: v for k, v in slot.items() if k in keep}, {k: v for k, v in draft.items() if k in keep}
+
+    def drafts(self, messages: list[dict], n: int, *, temperature: float, max_tokens: int | None = None, batched: bool = True,
+               seed: int | None = None) -> tuple[dict[int, np.ndarray], list[Generated]]:  # fmt: skip
+        """``n`` local answers to ``messages`` in the layout the device answers in, with the captured
+        layers' states at the PA slot and over each answer (for the verifier): the first greedy,
+        the others sampled at ``temperature``. ``batched``: as parallel sequences in one llama.cpp
+        batch per step (``LocalSession.sample_many``; the model opened with ``parallel >= n``);
+        else one after another, each from the same cached prompt: the baseline it is measured
+        against. Best-of-N's rung of the ladder (``rpra.ladder``); nothing is sent or logged."""
+        _check_messages(messages)
+        if self.local is None or not self.local.capture_layers:
+            raise ConfigError("Drafts for the verifier need a device model that captures layers (LocalModel(..., capture_layers=...)).")
+        s = self.settings
+        budget = max_tokens or s.max_tokens
+        with self.local.lock:
+            session = self._open_session(messages, TurnResult(model=s.model), opening=prompts.SLOT_OPEN["pa"])
+            slot = session.layer_states("last")
+            session.rewind(session.slot_at)
+            if batched:
+                return slot, session.sample_many(n, budget, temperature=temperature, repeat_penalty=s.repeat_penalty, watch=True, seed=seed)
+            outs = []
+            for i in range(n):
+                session.rewind(session.slot_at)
+                session.watch_states()
+                out = Generated()
+                for _ in session.generate(budget, temperature=0.0 if i == 0 else temperature, repeat_penalty=s.repeat_penalty, out=out,
+                                          seed=sequence_seed(self.local.seed if seed is None else seed, i)):  # fmt: skip
+                    pass
+                out.states = session.watched_states()
+                outs.append(out)
+            return slot, outs
 
     def ask(self, messages: list[dict], *, mode: Mode | None = None, conversation_id: str | None = None) -> TurnResult:
         """Run one turn to completion and return its result."""

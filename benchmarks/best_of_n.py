@@ -1,0 +1,156 @@
+"""Best-of-N with the draft verifier: accuracy over greedy, and batched against sequential decoding.
+
+For the keyed test items of the chosen suites (the rpra-mix test split's arithmetic and GSM by
+default), the device model draws N answers (the first greedy, the others sampled) as parallel
+sequences in one llama.cpp batch per step (``Runtime.drafts``); the draft verifier scores each
+(``DraftVerifier``, fitted on the train split only), and ``rpra.ladder.choose`` keeps one by each
+rule (weighted, best, majority). Every kept answer is checked by the suite's exact verifier.
+Reported: the share right for greedy (sequence 0), each rule, and "any of N" (the ceiling).
+
+Speed, side by side in one run: on the first ``--timed`` items the same N drafts are also
+decoded one after another (each from the cached prompt), the order of the two alternating per
+item; the ratio of the batched time to the sequential one, per item (median and interval), and
+of time per generated token.
+
+    python -m rpra.benchmarks.best_of_n --model qwen2.5-coder-0.5b-instruct --n 4 --threads 1
+
+Results: benchmarks/results/best_of_n-<model>.{json,md}. Nothing here reads a train split except
+the verifier's fit, and nothing is tuned on the test items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rpra.benchmarks.collection import SEEDS, model_name
+from rpra.config import Settings
+
+RESULTS = SEEDS.parent
+
+
+def run(model: str, *, suites: tuple[str, ...], n: int, temperature: float, max_tokens: int, threads: int | None, timed: int,
+        verifier_path: Path | None, limit: int | None, seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
+    from rich.progress import track
+
+    from rpra.benchmarks.bench import items_for
+    from rpra.benchmarks.data import verify
+    from rpra.ladder import RULES, choose
+    from rpra.local import LocalModel
+    from rpra.models import file_sha256, resolve
+    from rpra.predictors import DraftVerifier
+    from rpra.probe import Probe, default_probe_path
+    from rpra.runtime import Runtime
+
+    path = resolve(model)
+    probe = Probe.load(verifier_path or default_probe_path(path, "draft"))
+    probe.check_model(file_sha256(path), model)
+    verifier = DraftVerifier(probe)
+    settings = Settings(model=model, temperature=0.0, log=False, mode="local-only", n_threads=threads, max_tokens=max_tokens, seed=seed)
+    local = LocalModel.from_settings(settings, capture_layers=verifier.capture_layers, parallel=n)
+    runtime = Runtime(settings, local=local)
+    items = [i for i in items_for("rpra-mix", "test", limit=None, keyed=True) if i.suite in suites]
+    items = items[:limit] if limit else items
+    layer = verifier.layer
+    rows, timings = [], []
+    for k, item in enumerate(track(items, description=f"best-of-{n}", disable=not progress, transient=True)):
+        messages = [{"role": "user", "content": item.prompt}]
+        runs = {}
+        order = (True, False) if k % 2 == 0 else (False, True)
+        for batched in order if k < timed else (True,):
+            started = time.perf_counter()
+            slot, drafts = runtime.drafts(messages, n, temperature=temperature, max_tokens=max_tokens, batched=batched, seed=seed)
+            runs[batched] = (time.perf_counter() - started, slot, drafts)
+        if len(runs) == 2:
+            (tb, _, db), (ts, _, ds) = runs[True], runs[False]
+            timings.append({"batched_s": tb, "sequential_s": ts, "batched_tokens": sum(d.tokens for d in db),
+                            "sequential_tokens": sum(d.tokens for d in ds)})  # fmt: skip
+        _, slot, drafts = runs[True]
+        answers = [d.text.strip() for d in drafts]
+        scores = [verifier.verify(slot[layer], d.states[layer], d.logprobs, pass_mark=7).p_pass for d in drafts]
+        right = [bool(verify(item, a)) for a in answers]
+        row = {"id": item.id, "suite": item.suite, "right": right, "scores": [round(s, 4) for s in scores], "answers": answers,
+               "tokens": [d.tokens for d in drafts]}  # fmt: skip
+        for rule in RULES:
+            row[rule] = right[choose(answers, scores, rule=rule)]
+        rows.append(row)
+    return summarise(rows, timings, model=model, sha=file_sha256(path), n=n, temperature=temperature, max_tokens=max_tokens,
+                     threads=threads, verifier=probe)  # fmt: skip
+
+
+def summarise(rows: list[dict], timings: list[dict], *, model: str, sha: str, n: int, temperature: float, max_tokens: int,
+              threads: int | None, verifier) -> dict:  # fmt: skip
+    from rpra.benchmarks import metrics as M
+    from rpra.ladder import RULES
+
+    def accuracy(subset: list[dict]) -> dict:
+        out = {"items": len(subset), "greedy": float(np.mean([r["right"][0] for r in subset]))}
+        out.update({rule: float(np.mean([r[rule] for r in subset])) for rule in RULES})
+        out[f"any of {n}"] = float(np.mean([any(r["right"]) for r in subset]))
+        out["relative_gain_weighted"] = (out["weighted"] - out["greedy"]) / out["greedy"] if out["greedy"] else None
+        return out
+
+    suites = sorted({r["suite"] for r in rows})
+    result = {
+        "model": model, "model_sha256": sha, "n": n, "temperature": temperature, "max_tokens": max_tokens, "threads": threads,
+        "verifier": {"layer": verifier.layer, "cv_auroc": verifier.meta.get("cv_auroc_pass"), "examples": verifier.meta.get("examples")},
+        "all": accuracy(rows), "by_suite": {s: accuracy([r for r in rows if r["suite"] == s]) for s in suites}, "rows": rows,
+    }  # fmt: skip
+    if timings:
+        ratio = np.array([t["batched_s"] / t["sequential_s"] for t in timings])
+        per_token = np.array([(t["batched_s"] / max(t["batched_tokens"], 1)) / (t["sequential_s"] / max(t["sequential_tokens"], 1)) for t in timings])
+        point, lo, hi = M.bootstrap(np.median, ratio, n_boot=1000, seed=0)
+        result["speed"] = {"items": len(timings), "median_ratio": float(np.median(ratio)), "ratio_ci": [lo, hi],
+                           "median_ratio_per_token": float(np.median(per_token)),
+                           "batched_s_median": float(np.median([t["batched_s"] for t in timings])),
+                           "sequential_s_median": float(np.median([t["sequential_s"] for t in timings])), "timings": timings}  # fmt: skip
+    return result
+
+
+def markdown(result: dict) -> str:
+    n = result["n"]
+    cols = ["greedy", "weighted", "best", "majority", f"any of {n}"]
+    lines = [f"# Best-of-{n} with the draft verifier: {result['model']}", "",
+             f"Temperature {result['temperature']}, answers up to {result['max_tokens']} tokens, sequence 0 greedy; the verifier reads "
+             f"layer {result['verifier']['layer']} (train CV AUROC {result['verifier']['cv_auroc']:.3f}). Share of kept answers right:", "",
+             "| items | n | " + " | ".join(cols) + " | weighted vs greedy |", "|---|---|" + "---|" * (len(cols) + 1)]  # fmt: skip
+    for name, acc in [("all", result["all"]), *result["by_suite"].items()]:
+        gain = acc["relative_gain_weighted"]
+        lines.append(f"| {name} | {acc['items']} | " + " | ".join(f"{acc[c]:.1%}" for c in cols) + f" | {'-' if gain is None else f'{gain:+.0%}'} |")
+    if "speed" in result:
+        s = result["speed"]
+        lines += ["", f"Batched against sequential ({s['items']} items, the order alternating): median time ratio **{s['median_ratio']:.2f}** "
+                      f"[{s['ratio_ci'][0]:.2f}, {s['ratio_ci'][1]:.2f}], per generated token {s['median_ratio_per_token']:.2f}; "
+                      f"median {s['batched_s_median']:.2f} s batched, {s['sequential_s_median']:.2f} s sequential per item."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--suites", default="arithmetic,gsm", help="Suites of the rpra-mix test split (keyed items).")
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max-tokens", type=int, default=48, help="The test collection's answer budget.")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--timed", type=int, default=24, help="Items also decoded sequentially, for the speed ratio.")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--verifier", type=Path, default=None, help="Default: next to the model (`rpra train verifier`).")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
+    args = parser.parse_args(argv)
+    result = run(args.model, suites=tuple(s.strip() for s in args.suites.split(",")), n=args.n, temperature=args.temperature,
+                 max_tokens=args.max_tokens, threads=args.threads, timed=args.timed, verifier_path=args.verifier, limit=args.limit)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"best_of_n-{model_name(args.model)}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1) if args.json else markdown(result))
+
+
+if __name__ == "__main__":
+    main()

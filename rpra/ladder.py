@@ -1,0 +1,58 @@
+"""The test-time compute ladder: more local compute before deferring (pure: no model here).
+
+Between "answer now" and "defer" the device can spend more of its own compute where it pays
+(Snell et al. 2024). The first rung here is **best-of-N**: N answers sampled in one llama.cpp
+batch (``LocalSession.sample_many``), each scored by the draft verifier, and one kept:
+
+- ``weighted``: answers that agree pool their scores, and the best-scored member of the best
+  pool is kept (search-and-learn's weighted best-of-N: a right answer reached several ways
+  outweighs one lucky high score);
+- ``best``: the single highest score;
+- ``majority``: the most frequent answer, no verifier (self-consistency), for comparison.
+
+Answers agree when their ``answer_key`` is equal: the final number where there is one, else the
+normalised text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_WORD = re.compile(r"[^\w]+")
+RULES = ("weighted", "best", "majority")
+
+
+def answer_key(text: str) -> str:
+    """What two answers must share to count as the same answer: the final number (commas and a
+    trailing ".0" dropped), else the lower-cased words of the first line."""
+    numbers = _NUMBER.findall(text or "")
+    if numbers:
+        value = numbers[-1].replace(",", "")
+        if "." in value:
+            value = value.rstrip("0").rstrip(".")
+        return f"number:{value}"
+    first = (text or "").strip().split("\n", 1)[0]
+    return "text:" + _WORD.sub(" ", first.lower()).strip()
+
+
+def choose(answers: Sequence[str], scores: Sequence[float], *, rule: str = "weighted",
+           key: Callable[[str], str] = answer_key) -> int:  # fmt: skip
+    """The index of the answer best-of-N keeps under ``rule`` (``RULES``); ties go to the earlier
+    answer (sequence 0 is the greedy one)."""
+    if rule not in RULES:
+        raise ValueError(f"Unknown best-of-N rule {rule!r}; use one of {', '.join(RULES)}.")
+    if not answers or len(answers) != len(scores):
+        raise ValueError(f"best-of-N needs one score per answer; got {len(answers)} answers and {len(scores)} scores.")
+    indices = range(len(answers))
+    if rule == "best":
+        return max(indices, key=lambda i: (scores[i], -i))
+    keys = [key(a) for a in answers]
+    pooled: dict[str, float] = defaultdict(float)
+    for k, score in zip(keys, scores):
+        pooled[k] += score if rule == "weighted" else 1.0
+    first_seen = {k: keys.index(k) for k in pooled}
+    winner = max(pooled, key=lambda k: (pooled[k], -first_seen[k]))
+    return max((i for i in indices if keys[i] == winner), key=lambda i: (scores[i], -i))

@@ -1,0 +1,86 @@
+"""Best-of-N: the selection rules (pure), and N answers decoded as parallel sequences in one
+llama.cpp batch on the real SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rpra.errors import ConfigError, PromptTooLongError
+from rpra.ladder import answer_key, choose
+from rpra.local import Generated, LocalModel
+from rpra.runtime import Runtime
+
+QUESTION = [{"role": "user", "content": "What is 17 + 25? Answer with the number."}]
+
+
+def test_answers_agree_on_their_final_number_or_their_first_line():
+    assert answer_key("17 + 25 = 42") == answer_key("The answer is 42.") == answer_key("42.0") == "number:42"
+    assert answer_key("1,234 apples") == "number:1234"
+    assert answer_key("Paris, of course!\nMore text") == answer_key("paris of course") != answer_key("Lyon")
+
+
+def test_weighted_best_of_n_pools_the_scores_of_agreeing_answers():
+    answers = ["= 41", "so 42", "it is 42", "43"]
+    scores = [0.9, 0.5, 0.6, 0.2]
+    assert choose(answers, scores, rule="best") == 0  # one high score
+    assert choose(answers, scores, rule="weighted") == 2  # 42 pools 1.1 > 0.9; its best member is kept
+    assert choose(answers, scores, rule="majority") == 2
+    assert choose(["a", "b"], [0.5, 0.5], rule="best") == 0  # ties: the earlier (greedy) answer
+    with pytest.raises(ValueError, match="one score per answer"):
+        choose(["a"], [0.1, 0.2])
+    with pytest.raises(ValueError, match="Unknown best-of-N rule"):
+        choose(["a"], [0.1], rule="vote")
+
+
+
+
+@pytest.fixture(scope="module")
+def parallel(model_path):
+    model = LocalModel(model_path, n_ctx=1024, n_threads=2, seed=0, capture_layers=[10], parallel=4)
+    yield model
+    model.close()
+
+
+@pytest.mark.slow
+def test_parallel_sequences_share_the_prompt_and_draw_their_own_answers(parallel, greedy_settings):
+    runtime = Runtime(greedy_settings(), local=parallel)
+    slot, drafts = runtime.drafts(QUESTION, 4, temperature=1.0, max_tokens=16)
+    assert len(drafts) == 4 and all(d.tokens > 0 and len(d.logprobs) == d.tokens for d in drafts)
+    assert len({d.text for d in drafts}) > 1  # the sampled ones differ
+    assert all(sorted(d.states) == [10] and d.states[10].shape == (parallel.n_embd,) for d in drafts)
+    assert slot[10].shape == (parallel.n_embd,)
+    # Afterwards the context holds the prompt alone, and a plain greedy turn is as without them.
+    plain = LocalModel(parallel.path, n_ctx=1024, n_threads=2, seed=0)
+    try:
+        expected = Runtime(greedy_settings(threshold=0.0), local=plain).ask(QUESTION).answer
+    finally:
+        plain.close()
+    assert Runtime(greedy_settings(threshold=0.0), local=parallel).ask(QUESTION).answer == expected
+
+
+@pytest.mark.slow
+def test_batched_and_sequential_drafts_agree_on_the_greedy_one_and_its_states(parallel, greedy_settings):
+    """Sequence 0 is greedy in both; its states over the answer are the same read either way
+    (the batch's kernels round differently, so a near tie may flip a late token: compare the
+    answer's start and the states' correlation)."""
+    runtime = Runtime(greedy_settings(), local=parallel)
+    _, batched = runtime.drafts(QUESTION, 4, temperature=0.8, max_tokens=8)
+    _, sequential = runtime.drafts(QUESTION, 4, temperature=0.8, max_tokens=8, batched=False)
+    assert batched[0].text[:6] == sequential[0].text[:6]
+    assert np.corrcoef(batched[0].states[10], sequential[0].states[10])[0, 1] > 0.98
+    assert [d.tokens <= 8 for d in batched + sequential] == [True] * 8
+
+
+@pytest.mark.slow
+def test_more_sequences_than_the_model_was_opened_for_are_refused(parallel, local_model, greedy_settings):
+    with parallel.lock:
+        session = parallel.session(parallel.chat_tokens(QUESTION))
+        with pytest.raises(ValueError, match="parallel=4"):
+            session.sample_many(5, 8, temperature=0.5)
+        with pytest.raises(PromptTooLongError, match="do not fit"):
+            session.sample_many(4, 400, temperature=0.5)
+    with pytest.raises(ConfigError, match="captures layers"):
+        Runtime(greedy_settings(), local=local_model).drafts(QUESTION, 2, temperature=0.5)
+    with pytest.raises(ConfigError, match="parallel is 0"):
+        LocalModel(parallel.path, n_ctx=256, parallel=0)
