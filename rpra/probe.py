@@ -202,16 +202,17 @@ def default_probe_path(model_path: Path, reads: str = "slot") -> Path:
 
 
 def list_probes() -> list[dict]:
-    """The probes next to the pulled models: model name, path and the fit's report."""
+    """The probes and verifiers next to the pulled models: model name, path, what it reads and the fit's report."""
     from rpra.models import list_models
 
     found = []
     for model in list_models():
-        path = default_probe_path(Path(model["path"])) if model.get("path") else None
-        if path and path.exists():
-            probe = Probe.load(path)
-            keys = ("examples", "passing", "cv_auroc_pass", "cv_rmse", "mean_baseline_rmse", "cv_spearman", "created")
-            found.append({"model": model["name"], "path": str(path), "head": probe.head, "layer": probe.layer,
-                          "remote_head": (probe.meta.get("remote_head") or {}).get("cv_auroc_pass") if probe.predicts_remote else None,
-                          **{k: probe.meta.get(k) for k in keys}})  # fmt: skip
+        for reads in ("slot", "draft"):
+            path = default_probe_path(Path(model["path"]), reads) if model.get("path") else None
+            if path and path.exists():
+                probe = Probe.load(path)
+                keys = ("examples", "passing", "cv_auroc_pass", "cv_rmse", "mean_baseline_rmse", "cv_spearman", "created")
+                found.append({"model": model["name"], "path": str(path), "reads": probe.reads, "head": probe.head, "layer": probe.layer,
+                              "remote_head": (probe.meta.get("remote_head") or {}).get("cv_auroc_pass") if probe.predicts_remote else None,
+                              **{k: probe.meta.get(k) for k in keys}})  # fmt: skip
     return found

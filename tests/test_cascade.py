@@ -165,3 +165,40 @@ def test_a_verifier_needs_its_layer_captured_and_pa(greedy_settings, local_model
 def test_the_draft_threshold_defaults_to_the_threshold():
     assert Controller(threshold=0.4, route_on="p_pass").draft_threshold == 0.4
     assert Controller(threshold=0.4, route_on="p_pass", verify_threshold=0.7).draft_threshold == 0.7
+
+
+@pytest.mark.slow
+def test_the_verifier_commands_as_a_user_runs_them(rpra, model_path, isolated_home, tmp_path, remote_server):
+    """`rpra train verifier` on a collected train split, `rpra train list` shows it, then
+    `rpra ask --json --set verifier=...` checks its draft before answering."""
+    import json
+    import os
+
+    env = {**os.environ, "RPRA_MODEL": str(model_path), "RPRA_N_CTX": "1024", "RPRA_N_THREADS": "2", "RPRA_MAX_TOKENS": "8",
+           "RPRA_REMOTE_URL": remote_server.url, "RPRA_REMOTE_MODEL": "stand-in"}  # fmt: skip
+    folder = isolated_home / "collections" / "smollm2-135m-instruct--rpra-mix--train"
+    folder.mkdir(parents=True)
+    records = [{"id": f"t:{i}", "suite": "arithmetic", "prompt": f"What is {i} + {i}?", "local_answer": str(2 * i if i % 2 else 2 * i + 1),
+                "local_tokens": 2, "local_logprobs": {"mean": -0.2 - 0.1 * (i % 2 == 0), "min": -0.5}, "exact_local": float(i % 2),
+                "label": {"pass": bool(i % 2), "source": "verified"}} for i in range(12)]  # fmt: skip
+    folder.joinpath("records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "smollm2.verifier.npz"
+    fit = rpra("train", "verifier", "--folds", "2", "--layer", "9", "--output", str(out), env=env)
+    assert fit.returncode == 0, fit.stderr
+    assert f"verifier: {out}" in fit.stdout and "layer 9 · 12 drafts, 6 right" in fit.stdout and "log-probabilities alone" in fit.stdout
+    assert Probe.load(out).reads == "draft" and Probe.load(out).layer == 9
+    asked = rpra("ask", "What is 2 + 2?", "--json", "--set", f"verifier={out}", "--set", "route_on=p_pass", "--set", "threshold=0",
+                 "--set", "verify_threshold=0.5", env=env)  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)
+    assert answer["draft_prediction"]["predictor"] == "verifier" and answer["decision"]["point"] == "draft"
+    assert (answer["answered_by"] == "remote") == (answer["draft_prediction"]["p_pass"] < 0.5)
+    assert (answer["discarded_draft"] is not None) == (answer["answered_by"] == "remote")
+    probe_as_verifier = rpra("ask", "Hi", "--set", f"verifier={_slot_probe(tmp_path)}", env=env)
+    assert probe_as_verifier.returncode != 0 and "reads the PA slot" in probe_as_verifier.stderr
+
+
+def _slot_probe(tmp_path) -> str:
+    path = tmp_path / "slot.probe.npz"
+    Probe(np.zeros(3), np.ones(3), np.zeros(3), 0.0, 0.0, 10, layer=LAYER, head="logistic").save(path)
+    return str(path)

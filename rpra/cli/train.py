@@ -49,7 +49,7 @@ def sft_command():
 
 
 def train_list(json_out: JsonOpt = False) -> None:
-    """Trained adapters (newest first) and the probes next to pulled models."""
+    """Trained adapters (newest first), and the probes and draft verifiers next to pulled models."""
     from rpra.adapters import list_adapters
     from rpra.probe import list_probes
 
@@ -67,7 +67,10 @@ def train_list(json_out: JsonOpt = False) -> None:
     out.print(table if adapters else "[dim]no adapters yet: `rpra train sft`[/]")
     for p in probes:
         where = "final state" if p["layer"] is None else f"layer {p['layer']}"
-        if p["head"] == "logistic":
+        if p["reads"] == "draft":
+            out.print(f"verifier for {p['model']}: {p['path']} (logistic on {where} over the draft; {p['examples']} drafts, {p['passing']} right; "
+                      f"CV AUROC {p['cv_auroc_pass']:.3f})")  # fmt: skip
+        elif p["head"] == "logistic":
             out.print(f"probe for {p['model']}: {p['path']} (logistic on {where}; {p['examples']} examples, {p['passing']} pass; "
                       f"CV AUROC {p['cv_auroc_pass']:.3f})")  # fmt: skip
         else:
