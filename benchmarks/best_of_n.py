@@ -5,7 +5,9 @@ default), the device model draws N answers (the first greedy, the others sampled
 sequences in one llama.cpp batch per step (``Runtime.drafts``); the draft verifier scores each
 (``DraftVerifier``, fitted on the train split only), and ``rpra.ladder.choose`` keeps one by each
 rule (weighted, best, majority). Every kept answer is checked by the suite's exact verifier.
-Reported: the share right for greedy (sequence 0), each rule, and "any of N" (the ceiling).
+Reported: the share right for greedy (sequence 0), each rule, and "any of N" (the ceiling); and
+the revision rung: a greedy draft the verifier doubts (under ``REVISE_BELOW``) is revised by the
+device model (``Runtime.revise``), and the revision kept where the verifier scores it higher.
 
 Speed, side by side in one run: on the first ``--timed`` items the same N drafts are also
 decoded one after another (each from the cached prompt), the order of the two alternating per
@@ -31,10 +33,11 @@ from rpra.benchmarks.collection import SEEDS, model_name
 from rpra.config import Settings
 
 RESULTS = SEEDS.parent
+REVISE_BELOW = 0.5  # the revision rung: a greedy draft the verifier gives under this is revised (set before any run)
 
 
 def run(model: str, *, suites: tuple[str, ...], n: int, temperature: float, max_tokens: int, threads: int | None, timed: int,
-        verifier_path: Path | None, limit: int | None, seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
+        verifier_path: Path | None, limit: int | None, revise: bool = True, seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
     from rich.progress import track
 
     from rpra.benchmarks.bench import items_for
@@ -77,6 +80,13 @@ def run(model: str, *, suites: tuple[str, ...], n: int, temperature: float, max_
                "tokens": [d.tokens for d in drafts]}  # fmt: skip
         for rule in RULES:
             row[rule] = right[choose(answers, scores, rule=rule)]
+        if revise and scores[0] < REVISE_BELOW:  # the greedy draft is doubted: ask for a revision
+            revision, slot_r, states_r = runtime.revise(messages, answers[0], max_tokens=max_tokens)
+            score_r = verifier.verify(slot_r[layer], states_r[layer], revision.logprobs, pass_mark=7).p_pass
+            row["revision"] = {"answer": revision.text, "score": round(score_r, 4), "right": bool(verify(item, revision.text))}
+            row["revised"] = row["revision"]["right"] if score_r > scores[0] else right[0]
+        else:
+            row["revised"] = right[0]
         rows.append(row)
     return summarise(rows, timings, model=model, sha=file_sha256(path), n=n, temperature=temperature, max_tokens=max_tokens,
                      threads=threads, verifier=probe)  # fmt: skip
@@ -90,6 +100,8 @@ def summarise(rows: list[dict], timings: list[dict], *, model: str, sha: str, n:
     def accuracy(subset: list[dict]) -> dict:
         out = {"items": len(subset), "greedy": float(np.mean([r["right"][0] for r in subset]))}
         out.update({rule: float(np.mean([r[rule] for r in subset])) for rule in RULES})
+        out["revised"] = float(np.mean([r["revised"] for r in subset]))
+        out["revisions"] = sum("revision" in r for r in subset)
         out[f"any of {n}"] = float(np.mean([any(r["right"]) for r in subset]))
         out["relative_gain_weighted"] = (out["weighted"] - out["greedy"]) / out["greedy"] if out["greedy"] else None
         return out
@@ -113,10 +125,11 @@ def summarise(rows: list[dict], timings: list[dict], *, model: str, sha: str, n:
 
 def markdown(result: dict) -> str:
     n = result["n"]
-    cols = ["greedy", "weighted", "best", "majority", f"any of {n}"]
+    cols = ["greedy", "weighted", "best", "majority", f"any of {n}", "revised"]
     lines = [f"# Best-of-{n} with the draft verifier: {result['model']}", "",
              f"Temperature {result['temperature']}, answers up to {result['max_tokens']} tokens, sequence 0 greedy; the verifier reads "
-             f"layer {result['verifier']['layer']} (train CV AUROC {result['verifier']['cv_auroc']:.3f}). Share of kept answers right:", "",
+             f"layer {result['verifier']['layer']} (train CV AUROC {result['verifier']['cv_auroc']:.3f}). \"revised\": the greedy draft, "
+             f"revised where the verifier gives it under {REVISE_BELOW}, the revision kept where it scores higher. Share of kept answers right:", "",
              "| items | n | " + " | ".join(cols) + " | weighted vs greedy |", "|---|---|" + "---|" * (len(cols) + 1)]  # fmt: skip
     for name, acc in [("all", result["all"]), *result["by_suite"].items()]:
         gain = acc["relative_gain_weighted"]
@@ -141,10 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--verifier", type=Path, default=None, help="Default: next to the model (`rpra train verifier`).")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-revise", action="store_true", help="Skip the revision rung.")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
     args = parser.parse_args(argv)
     result = run(args.model, suites=tuple(s.strip() for s in args.suites.split(",")), n=args.n, temperature=args.temperature,
-                 max_tokens=args.max_tokens, threads=args.threads, timed=args.timed, verifier_path=args.verifier, limit=args.limit)  # fmt: skip
+                 max_tokens=args.max_tokens, threads=args.threads, timed=args.timed, verifier_path=args.verifier, limit=args.limit, revise=not args.no_revise)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"best_of_n-{model_name(args.model)}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))

@@ -64,6 +64,15 @@ def self_check_messages(question: str, answer: str) -> list[dict]:
     )}]  # fmt: skip
 
 
+def revision_messages(question: str, draft: str) -> list[dict]:
+    """The ladder's revision rung: the device model shown its own draft, asked to check and
+    correct it. The revision is scored by the verifier as an answer to ``question`` itself."""
+    return [{"role": "user", "content": (
+        f"{question}\n\nA first attempt at an answer:\n{draft.strip()}\n\n"
+        "Check the first attempt. If it is wrong, correct it. Reply with the answer only, as the question asks."
+    )}]  # fmt: skip
+
+
 def past_answer(answer: str, score: int) -> str:
     """An earlier assistant turn as the device model sees it in the conversation.
 

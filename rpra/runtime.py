@@ -275,6 +275,28 @@ class Runtime:
                 outs.append(out)
             return slot, outs
 
+    def revise(self, messages: list[dict], draft: str, *, max_tokens: int | None = None
+               ) -> tuple[Generated, dict[int, np.ndarray], dict[int, np.ndarray]]:  # fmt: skip
+        """The ladder's revision rung: the device model, shown its ``draft`` (``prompts.revision_messages``),
+        answers again, greedily; then the revision is read as an answer to ``messages`` itself
+        (``read_draft``), so the verifier scores it as it scores a draft. Returns the revision and
+        those states (at the slot, over the answer); the log-probabilities are the revision's own,
+        under the revision prompt. Nothing is sent or logged."""
+        _check_messages(messages)
+        s = self.settings
+        question = messages[-1]["content"]
+        with self.local.lock:
+            session = self._open_session([*messages[:-1], *prompts.revision_messages(question, draft)], TurnResult(model=s.model),
+                                         opening=prompts.SLOT_OPEN["pa"])  # fmt: skip
+            session.rewind(session.slot_at)
+            out = Generated()
+            for _ in session.generate(max_tokens or s.max_tokens, temperature=0.0, repeat_penalty=s.repeat_penalty, out=out):
+                pass
+        rating = prompts.LeadingRatingFilter()  # a score the model writes itself, as in a local answer
+        out.text = (rating.feed(out.text) + rating.flush()).strip()
+        slot, states = self.read_draft(messages, out.text)
+        return out, slot, states
+
     def ask(self, messages: list[dict], *, mode: Mode | None = None, conversation_id: str | None = None) -> TurnResult:
         """Run one turn to completion and return its result."""
         for event in self.turn(messages, mode=mode, conversation_id=conversation_id):

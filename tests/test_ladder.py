@@ -84,3 +84,12 @@ def test_more_sequences_than_the_model_was_opened_for_are_refused(parallel, loca
         Runtime(greedy_settings(), local=local_model).drafts(QUESTION, 2, temperature=0.5)
     with pytest.raises(ConfigError, match="parallel is 0"):
         LocalModel(parallel.path, n_ctx=256, parallel=0)
+
+
+@pytest.mark.slow
+def test_a_revision_is_read_as_an_answer_to_the_question_itself(parallel, greedy_settings):
+    runtime = Runtime(greedy_settings(), local=parallel)
+    revision, slot, states = runtime.revise(QUESTION, "17 + 25 = 32", max_tokens=16)
+    assert revision.tokens > 0 and revision.text and not revision.text.lower().startswith("rating")
+    again_slot, again_states = runtime.read_draft(QUESTION, revision.text)
+    assert np.allclose(states[10], again_states[10]) and np.allclose(slot[10], again_slot[10])
