@@ -200,6 +200,12 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
             row.update({"first_threshold": CASCADE_FIRST[on], "drafted_share": float(drafted.mean())})
             if all(v is not None for v in local_ms + decision_ms):
                 row["local_s_per_request"] = float(np.mean(np.where(drafted, local_ms, decision_ms)) / 1000)
+            # What the check adds to a drafted request's first shown token: the whole draft is made
+            # first (the local turn's time after its zero-shot decision, as collected).
+            answer_ms = [r["local_ms"] - r["pa_decision_ms"] for r, d in zip(a.kept, drafted)
+                         if d and r.get("local_ms") is not None and r.get("pa_decision_ms") is not None]  # fmt: skip
+            if answer_ms:
+                row["first_token_delay_s_p50"] = float(np.median(answer_ms) / 1000)
             at = verify_threshold if verify_threshold is not None and on == plain_on else at
             if at is not None:
                 deferred = defers(pred, at)
@@ -257,7 +263,7 @@ COLUMNS = [("APGR", "apgr"), ("CPT(50%)", "cpt50"), ("CPT(80%)", "cpt80"), ("AUR
            ("AUROC - prior", "auroc_minus_prior"), ("APGR - prior", "apgr_minus_prior"), ("Spearman", "spearman"),
            ("exact acc", "exact_acc"), ("±1 acc", "within1_acc"), ("ECE", "ece"), ("Brier", "brier"), ("remote share", "remote_share_at_threshold"),
            ("tokens before decision", "tokens_before_decision"), ("decision p50 ms", "decision_ms_p50"), ("decision p95 ms", "decision_ms_p95"),
-           ("drafted", "drafted_share"), ("local s / request", "local_s_per_request")]  # fmt: skip
+           ("drafted", "drafted_share"), ("local s / request", "local_s_per_request"), ("first token later by (s, p50)", "first_token_delay_s_p50")]  # fmt: skip
 
 
 # The terminal shows the headline columns; the markdown report and JSON carry all of them.

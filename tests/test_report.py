@@ -194,11 +194,12 @@ def test_the_cascade_defers_obvious_misses_at_once_and_ranks_the_rest_by_the_ver
         pred = lambda p, extra=None: {"expected": 1 + 9 * p, "p_pass": p, **(extra or {})}  # noqa: E731
         recs.append({"id": str(i), "suite": "s", "exact_local": float(right), "exact_remote": 1.0,
                      "probe_pa": pred(first), "verifier": pred(verdict), "pa": pred(0.5),
-                     "probe_pa_decision_ms": 100.0, "local_ms": 1100.0, "label": {"pass": right, "source": "verified"}})  # fmt: skip
+                     "probe_pa_decision_ms": 100.0, "pa_decision_ms": 300.0, "local_ms": 1100.0, "label": {"pass": right, "source": "verified"}})  # fmt: skip
     res = evaluate(recs, quality="exact", route_on="p_pass", threshold=0.5, n_boot=50)
     cascade, probe = res["routers"]["cascade: probe, then verifier"], res["routers"]["probe (PA slot)"]
     assert cascade["first_threshold"] == 0.1 and cascade["drafted_share"] == pytest.approx(50 / 80)
     assert cascade["local_s_per_request"] == pytest.approx((30 * 0.1 + 50 * 1.1) / 80)
+    assert cascade["first_token_delay_s_p50"] == pytest.approx(0.8)  # the draft, made before any of it is shown
     # At the verify threshold 0.5: the 30 obvious misses and the 25 doubted drafts go remote.
     assert cascade["remote_share_at_threshold"] == pytest.approx(55 / 80)
     assert cascade["quality_at_threshold"] == pytest.approx(10.0)  # every answer the user gets is right
