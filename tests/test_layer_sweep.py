@@ -63,3 +63,20 @@ def test_a_limit_takes_a_seeded_sample_of_each_suite_not_its_first_records(isola
     picked = labelled_records("m", ("arithmetic",), 10)
     assert len(picked) == 10 and [r["id"] for r in picked] == [r["id"] for r in labelled_records("m", ("arithmetic",), 10)]
     assert {r["category"] for r in picked} == {"level-1", "level-4"}  # not the journal's easiest-first head
+
+
+def test_a_probe_refit_reuses_the_verifiers_reads_of_the_slot(model_path, isolated_home):
+    """cached_slot_states: the sweep's file first, else the verifier's read of the same record."""
+    from rpra.models import file_sha256
+    from rpra.training.layer_sweep import cached_slot_states
+
+    cache = isolated_home / "features" / file_sha256(model_path)[:16]
+    cache.mkdir(parents=True)
+    np.savez(cache / "a_1.npz", slot=np.full((30, 4), 1.0, np.float16))
+    np.savez(cache / "a_1.draft.npz", slot=np.full((29, 4), 2.0, np.float16), layers=np.arange(29))
+    np.savez(cache / "a_2.draft.npz", slot=np.arange(29 * 4, dtype=np.float16).reshape(29, 4), layers=np.arange(29))
+    found = cached_slot_states(str(model_path), [{"id": "a:1"}, {"id": "a:2"}, {"id": "a:3"}], 9)
+    assert sorted(found) == ["a:1", "a:2"]
+    assert np.all(found["a:1"] == 1.0)  # the sweep's own read wins
+    assert np.array_equal(found["a:2"], np.arange(36, 40, dtype=np.float32))
+    assert cached_slot_states(str(model_path), [{"id": "a:2"}], 29) == {}  # the verifier reads no last layer

@@ -98,16 +98,22 @@ def features(model: str, records: list[dict], *, progress=None, threads: int | N
 
 
 def cached_slot_states(model: str, records: list[dict], layer: int) -> dict[str, np.ndarray]:
-    """The slot states at ``layer`` that an earlier sweep cached for ``records`` (by record id; the
-    records without one are absent): what ``rpra train probe`` reuses instead of a prefill."""
+    """The slot states at ``layer`` that an earlier sweep (or a verifier's read) cached for
+    ``records`` (by record id; the records without one are absent): what ``rpra train probe``
+    reuses instead of a prefill."""
     cache = home() / "features" / file_sha256(resolve(model))[:16]
     found = {}
     for r in records:
-        file = cache / f"{_safe(r['id'])}.npz"
-        if file.exists():
+        # The sweep's file, else the verifier's read of the same record (training.verifier.draft_reads),
+        # which holds the same slot state: the same prompt and opening, evaluated with prefix reuse.
+        for file in (cache / f"{_safe(r['id'])}.npz", cache / f"{_safe(r['id'])}.draft.npz"):
+            if not file.exists():
+                continue
             with np.load(file) as saved:
-                if "slot" in saved and layer < saved["slot"].shape[0]:
-                    found[r["id"]] = np.asarray(saved["slot"][layer], np.float32)
+                layers = list(saved["layers"]) if "layers" in saved else list(range(saved["slot"].shape[0])) if "slot" in saved else []
+                if layer in layers:
+                    found[r["id"]] = np.asarray(saved["slot"][layers.index(layer)], np.float32)
+                    break
     return found
 
 

@@ -70,7 +70,7 @@ def draft_reads(model: str, records: list[dict], *, threads: int | None = None, 
                 runtime = Runtime(settings, local=local)
             slot, draft = runtime.read_draft([{"role": "user", "content": r["prompt"]}], answer)
             layers = sorted(draft)
-            saved = {"slot": np.stack([slot[k] for k in layers]).astype(np.float16),
+            saved = {"slot": np.stack([slot[k] for k in layers]).astype(np.float16), "layers": np.array(layers),
                      "draft": np.stack([draft[k] for k in layers]).astype(np.float16), "answer": np.array(_answer_key(answer))}  # fmt: skip
             tmp = file.with_name(file.stem + ".part.npz")  # whole or absent: another job may read it now
             np.savez(tmp, **saved)
