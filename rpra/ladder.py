@@ -12,6 +12,10 @@ batch (``LocalSession.sample_many``), each scored by the draft verifier, and one
 
 Answers agree when their ``answer_key`` is equal: the final number where there is one, else the
 normalised text.
+
+**Allocation** (``allocate``): which rung each request gets, by difficulty. The pre-answer
+prediction sorts calibration requests into bins; each bin gets the action (answer, best-of-N,
+revise, defer) with the best mean quality minus its priced cost there.
 """
 
 from __future__ import annotations
@@ -56,3 +60,44 @@ def choose(answers: Sequence[str], scores: Sequence[float], *, rule: str = "weig
     first_seen = {k: keys.index(k) for k in pooled}
     winner = max(pooled, key=lambda k: (pooled[k], -first_seen[k]))
     return max((i for i in indices if keys[i] == winner), key=lambda i: (scores[i], -i))
+
+
+def allocate(scores: Sequence[float], outcomes: dict[str, Sequence[float]], costs: dict[str, float], *, bins: int = 4,
+             price: float = 1.0) -> tuple[list[float], list[str]]:  # fmt: skip
+    """Compute-optimal allocation (Snell et al. 2024) on a calibration split: sort requests into
+    ``bins`` difficulty bins by their pre-answer score (quantiles), and give each bin the action
+    with the best mean quality minus ``price`` x cost there.
+
+    ``outcomes[action][i]``: the quality request ``i`` gets under ``action`` (e.g. "answer",
+    "best-of-4", "revise", "defer"); ``costs[action]``: what the action costs, in the caller's
+    unit (remote price, local seconds, or both weighed). Returns the bin edges (``bins - 1``
+    inner quantiles of ``scores``) and each bin's action; ``policy_action`` applies them.
+    """
+    import numpy as np
+
+    if bins < 1:
+        raise ValueError(f"bins is {bins}; use 1 or more.")
+    missing = set(outcomes) - set(costs)
+    if missing:
+        raise ValueError(f"No cost for {', '.join(sorted(missing))}.")
+    x = np.asarray(scores, float)
+    if not len(x) or any(len(v) != len(x) for v in outcomes.values()):
+        raise ValueError("Each action needs one outcome per scored request.")
+    edges = [float(e) for e in np.quantile(x, np.linspace(0, 1, bins + 1)[1:-1])]
+    which = np.searchsorted(edges, x, side="right")
+    actions = []
+    for b in range(bins):
+        held = which == b
+        if not held.any():  # an empty bin (tied scores) takes its lower neighbour's action
+            actions.append(actions[-1] if actions else min(costs, key=costs.get))
+            continue
+        value = {a: float(np.mean(np.asarray(q, float)[held])) - price * costs[a] for a, q in outcomes.items()}
+        actions.append(max(value, key=lambda a: (value[a], -costs[a])))
+    return edges, actions
+
+
+def policy_action(score: float, edges: Sequence[float], actions: Sequence[str]) -> str:
+    """The action ``allocate``'s policy takes for a request with pre-answer ``score``."""
+    import bisect
+
+    return actions[bisect.bisect_right(list(edges), score)]

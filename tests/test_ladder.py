@@ -93,3 +93,24 @@ def test_a_revision_is_read_as_an_answer_to_the_question_itself(parallel, greedy
     assert revision.tokens > 0 and revision.text and not revision.text.lower().startswith("rating")
     again_slot, again_states = runtime.read_draft(QUESTION, revision.text)
     assert np.allclose(states[10], again_states[10]) and np.allclose(slot[10], again_slot[10])
+
+
+def test_allocation_gives_each_difficulty_bin_its_best_action_for_the_price():
+    from rpra.ladder import allocate, policy_action
+
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0, 1, 400)  # the pre-answer P(pass)
+    hard, mid = scores < 0.25, (scores >= 0.25) & (scores < 0.5)
+    outcomes = {
+        "answer": np.where(scores >= 0.5, 1.0, np.where(mid, 0.3, 0.0)),
+        "best-of-4": np.where(scores >= 0.5, 1.0, np.where(mid, 0.9, 0.1)),  # more compute pays in the middle
+        "defer": np.full(400, 0.8),
+    }
+    edges, actions = allocate(scores, outcomes, {"answer": 0.0, "best-of-4": 0.1, "defer": 0.5}, bins=4)
+    assert len(edges) == 3 and actions == ["defer", "best-of-4", "answer", "answer"]
+    assert policy_action(0.1, edges, actions) == "defer" and policy_action(0.9, edges, actions) == "answer"
+    # A dear remote: the hardest bin answers locally instead of paying for it.
+    _, dear = allocate(scores, outcomes, {"answer": 0.0, "best-of-4": 0.1, "defer": 5.0}, bins=4)
+    assert "defer" not in dear
+    with pytest.raises(ValueError, match="No cost"):
+        allocate(scores, outcomes, {"answer": 0.0}, bins=2)
