@@ -7,6 +7,7 @@ run; `list` needs nothing beyond the runtime.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,10 +19,29 @@ from rpra.cli.common import JsonOpt, bench_module, err, option_parameters, out, 
 from rpra.cli.measure import SuiteOpt
 
 YamlOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of training settings (flags override it).")]
+# The options every head fitted on collections shares (`train probe`, `train verifier`).
+FitSuiteOpt = Annotated[str, typer.Option(help="Collection(s) to fit on: a suite, or several comma-separated (e.g. arithmetic,gsm,mmlu).")]
+FitSplitOpt = Annotated[str, typer.Option(help="Collection split to fit on (not the test split).")]
+FoldsOpt = Annotated[int, typer.Option(help="Cross-validation folds for choosing the head's strength.")]
 
 
 def _log(line: str) -> None:
     err.print(f"[dim]{escape(line)}[/]")
+
+
+@contextmanager
+def _progress(description: str):
+    """A progress bar for reading records: yields ``progress(total)``, which adds the task and
+    returns the callback advanced once per record (what the fitting functions take)."""
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=True) as bar:
+
+        def progress(total: int):
+            task = bar.add_task(description, total=total)
+            return lambda: bar.advance(task)
+
+        yield progress
 
 
 def _sft(config: YamlOpt = None) -> None:
@@ -99,31 +119,24 @@ def train_export(
 @settings_command()
 def train_probe(
     settings,
-    suite: Annotated[str, typer.Option(help="Collection(s) to fit on: a suite, or several comma-separated (e.g. arithmetic,gsm,mmlu).")] = "rpra-mix",
-    split: Annotated[str, typer.Option(help="Collection split to fit on (not the test split).")] = "train",
+    suite: FitSuiteOpt = "rpra-mix",
+    split: FitSplitOpt = "train",
     layer: Annotated[str, typer.Option(help="The state the probe reads at the slot: a layer number, 'final' (the final hidden state), "
                                             "or 'auto' (the best slot layer of the model's layer sweep, else final).")] = "auto",
     head: Annotated[str, typer.Option(help="logistic: calibrated P(pass) (needs the train extra); ridge: a regressed score (format 1).")] = "logistic",
-    folds: Annotated[int, typer.Option(help="Cross-validation folds for choosing the head's strength.")] = 5,
+    folds: FoldsOpt = 5,
     remote: Annotated[bool, typer.Option(help="Also fit a remote head, P(the remote's answer passes), on the records that hold one "
                                               "(`rpra collect --verified --remote`): then --set route_on=advantage routes on the expected gain.")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Probe file (default: next to the model).")] = None,
 ) -> None:
     """Fit the activation probe: a linear head from a hidden state at the PA slot to the pass label (verified where keyed, else the judge)."""
     bench_module()  # the probe reads a benchmark collection
-    from rich.progress import Progress
-
     from rpra.training.probe import train_probe as fit
 
     if layer not in ("auto", "final") and not layer.isdigit():
         raise typer.BadParameter(f"{layer!r} is not a layer number, 'final' or 'auto'.", param_hint="--layer")
     chosen = "auto" if layer == "auto" else None if layer == "final" else int(layer)
-    with Progress(console=err, transient=True) as bar:
-
-        def progress(total: int):
-            task = bar.add_task("reading hidden states", total=total)
-            return lambda: bar.advance(task)
-
+    with _progress("reading hidden states") as progress:
         path, report = fit(settings, suite=suite, split=split, folds=folds, output=output, layer=chosen, head=head, remote=remote, progress=progress)
     where = "the final state" if report.get("layer") is None else f"layer {report['layer']}"
     if report.get("head") == "logistic":
@@ -144,29 +157,22 @@ def train_probe(
 @settings_command()
 def train_verifier(
     settings,
-    suite: Annotated[str, typer.Option(help="Collection(s) to fit on: a suite, or several comma-separated (e.g. arithmetic,gsm,mmlu).")] = "rpra-mix",
-    split: Annotated[str, typer.Option(help="Collection split to fit on (not the test split).")] = "train",
+    suite: FitSuiteOpt = "rpra-mix",
+    split: FitSplitOpt = "train",
     layer: Annotated[str, typer.Option(help="The layer whose states it reads: a number, or 'auto' (the pre-answer probe's layer "
                                             "from the model's layer sweep).")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="At most this many records per suite (a seeded sample); default all.")] = None,
-    folds: Annotated[int, typer.Option(help="Cross-validation folds for choosing the head's strength.")] = 5,
+    folds: FoldsOpt = 5,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Verifier file (default: next to the model).")] = None,
 ) -> None:
     """Fit the draft verifier: a logistic head from the device model's states over its own answer (and the answer's token
     log-probabilities) to whether that answer is right. The cascade's second decision point (--set verifier=FILE)."""
     bench_module()  # the verifier reads a benchmark collection
-    from rich.progress import Progress
-
     from rpra.training.verifier import train_verifier as fit
 
     if layer != "auto" and not layer.isdigit():
         raise typer.BadParameter(f"{layer!r} is not a layer number or 'auto'.", param_hint="--layer")
-    with Progress(console=err, transient=True) as bar:
-
-        def progress(total: int):
-            task = bar.add_task("reading drafts", total=total)
-            return lambda: bar.advance(task)
-
+    with _progress("reading drafts") as progress:
         path, report = fit(settings, suite=suite, split=split, layer="auto" if layer == "auto" else int(layer), limit=limit,
                            folds=folds, output=output, progress=progress)  # fmt: skip
     out.print(f"verifier: {path} ({path.stat().st_size / 1e3:.0f} kB) · layer {report['layer']} · {report['examples']} drafts, "
