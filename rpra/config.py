@@ -92,6 +92,13 @@ class Settings:
         "keeps local is drafted first, unseen; the verifier scores the draft, which is shown, or deferred when its "
         "routed quantity is below verify_threshold. Unset: no check, local answers stream at once.",
     )
+    best_of: int = _opt(
+        1,
+        "The ladder's best-of-N rung (with a verifier): a draft the verifier doubts gets this many more, sampled in "
+        "one llama.cpp batch; the verifier's weighted best is kept if it passes the check, else the request defers. "
+        "1: no rung.",
+    )
+    sample_temperature: float = _opt(0.7, "Sampling temperature of best-of-N's extra drafts.")
     verify_threshold: float | None = _opt(
         None,
         "Defer a checked draft whose routed quantity is below this (route_on p_pass: the draft's P(pass); advantage: "
@@ -156,6 +163,7 @@ class Settings:
             raise ConfigError(f"scale_max must be at least 2; got {self.scale_max}.")
         if not 1 <= self.pass_mark <= self.scale_max:
             raise ConfigError(f"pass_mark must lie on the scale 1..{self.scale_max}; got {self.pass_mark}.")
+        low_t, high_t = TEMPERATURE_RANGE
         for name in ("threshold", "verify_threshold"):  # both points route on the same quantity
             value = getattr(self, name)
             if value is None:
@@ -173,6 +181,11 @@ class Settings:
                     f"{name} must be in [0, {self.scale_max + 1}] (the expected score lies on 1..{self.scale_max}; "
                     f"0 never defers, {self.scale_max + 1} always does); got {value}."
                 )
+        if self.best_of < 1 or not low_t <= self.sample_temperature <= high_t:
+            raise ConfigError(f"best_of must be at least 1 and sample_temperature in [{low_t:g}, {high_t:g}]; "
+                              f"got {self.best_of} and {self.sample_temperature}.")
+        if self.best_of > 1 and not self.verifier:
+            raise ConfigError("best_of picks among drafts by the verifier's scores: set verifier (`rpra train verifier`).")
         if self.verifier and self.protocol != "pa":
             raise ConfigError("The verifier reads a draft in the PA layout: use it with protocol = pa.")
         low, high = TEMPERATURE_RANGE

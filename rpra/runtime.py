@@ -61,6 +61,7 @@ class TurnResult:
     # it was deferred unseen (else the draft is the answer).
     draft_prediction: Prediction | None = None
     discarded_draft: str | None = None
+    rungs: list[dict] = field(default_factory=list)  # each rung of the ladder taken: its verdict and whether it was kept
     reasoning: str = ""
     fallback: bool = False  # deferred, but the remote failed and the local model answered
     remote_error: str | None = None
@@ -162,6 +163,9 @@ class Runtime:
                                   f"open it with LocalModel.from_settings(..., capture_layers={sorted(wanted)}).")  # fmt: skip
         if verifier is not None and settings.protocol != "pa":
             raise ConfigError("The verifier reads a draft in the PA layout: use it with protocol = pa.")
+        if verifier is not None and local is not None and settings.best_of > local.parallel:
+            raise ConfigError(f"best_of = {settings.best_of} decodes that many drafts at once: open the device model with "
+                              f"LocalModel.from_settings(..., parallel={settings.best_of}).")  # fmt: skip
         if settings.route_on == "advantage" and settings.mode != "remote-only" and not self.predictor.predicts_remote:
             raise ConfigError(f"route_on = advantage routes on P(local passes) - P(remote passes), and the {self.predictor.name} "
                               "predictor does not predict the remote: use a probe with a remote head "
@@ -178,7 +182,8 @@ class Runtime:
         predictor = predictor_from_settings(settings)
         verifier = verifier_from_settings(settings)
         layers = sorted(set(predictor.capture_layers) | set(verifier.capture_layers if verifier else ()))
-        local = LocalModel.from_settings(settings, capture_layers=layers or None) if need_local else None
+        parallel = settings.best_of if verifier else 1  # best-of-N's drafts decode as parallel sequences
+        local = LocalModel.from_settings(settings, capture_layers=layers or None, parallel=parallel) if need_local else None
         # never-defer is fully offline: no remote client exists to send anything with.
         remote = RemoteModel.from_settings(settings) if settings.remote_url and settings.privacy != "never-defer" else None
         store = LogStore.default() if settings.log else None
@@ -188,7 +193,7 @@ class Runtime:
         """This runtime with some settings changed for one request (e.g. ``max_tokens``), sharing
         its models, predictor and store. Settings the controller reads cannot change this way."""
         fixed = sorted(set(changes) & {"threshold", "route_on", "mode", "model", "adapter", "protocol", "predictor", "verifier",
-                                       "verify_threshold"})
+                                       "verify_threshold", "best_of"})
         if fixed:
             raise ValueError(f"{', '.join(fixed)} cannot change per request; build another Runtime.")
         view = copy.copy(self)
@@ -447,6 +452,14 @@ class Runtime:
             p_remote = result.prediction.p_remote
             result.draft_prediction = self.verifier.verify(slot, draft, stats, pass_mark=self.settings.pass_mark, p_remote=p_remote)
             checked = self.controller.check(result.decision, result.draft_prediction)
+            result.rungs.append({"rung": "draft", "p_pass": round(result.draft_prediction.p_pass, 4), "kept": checked.route == "local"})
+            if checked.route == "remote" and self.settings.best_of > 1:  # the ladder's next rung before deferring
+                yield Notice(f"the draft was doubted; drawing {self.settings.best_of} more in one batch")
+                text, verdict = self._best_of(session, result, slot, "".join(e.text for e in shown), result.draft_prediction)
+                result.draft_prediction = verdict
+                checked = self.controller.check(result.decision, verdict)
+                result.rungs.append({"rung": f"best-of-{self.settings.best_of}", "p_pass": round(verdict.p_pass, 4), "kept": checked.route == "local"})
+                shown = [Text(text, "local")]
             result.timings_ms["draft_check"] = _ms(started)
             outgoing = vault = None
             if checked.route == "remote":
@@ -463,6 +476,27 @@ class Runtime:
         finally:
             self.local.lock.release()
         yield from self._answer_remotely(messages, outgoing, vault, session, result)
+
+    def _best_of(self, session: LocalSession, result: TurnResult, slot: np.ndarray, draft: str, verdict: Prediction) -> tuple[str, Prediction]:
+        """Best-of-N's rung: ``best_of`` more drafts, sampled as parallel sequences in one batch
+        (``LocalSession.sample_many``), scored by the verifier with the first draft, and the
+        weighted best kept (``ladder.choose``). Returns its text, as it would be shown, and verdict."""
+        from rpra.ladder import choose
+
+        s = self.settings
+        session.rewind(session.slot_at)
+        drafts = session.sample_many(s.best_of, s.max_tokens, temperature=s.sample_temperature, repeat_penalty=s.repeat_penalty,
+                                     greedy_first=False, watch=True)  # fmt: skip
+        texts, verdicts = [draft], [verdict]
+        for d in drafts:
+            texts.append(_as_shown(d.text, s.answer_after_score))
+            verdicts.append(self.verifier.verify(slot, d.states[self.verifier.layer], d.logprobs, pass_mark=s.pass_mark,
+                                                 p_remote=verdict.p_remote))  # fmt: skip
+        result.tokens["local_answer"] = result.tokens.get("local_answer", 0) + sum(d.tokens for d in drafts)
+        best = choose(texts, [v.p_pass for v in verdicts], rule="weighted")
+        if best:
+            result.finish_reason = drafts[best - 1].finish_reason
+        return texts[best], verdicts[best]
 
     @staticmethod
     def _decided(result: TurnResult) -> Decided:
@@ -683,6 +717,15 @@ class Runtime:
             return resumed
         # remote-only mode: no prediction was made, so answer in the PA layout without one.
         return self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
+
+
+def _as_shown(text: str, answer_after_score: bool) -> str:
+    """A generated answer as ``_answer_locally`` shows it: no leading space, and without the
+    answer-after-score layout, no rating line the model wrote itself."""
+    if not answer_after_score:
+        rating = prompts.LeadingRatingFilter()
+        text = rating.feed(text) + rating.flush()
+    return text.lstrip()
 
 
 def verifier_from_settings(settings: Settings) -> DraftVerifier | None:

@@ -202,3 +202,40 @@ def _slot_probe(tmp_path) -> str:
     path = tmp_path / "slot.probe.npz"
     Probe(np.zeros(3), np.ones(3), np.zeros(3), 0.0, 0.0, 10, layer=LAYER, head="logistic").save(path)
     return str(path)
+
+
+@pytest.mark.slow
+def test_a_doubted_draft_climbs_to_best_of_n_before_it_defers(greedy_settings, model_path, remote_server):
+    """best_of: a doubted draft gets N more drafts in one batch; the verifier's weighted best is
+    shown if it passes, else the request defers. The verifier here trusts an answer the less its
+    tokens were likely (weight -10 on the mean log-probability): the greedy draft is doubted, a
+    sampled one at temperature 1 is trusted."""
+    parallel = LocalModel(model_path, n_ctx=1024, n_threads=2, seed=0, capture_layers=[LAYER], parallel=3)
+    n = parallel.n_embd
+    weights = np.zeros(2 * n + 3)
+    weights[2 * n] = -10.0
+    remote = RemoteModel(remote_server.url, model="stand-in")
+    try:
+        climbs = Runtime(greedy_settings(**CASCADE, best_of=3, sample_temperature=1.0, verifier="v.npz"), local=parallel, remote=remote,
+                         verifier=verifier(n, bias=-4.0, weights=weights))  # fmt: skip
+        events = list(climbs.turn(QUESTION))
+        result = events[-1].result
+        assert [r["rung"] for r in result.rungs] == ["draft", "best-of-3"] and not result.rungs[0]["kept"]
+        assert result.rungs[1]["kept"] and result.answered_by == "local" and result.decision.route == "local"
+        assert result.draft_prediction.p_pass > 0.5 and result.to_dict()["rungs"] == result.rungs
+        assert [e.text for e in events if isinstance(e, Text)] == [result.answer]  # one piece, after the check
+        assert any(isinstance(e, Notice) and "drawing 3 more" in e.message for e in events)
+        defers = Runtime(greedy_settings(**CASCADE, best_of=3, verifier="v.npz"), local=parallel, remote=remote,
+                         verifier=verifier(n, bias=-5.0))  # fmt: skip
+        result = defers.ask(QUESTION)
+        assert [r["kept"] for r in result.rungs] == [False, False] and result.answered_by == "remote"
+        assert result.discarded_draft
+    finally:
+        parallel.close()
+    with pytest.raises(ConfigError, match="parallel=3"):
+        Runtime(greedy_settings(**CASCADE, best_of=3, verifier="v.npz"), local=capturing_model(model_path), remote=remote,
+                verifier=verifier(n, bias=0.0))
+
+
+def capturing_model(model_path) -> LocalModel:
+    return LocalModel(model_path, n_ctx=256, n_threads=1, capture_layers=[LAYER])
