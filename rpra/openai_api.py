@@ -155,6 +155,7 @@ def result_fields(result) -> dict:
         # draft was made and discarded unseen (deferred after the check).
         "draft_prediction": result.draft_prediction.to_dict() if result.draft_prediction else None,
         "draft_discarded": result.discarded_draft is not None,
+        "rungs": result.rungs,  # the ladder's rungs taken (draft, best-of-N): each verdict and whether it was kept
         "answered_by": result.answered_by,
         "model": result.model if result.answered_by == "local" else None,
         "fallback": result.fallback,

@@ -521,6 +521,7 @@ def test_a_checked_draft_is_streamed_only_when_kept(greedy_settings, model_path,
                 final = [ch for ch in chunks if ch.choices][-1].model_extra["rpra"]
                 assert final["answered_by"] == route and final["decision"]["point"] == "draft"
                 assert final["draft_discarded"] is (route == "remote") and final["draft_prediction"]["predictor"] == "verifier"
+                assert [r["rung"] for r in final["rungs"]] == ["draft"]
                 turn = runtime.store.get_turn(final["turn_id"])
                 assert text.strip() == turn["answer"] and text.strip()
                 assert turn["answered_by"].startswith(f"{route}:")
