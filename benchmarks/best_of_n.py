@@ -16,7 +16,8 @@ of time per generated token.
 
     python -m rpra.benchmarks.best_of_n --model qwen2.5-coder-0.5b-instruct --n 4 --threads 1
 
-Results: benchmarks/results/best_of_n-<model>.{json,md}. Nothing here reads a train split except
+Results: benchmarks/results/best_of_n-<model>.{json,md,png} (the plot: accuracy against local
+seconds per item). Nothing here reads a train split except
 the verifier's fit, and nothing is tuned on the test items.
 """
 
@@ -142,6 +143,30 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compute_figure(result: dict):
+    """Share right against local seconds per item, as Snell et al. draw test-time compute: greedy
+    (one draft: the sequential time over N), best-of-N decoded one after another, and in one batch."""
+    from matplotlib.figure import Figure
+
+    s, acc, n = result["speed"], result["all"], result["n"]
+    points = [("greedy", s["sequential_s_median"] / n, acc["greedy"]),
+              (f"best-of-{n}, one after another", s["sequential_s_median"], acc["weighted"]),
+              (f"best-of-{n}, one batch", s["batched_s_median"], acc["weighted"])]  # fmt: skip
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for name, x, y in points:
+        ax.scatter([x], [100 * y], s=60, zorder=5)
+        ax.annotate(name, (x, 100 * y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.axhline(100 * acc[f"any of {n}"], color="k", ls=":", lw=1, label=f"any of {n} right (the ceiling)")
+    ax.set_xlabel("local seconds per item (median)")
+    ax.set_ylabel("share of kept answers right (%)")
+    ax.set_title(f"Local compute vs accuracy: {result['model']}, {acc['items']} items")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -163,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     stem = f"best_of_n-{model_name(args.model)}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (args.out / f"{stem}.md").write_text(markdown(result))
+    if "speed" in result:
+        compute_figure(result).savefig(args.out / f"{stem}.png", dpi=120)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1) if args.json else markdown(result))
 
 
