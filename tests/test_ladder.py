@@ -114,3 +114,22 @@ def test_allocation_gives_each_difficulty_bin_its_best_action_for_the_price():
     assert "defer" not in dear
     with pytest.raises(ValueError, match="No cost"):
         allocate(scores, outcomes, {"answer": 0.0}, bins=2)
+
+
+def test_the_best_of_n_report_counts_each_rule_and_the_speed_ratio(tmp_path):
+    from rpra.benchmarks.best_of_n import compute_figure, markdown, summarise
+    from rpra.probe import Probe
+
+    rows = [{"id": str(i), "suite": "gsm" if i % 2 else "arithmetic", "right": [i < 2, True, False, False], "scores": [0.1, 0.9, 0.2, 0.3],
+             "answers": ["a", "b", "c", "d"], "tokens": [4, 4, 4, 4], "weighted": True, "best": True, "majority": i < 2, "revised": i < 3}
+            for i in range(4)]  # fmt: skip
+    timings = [{"batched_s": 2.0, "sequential_s": 4.0, "batched_tokens": 16, "sequential_tokens": 16}] * 3
+    verifier = Probe(np.zeros(3), np.ones(3), np.zeros(3), 0.0, 0.0, 10, meta={"cv_auroc_pass": 0.8, "examples": 9}, layer=5, head="logistic")
+    result = summarise(rows, timings, model="m", sha="s", n=4, temperature=0.7, max_tokens=8, threads=1, verifier=verifier)
+    assert result["all"]["greedy"] == 0.5 and result["all"]["weighted"] == 1.0 and result["all"]["relative_gain_weighted"] == 1.0
+    assert result["all"]["any of 4"] == 1.0 and result["all"]["revised"] == 0.75 and result["by_suite"]["gsm"]["items"] == 2
+    assert result["speed"]["median_ratio"] == 0.5 and result["speed"]["median_ratio_per_token"] == 0.5
+    text = markdown(result)
+    assert "| all | 4 | 50.0% | 100.0% |" in text and "median time ratio **0.50**" in text
+    compute_figure(result).savefig(tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
