@@ -92,6 +92,11 @@ class Settings:
         "keeps local is drafted first, unseen; the verifier scores the draft, which is shown, or deferred when its "
         "routed quantity is below verify_threshold. Unset: no check, local answers stream at once.",
     )
+    verify_threshold: float | None = _opt(
+        None,
+        "Defer a checked draft whose routed quantity is below this (route_on p_pass: the draft's P(pass); advantage: "
+        "it minus P(remote passes); expected: its expected score). Unset: the same as threshold.",
+    )
     best_of: int = _opt(
         1,
         "The ladder's best-of-N rung (with a verifier): a draft the verifier doubts gets this many more, sampled in "
@@ -99,11 +104,6 @@ class Settings:
         "1: no rung.",
     )
     sample_temperature: float = _opt(0.7, "Sampling temperature of best-of-N's extra drafts.")
-    verify_threshold: float | None = _opt(
-        None,
-        "Defer a checked draft whose routed quantity is below this (route_on p_pass: the draft's P(pass); advantage: "
-        "it minus P(remote passes); expected: its expected score). Unset: the same as threshold.",
-    )
     # The remote model
     remote_url: str | None = _opt(None, "Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1.")
     remote_model: str = _opt("default", "Model name sent to the remote endpoint.")
