@@ -130,7 +130,6 @@ class Generated:
     logprobs: list[float] = field(default_factory=list)
     # ``LocalSession.sample_many(watch=True)``: the captured layers' mean over the answer.
     states: dict[int, np.ndarray] | None = None
-    _last: int | None = field(default=None, repr=False)  # the last token sampled (sample_many's bookkeeping)
 
 
 class LocalModel:
@@ -474,8 +473,7 @@ class LocalSession:
         if self._watched is None:
             raise ValueError("No states are watched: call watch_states() before the answer.")
         self._flush()
-        last = self.model.n_layer - 1
-        return {layer: np.concatenate(rows).mean(axis=0) for layer, rows in self._watched.items() if rows and layer != last}
+        return _mean_rows(self._watched, self.model.n_layer)
 
     def extend(self, text: str) -> None:
         """Put runtime-written text (not generated) into the context."""
@@ -702,13 +700,14 @@ class LocalSession:
         outs = [Generated(finish_reason="length") for _ in range(n)]
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n)]
         rows_of = {i: -1 for i in range(n)}  # each live sequence's logits row in the last batch
+        last: dict[int, int] = {}  # each sequence's last sampled token
         batch = _internals.LlamaBatch(n_tokens=n, embd=0, n_seq_max=1, verbose=False)
         try:
             for step in range(max_tokens + 1):
                 going = []
                 for i, row in rows_of.items():
                     if step == max_tokens:  # evaluated only for its states: its logits are not read
-                        going.append((i, outs[i]._last))
+                        going.append((i, last[i]))
                         continue
                     token = samplers[i].sample(llm._ctx, row)
                     if model._is_end(token):
@@ -717,7 +716,7 @@ class LocalSession:
                     outs[i].tokens += 1
                     outs[i].logprobs.append(model._token_logprob(token, row))
                     outs[i].text += decoders[i].decode(llm.detokenize([token]))
-                    outs[i]._last = token
+                    last[i] = token
                     going.append((i, token))
                 if step == max_tokens and not watch:
                     break
@@ -744,9 +743,14 @@ class LocalSession:
         for i, out in enumerate(outs):
             out.text += decoders[i].decode(b"", final=True)
             if watch:
-                last = model.n_layer - 1
-                out.states = {layer: np.concatenate(r).mean(axis=0) for layer, r in rows[i].items() if r and layer != last}
+                out.states = _mean_rows(rows[i], model.n_layer)
         return outs
+
+
+def _mean_rows(rows: dict[int, list[np.ndarray]], n_layer: int) -> dict[int, np.ndarray]:
+    """Each layer's mean over the token rows watched (``watched_states``, ``sample_many``); the
+    model's last layer is left out: llama.cpp computes it for the output row only."""
+    return {layer: np.concatenate(r).mean(axis=0) for layer, r in rows.items() if r and layer != n_layer - 1}
 
 
 def sequence_seed(seed: int, i: int) -> int:

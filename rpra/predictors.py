@@ -13,6 +13,7 @@ report-card and fine-tuned predictors plug in without touching it:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from rpra import prompts
 from rpra.config import Protocol
 from rpra.prediction import Prediction
-from rpra.probe import Probe
+from rpra.probe import Probe, draft_features
 from rpra.slot import ScoreSlot
 
 if TYPE_CHECKING:
@@ -114,10 +115,6 @@ class DraftVerifier:
 
     def verify(self, slot_state: np.ndarray, draft_state: np.ndarray, logprobs, *, pass_mark: int,
                p_remote: float | None = None) -> Prediction:  # fmt: skip
-        from dataclasses import replace
-
-        from rpra.probe import draft_features
-
         prediction = self.probe.prediction(draft_features(slot_state, draft_state, logprobs), pass_mark)
         return replace(prediction, predictor=self.name, p_remote=p_remote)
 

@@ -297,8 +297,7 @@ class Runtime:
             out = Generated()
             for _ in session.generate(max_tokens or s.max_tokens, temperature=0.0, repeat_penalty=s.repeat_penalty, out=out):
                 pass
-        rating = prompts.LeadingRatingFilter()  # a score the model writes itself, as in a local answer
-        out.text = (rating.feed(out.text) + rating.flush()).strip()
+        out.text = _as_shown(out.text, answer_after_score=False).strip()  # the slot was rewound, as for a local answer
         slot, states = self.read_draft(messages, out.text)
         return out, slot, states
 
