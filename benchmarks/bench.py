@@ -330,6 +330,87 @@ def add_self_verification(records: list[dict], settings: Settings, *, progress: 
     return records
 
 
+def _ladder_entry(row: dict, record: dict) -> dict:
+    """One item's ladder outcomes from a ``best_of_n`` row: each action's answer right or not
+    and the seconds it took the device (the record's own turn for the greedy draft)."""
+    from rpra.ladder import choose
+
+    kept = choose(row["answers"], row["scores"], rule="weighted")
+    decide_s = (record.get("probe_pa_decision_ms") or record.get("pa_decision_ms") or 0.0) / 1000  # the probe's, where measured
+    draft_s = (record.get("local_ms") or 0.0) / 1000
+    revision = row.get("revision") or {}
+    return {"greedy": bool(row["right"][0]), "greedy_score": float(row["scores"][0]), "kept": bool(row["right"][kept]),
+            "kept_score": float(row["scores"][kept]), "revised": bool(row["revised"]), "decide_s": decide_s, "draft_s": draft_s,
+            "best_s": float(row.get("batched_s") or (row.get("timing") or {}).get("batched_s") or 0.0),
+            "revise_s": float(revision.get("s", 0.0)), "n": len(row["answers"])}  # fmt: skip
+
+
+def ladder_rows(model: str, split: str = "test", results: Path | None = None) -> dict[str, dict]:
+    """The committed ``best_of_n`` rows of ``model`` on ``split`` (``python -m rpra.benchmarks.best_of_n``),
+    by item id; empty without them."""
+    import json
+
+    from rpra.benchmarks.collection import SEEDS, model_name
+
+    path = (results or SEEDS.parent) / (f"best_of_n-{model_name(model)}" + ("" if split == "test" else f"--{split}") + ".json")
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("model_sha256") not in (None, file_sha256(resolve(model))):
+        return {}  # rows of another file of that name
+    return {r["id"]: r for r in saved.get("rows", [])}
+
+
+def add_ladder_outcomes(records: list[dict], settings: Settings, *, log: Callable[[str], None] = print, results: Path | None = None) -> bool:
+    """Each record's ladder outcomes (``_ladder_entry``) as ``record["ladder"]``, from the model's
+    committed best-of-N rows on the test split; True when every record has them."""
+    rows = ladder_rows(settings.model, "test", results)
+    held = [r for r in records if r["id"] in rows]
+    for r in held:
+        r["ladder"] = _ladder_entry(rows[r["id"]], r)
+    if len(held) < len(records):
+        log(f"best-of-N outcomes for {len(held)} of {len(records)} records (`python -m rpra.benchmarks.best_of_n`): "
+            + ("no ladder rows" if not held else "the ladder rows need them all"))  # fmt: skip
+    return bool(records) and len(held) == len(records)
+
+
+def ladder_calibration(settings: Settings, *, quality_of: Callable[[bool], float], results: Path | None = None) -> dict | None:
+    """The allocation's calibration split: the train items with best-of-N rows (``best_of_n
+    --split train``: those whose records hold the remote's verdict), each action's quality
+    (``quality_of(right)``) and device seconds, and the pre-answer probe's P(pass) as a probe
+    fitted without the item gives it (``training.probe.out_of_fold_p_pass``, on the cached slot
+    reads of every train record of the probe's suites). None without rows, a probe or reads."""
+    from rpra.probe import Probe, default_probe_path
+    from rpra.training.layer_sweep import cached_slot_states
+    from rpra.training.probe import out_of_fold_p_pass
+
+    rows = ladder_rows(settings.model, "train", results)
+    probe_path = Path(settings.probe).expanduser() if settings.probe else default_probe_path(resolve(settings.model))
+    if not rows or not probe_path.exists():
+        return None
+    probe = Probe.load(probe_path)
+    suites = [Path(c).name.split("--")[1] for c in probe.meta.get("collections", [])]
+    train = [r for suite in suites for r in Collection.load(settings.model, suite, "train").records
+             if (r.get("label") or {}).get("pass") is not None]  # fmt: skip
+    states = cached_slot_states(settings.model, train, probe.layer)
+    train = [r for r in train if r["id"] in states]
+    calibration = [r for r in train if r["id"] in rows and r.get("exact_remote") is not None]
+    if not calibration:
+        return None
+    x = np.stack([states[r["id"]] for r in train])
+    y = np.asarray([bool(r["label"]["pass"]) for r in train], int)
+    p_pass = dict(zip((r["id"] for r in train), out_of_fold_p_pass(x, y, c=float(probe.meta.get("c", 1.0)))))
+    entries = [_ladder_entry(rows[r["id"]], r) for r in calibration]
+    best = f"best-of-{len(next(iter(rows.values()))['answers'])}"
+    q = {"answer": [quality_of(e["greedy"]) for e in entries], best: [quality_of(e["kept"]) for e in entries],
+         "revise": [quality_of(e["revised"]) for e in entries], "defer": [quality_of(bool(r["exact_remote"])) for r in calibration]}  # fmt: skip
+    seconds = {"answer": [e["draft_s"] for e in entries], best: [e["decide_s"] + e["best_s"] for e in entries],
+               "revise": [e["draft_s"] + e["revise_s"] for e in entries], "defer": [e["decide_s"] for e in entries]}  # fmt: skip
+    return {"p_pass": [float(p_pass[r["id"]]) for r in calibration], "outcomes": q, "seconds": seconds, "items": len(calibration),
+            "suites": {s: sum(r.get("suite") == s for r in calibration) for s in sorted({r.get("suite") for r in calibration})},
+            "fit_on": len(train)}  # fmt: skip
+
+
 def label_mismatches(evaluated: dict | None, train: list[Collection]) -> list[str]:
     """Where the train collections were collected with other label-shaping settings than the
     evaluated records (``provenance["settings"]``): one line per setting and suite."""
@@ -393,10 +474,17 @@ def report(records: list[dict], settings: Settings, out_dir: Path, *, quality: s
     from rpra.benchmarks.judge import agreement
     from rpra.benchmarks.report import evaluate, write_reports
 
+    from rpra.benchmarks.report import EXACT_CORRECT, EXACT_WRONG
+
     add_trained_predictions(records, settings, log=log)
     add_baselines(records, settings, log=log, provenance=provenance)
-    results = evaluate(records, quality=quality, pass_mark=settings.pass_mark, threshold=settings.threshold,
-                       route_on=settings.route_on, verify_threshold=settings.verify_threshold, seed=seed)  # fmt: skip
+    calibration = None
+    if quality == "exact" and add_ladder_outcomes(records, settings, log=log):
+        calibration = ladder_calibration(settings, quality_of=lambda right: EXACT_CORRECT if right else EXACT_WRONG)
+        if calibration is None:
+            log("no best-of-N rows on the calibration split (`python -m rpra.benchmarks.best_of_n --split train`): no allocation row")
+    results = evaluate(records, quality=quality, pass_mark=settings.pass_mark, threshold=settings.threshold, route_on=settings.route_on,
+                       verify_threshold=settings.verify_threshold, calibration=calibration, seed=seed)  # fmt: skip
     # The judge against the verifiers, where both scored an answer (a verified collection has no judge).
     pairs = [((r.get(f"judge_{side}") or {}).get("score"), r[f"exact_{side}"]) for r in records for side in ("local", "remote")]
     pairs = [p for p in pairs if p[0] is not None and p[1] is not None]

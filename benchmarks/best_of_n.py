@@ -24,6 +24,7 @@ the verifier's fit, and nothing is tuned on the test items.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -37,12 +38,39 @@ RESULTS = SEEDS.parent
 REVISE_BELOW = 0.5  # the revision rung: a greedy draft the verifier gives under this is revised (set before any run)
 
 
+def run_key(*, sha: str, verifier_sha: str, n: int, temperature: float, max_tokens: int, seed: int, revise: bool) -> str:
+    """What a row's outcome depends on: rows with another key are never mixed into a run."""
+    return hashlib.sha256(json.dumps([sha, verifier_sha, n, temperature, max_tokens, seed, revise]).encode()).hexdigest()[:16]
+
+
+def calibration_items(model: str, suites: tuple[str, ...]) -> list:
+    """The ladder's calibration split: the keyed train items whose collected records carry the
+    remote's verdict too (``rpra collect --remote``), so every action's outcome is known there."""
+    from rpra.benchmarks.bench import items_for
+    from rpra.benchmarks.collection import Collection
+
+    chosen = []
+    for suite in suites:
+        with_remote = {r["id"] for r in Collection.load(model, suite, "train").records if r.get("exact_remote") is not None}
+        chosen += [i for i in items_for(suite, "train", limit=None, keyed=True) if i.id in with_remote]
+    return chosen
+
+
 def run(model: str, *, suites: tuple[str, ...], n: int, temperature: float, max_tokens: int, threads: int | None, timed: int,
-        verifier_path: Path | None, limit: int | None, revise: bool = True, seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
+        verifier_path: Path | None, limit: int | None, revise: bool = True, seed: int = 0, progress: bool = True,
+        split: str = "test", resume_from: Path | None = None, reverse: bool = False) -> dict:  # fmt: skip
+    """Best-of-``n`` on the keyed items of ``suites``: the rpra-mix test split, or (``split="train"``)
+    the calibration split (``calibration_items``). Each finished item is appended to a journal under
+    RPRA_HOME/cache (keyed by ``run_key``), so an interrupted run resumes where it stopped; the
+    rows of a committed result at ``resume_from`` made with the same key count as finished.
+    (Rows are drawn with per-sequence seeds, so a resumed run gets the rows a whole one would.)
+    ``reverse``: take the items from the last, so that a second run on the same journal shares
+    the work with the first on another core (each skips what the other has written)."""
     from rich.progress import track
 
     from rpra.benchmarks.bench import items_for
     from rpra.benchmarks.data import verify
+    from rpra.config import home
     from rpra.ladder import RULES, choose
     from rpra.local import LocalModel
     from rpra.models import file_sha256, resolve
@@ -51,46 +79,112 @@ def run(model: str, *, suites: tuple[str, ...], n: int, temperature: float, max_
     from rpra.runtime import Runtime
 
     path = resolve(model)
-    probe = Probe.load(verifier_path or default_probe_path(path, "draft"))
-    probe.check_model(file_sha256(path), model)
-    verifier = DraftVerifier(probe)
-    settings = Settings(model=model, temperature=0.0, log=False, mode="local-only", n_threads=threads, max_tokens=max_tokens, seed=seed)
-    local = LocalModel.from_settings(settings, capture_layers=verifier.capture_layers, parallel=n)
-    runtime = Runtime(settings, local=local)
-    items = [i for i in items_for("rpra-mix", "test", limit=None, keyed=True) if i.suite in suites]
+    probe_path = verifier_path or default_probe_path(path, "draft")
+    probe = Probe.load(probe_path)
+    sha = file_sha256(path)
+    probe.check_model(sha, model)
+    key = run_key(sha=sha, verifier_sha=file_sha256(probe_path), n=n, temperature=temperature, max_tokens=max_tokens, seed=seed, revise=revise)
+    if split == "train":
+        items = calibration_items(model, suites)
+    else:
+        items = [i for i in items_for("rpra-mix", "test", limit=None, keyed=True) if i.suite in suites]
     items = items[:limit] if limit else items
+    journal = home() / "cache" / f"best_of_n-{model_name(model)}-{split}-{key}.jsonl"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    seeded = committed_rows(resume_from, key, sha=sha, n=n, temperature=temperature, max_tokens=max_tokens, verifier=probe) if resume_from else []
+    done = {r["id"]: r for r in seeded}
+    read_to = _read_journal(journal, done, 0)
+    todo = [i for i in items if i.id not in done]
+    todo = todo[::-1] if reverse else todo
+    timed_so_far = sum("timing" in done[i.id] for i in items if i.id in done)
+    verifier = DraftVerifier(probe)
     layer = verifier.layer
-    rows, timings = [], []
-    for k, item in enumerate(track(items, description=f"best-of-{n}", disable=not progress, transient=True)):
+    runtime = None
+    for item in track(todo, description=f"best-of-{n} ({split})", disable=not progress or not todo, transient=True):
+        read_to = _read_journal(journal, done, read_to)  # another run on the same journal (--reverse) may have drawn it
+        if item.id in done:
+            continue
+        if runtime is None:
+            settings = Settings(model=model, temperature=0.0, log=False, mode="local-only", n_threads=threads, max_tokens=max_tokens, seed=seed)
+            runtime = Runtime(settings, local=LocalModel.from_settings(settings, capture_layers=verifier.capture_layers, parallel=n))
         messages = [{"role": "user", "content": item.prompt}]
         runs = {}
-        order = (True, False) if k % 2 == 0 else (False, True)
-        for batched in order if k < timed else (True,):
+        order = (True, False) if timed_so_far % 2 == 0 else (False, True)
+        for batched in order if timed_so_far < timed else (True,):
             started = time.perf_counter()
             slot, drafts = runtime.drafts(messages, n, temperature=temperature, max_tokens=max_tokens, batched=batched, seed=seed)
             runs[batched] = (time.perf_counter() - started, slot, drafts)
-        if len(runs) == 2:
-            (tb, _, db), (ts, _, ds) = runs[True], runs[False]
-            timings.append({"batched_s": tb, "sequential_s": ts, "batched_tokens": sum(d.tokens for d in db),
-                            "sequential_tokens": sum(d.tokens for d in ds)})  # fmt: skip
         _, slot, drafts = runs[True]
         answers = [d.text.strip() for d in drafts]
         scores = [verifier.verify(slot[layer], d.states[layer], d.logprobs, pass_mark=7).p_pass for d in drafts]
         right = [bool(verify(item, a)) for a in answers]
         row = {"id": item.id, "suite": item.suite, "right": right, "scores": [round(s, 4) for s in scores], "answers": answers,
-               "tokens": [d.tokens for d in drafts]}  # fmt: skip
+               "tokens": [d.tokens for d in drafts], "batched_s": round(runs[True][0], 3)}  # fmt: skip
+        if len(runs) == 2:
+            (tb, _, db), (ts, _, ds) = runs[True], runs[False]
+            row["timing"] = {"batched_s": tb, "sequential_s": ts, "batched_tokens": sum(d.tokens for d in db),
+                             "sequential_tokens": sum(d.tokens for d in ds)}  # fmt: skip
+            timed_so_far += 1
         for rule in RULES:
             row[rule] = right[choose(answers, scores, rule=rule)]
         if revise and scores[0] < REVISE_BELOW:  # the greedy draft is doubted: ask for a revision
+            started = time.perf_counter()
             revision, slot_r, states_r = runtime.revise(messages, answers[0], max_tokens=max_tokens)
             score_r = verifier.verify(slot_r[layer], states_r[layer], revision.logprobs, pass_mark=7).p_pass
-            row["revision"] = {"answer": revision.text, "score": round(score_r, 4), "right": bool(verify(item, revision.text))}
+            row["revision"] = {"answer": revision.text, "score": round(score_r, 4), "right": bool(verify(item, revision.text)),
+                               "tokens": revision.tokens, "s": round(time.perf_counter() - started, 3)}  # fmt: skip
             row["revised"] = row["revision"]["right"] if score_r > scores[0] else right[0]
         else:
             row["revised"] = right[0]
-        rows.append(row)
-    return summarise(rows, timings, model=model, sha=file_sha256(path), n=n, temperature=temperature, max_tokens=max_tokens,
-                     threads=threads, verifier=probe)  # fmt: skip
+        with journal.open("a") as f:  # one write per row: two runs appending do not interleave lines
+            f.write(json.dumps(row) + "\n")
+        done[item.id] = row
+    rows = [done[i.id] for i in items if i.id in done]
+    timings = [r["timing"] for r in rows if "timing" in r]
+    result = summarise(rows, timings, model=model, sha=sha, n=n, temperature=temperature, max_tokens=max_tokens, threads=threads,
+                       verifier=probe)  # fmt: skip
+    result.update({"split": split, "key": key, "seed": seed, "revise": revise})
+    return result
+
+
+def _read_journal(journal: Path, done: dict[str, dict], offset: int) -> int:
+    """Add the journal's rows from byte ``offset`` on to ``done``; returns the offset read to.
+    A line cut by an interruption is skipped (that item is drawn again)."""
+    if not journal.exists():
+        return offset
+    with journal.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    end = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+    for line in chunk[:end].splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[row["id"]] = row
+    return offset + end
+
+
+def committed_rows(path: Path, key: str, *, sha: str, n: int, temperature: float, max_tokens: int, verifier) -> list[dict]:
+    """The rows of a committed result made with the same ``run_key``, to resume from (none if
+    the file is absent or of another key). A result from before results carried their key must
+    match on every setting it records (the verifier by its CV AUROC and example count), and gets
+    its ``speed.timings`` back on its first rows, in the order they were timed."""
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    if "key" in saved:
+        if saved["key"] != key:
+            return []
+    elif (saved.get("model_sha256"), saved.get("n"), saved.get("temperature"), saved.get("max_tokens"),
+          (saved.get("verifier") or {}).get("cv_auroc"), (saved.get("verifier") or {}).get("examples")) != (
+          sha, n, temperature, max_tokens, verifier.meta.get("cv_auroc_pass"), verifier.meta.get("examples")):  # fmt: skip
+        return []
+    rows = saved.get("rows", [])
+    if rows and not any("timing" in r for r in rows):
+        for row, timing in zip(rows, (saved.get("speed") or {}).get("timings", [])):
+            row["timing"] = timing
+    return rows
 
 
 def summarise(rows: list[dict], timings: list[dict], *, model: str, sha: str, n: int, temperature: float, max_tokens: int,
@@ -170,7 +264,9 @@ def compute_figure(result: dict):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    parser.add_argument("--suites", default="arithmetic,gsm", help="Suites of the rpra-mix test split (keyed items).")
+    parser.add_argument("--suites", default="arithmetic,gsm", help="Suites of the rpra-mix (keyed items).")
+    parser.add_argument("--split", default="test", choices=("test", "train"),
+                        help="test: the rpra-mix test items; train: the calibration split (train items with the remote's verdict).")
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max-tokens", type=int, default=48, help="The test collection's answer budget.")
@@ -180,12 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verifier", type=Path, default=None, help="Default: next to the model (`rpra train verifier`).")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-revise", action="store_true", help="Skip the revision rung.")
+    parser.add_argument("--reverse", action="store_true",
+                        help="Take the items from the last: a second run beside the first shares its journal and its work.")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
     args = parser.parse_args(argv)
+    stem = f"best_of_n-{model_name(args.model)}" + ("" if args.split == "test" else f"--{args.split}")
     result = run(args.model, suites=tuple(s.strip() for s in args.suites.split(",")), n=args.n, temperature=args.temperature,
-                 max_tokens=args.max_tokens, threads=args.threads, timed=args.timed, verifier_path=args.verifier, limit=args.limit, revise=not args.no_revise)  # fmt: skip
+                 max_tokens=args.max_tokens, threads=args.threads, timed=args.timed, verifier_path=args.verifier, limit=args.limit,
+                 revise=not args.no_revise, split=args.split, resume_from=args.out / f"{stem}.json", reverse=args.reverse)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"best_of_n-{model_name(args.model)}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (args.out / f"{stem}.md").write_text(markdown(result))
     if "speed" in result:

@@ -105,7 +105,7 @@ def apgr(pred, local_q, remote_q) -> float:
     straight line from (0, 0) to (1, 1)); the oracle scores the most. NaN when there is no gap.
     """
     curve = deferral_curve(pred, local_q, remote_q)
-    return _trapezoid(curve["share"], pgr(curve["quality"], local_q, remote_q))
+    return curve_apgr(curve["share"], curve["quality"], local_q, remote_q)
 
 
 def cpt(pred, local_q, remote_q, target: float) -> float:
@@ -116,10 +116,37 @@ def cpt(pred, local_q, remote_q, target: float) -> float:
     random, or by randomising the threshold). PGR is 1 at share 1 by definition, so a target in
     [0, 1] is always reached, at 1.0 at the latest. NaN when there is no gap.
     """
+    curve = deferral_curve(pred, local_q, remote_q)
+    return curve_cpt(curve["share"], curve["quality"], local_q, remote_q, target)
+
+
+def policy_curve(share, quality, local_q, remote_q) -> dict[str, np.ndarray]:
+    """Any policy's operating points (remote share, mean quality), as a curve from share 0 to 1:
+    sorted by share, the best quality kept where shares tie, and the ends added where missing
+    (share 0: every request answered by the device as is; share 1: every one deferred), so
+    that a policy that is no ranking (a threshold sweep of a ladder, a price sweep of an
+    allocation) gets APGR and CPT as a router does."""
+    share, quality = _floats(share, quality)
+    local_q, remote_q = _floats(local_q, remote_q)
+    best: dict[float, float] = {}
+    for s, q in zip(share.tolist(), quality.tolist()):
+        best[s] = max(q, best.get(s, -np.inf))
+    best.setdefault(0.0, float(local_q.mean()))
+    best.setdefault(1.0, float(remote_q.mean()))
+    xs = np.array(sorted(best))
+    return {"share": xs, "quality": np.array([best[x] for x in xs])}
+
+
+def curve_apgr(share, quality, local_q, remote_q) -> float:
+    """APGR of a curve's points (``deferral_curve``'s, or ``policy_curve``'s)."""
+    return _trapezoid(np.asarray(share, float), pgr(np.asarray(quality, float), local_q, remote_q))
+
+
+def curve_cpt(share, quality, local_q, remote_q, target: float) -> float:
+    """CPT of a curve's points: the smallest share at which PGR reaches ``target`` (``cpt``)."""
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"target PGR {target} is outside [0, 1]; use e.g. 0.5, 0.8 or 0.95")
-    curve = deferral_curve(pred, local_q, remote_q)
-    share, gap_recovered = curve["share"], pgr(curve["quality"], local_q, remote_q)
+    share, gap_recovered = np.asarray(share, float), pgr(np.asarray(quality, float), local_q, remote_q)
     if np.isnan(gap_recovered).any():
         return float("nan")
     i = int(np.argmax(gap_recovered >= target))  # the first point at or past the target

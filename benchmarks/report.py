@@ -95,7 +95,7 @@ def _prediction(records: list[dict], field: str, route_on: str) -> tuple[np.ndar
 
 
 def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, threshold: float = 5.0, route_on: str = "expected",
-             verify_threshold: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict:  # fmt: skip
+             verify_threshold: float | None = None, calibration: dict | None = None, n_boot: int = 1000, seed: int = 0) -> dict:  # fmt: skip
     """All metrics for every predictor present in ``records`` and for the baselines.
 
     Routers rank and defer on ``route_on`` (E[score] or P(pass)) with the controller's own rule,
@@ -115,6 +115,11 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
     request is drafted and ranked by the verifier (``controller.cascade_scores``, the runtime's
     two points); its remote share is at ``verify_threshold`` (default: the row's threshold), and
     ``drafted_share`` / ``local_s_per_request`` say what the drafts cost the device.
+
+    Under exact verifiers, with best-of-N outcomes on every record too (``record["ladder"]``,
+    ``bench.add_ladder_outcomes``), the ladder gets a row, and with a ``calibration`` split
+    (``bench.ladder_calibration``) so does the allocation; ``results["policies"]`` then holds
+    every policy's operating points side by side (``benchmarks.policies``).
     """
     plain_on, plain_threshold = (route_on, threshold) if route_on != "advantage" else ("p_pass", None)
     advantage_threshold = threshold if route_on == "advantage" else 0.0
@@ -212,6 +217,16 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
                 row.update({"remote_share_at_threshold": float(deferred.mean()), "quality_at_threshold": float(np.where(deferred, rq, lq).mean())})
             rows[CASCADE + suffix] = row
 
+    policies = None
+    if quality == "exact" and {"probe_pa", "verifier"} <= fields and all("ladder" in r for r in a.kept):
+        from rpra.benchmarks.policies import evaluate_policies
+
+        at = verify_threshold if verify_threshold is not None else (threshold if plain_on == "p_pass" else 0.5)
+        policies = evaluate_policies(a.kept, lq, rq, quality_of=lambda right: np.where(right, EXACT_CORRECT, EXACT_WRONG),
+                                     shown=shown_quality({"quality": quality})[1], first_threshold=CASCADE_FIRST["p_pass"], threshold=at,
+                                     calibration=calibration, n_boot=n_boot, seed=seed)  # fmt: skip
+        rows.update(policies.pop("rows"))
+
     # Random deferral in expectation: one constant score, whose ties the metrics interpolate as
     # random tie-breaking: the straight line from always-local to always-remote, APGR 0.5. (A
     # single random draw would make the baseline itself noisy.)
@@ -247,6 +262,7 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
         "latency_ms": {k: dict(zip(("p50", "p95"), np.percentile(v, [50, 95]).tolist())) for k, v in paths.items() if v},
         "routers": rows,
         "by_suite": by_suite,  # per suite: items, local pass rate, each predictor's AUROC (both classes present)
+        "policies": policies,  # the ladder's and the other policies' operating points, side by side (or None)
     }
 
 
@@ -304,7 +320,7 @@ def agreement_line(agreement: dict) -> str:
     return f"LLM judge vs exact verifiers: agreement {agreement['accuracy']:.1%} on {agreement['n']} items (Cohen's κ {kappa})"
 
 
-def markdown(results: dict, *, plot: str | None = None, agreement: dict | None = None) -> str:
+def markdown(results: dict, *, plot: str | None = None, agreement: dict | None = None, compute_plot: str | None = None) -> str:
     """A markdown report: the table, the setup, the judge's agreement with exact verifiers."""
     head = "| router | " + " | ".join(c for c, _ in COLUMNS) + " |"
     _, shown = shown_quality(results)
@@ -330,11 +346,45 @@ def markdown(results: dict, *, plot: str | None = None, agreement: dict | None =
             cells = [f"{entry['auroc'][name]:.3f}" if name in entry["auroc"] else "-" for name in names]
             better = f"{entry['remote_better_rate']:.1%}" if "remote_better_rate" in entry else "-"
             lines.append(f"| {suite} | {entry['n']} | {entry['local_pass_rate']:.1%} | {better} | " + " | ".join(cells) + " |")
+    if results.get("policies"):
+        lines += ["", *policy_lines(results)]
     if agreement:
         lines += ["", agreement_line(agreement) + "."]
     if plot:
         lines += ["", f"![deferral curves]({plot})"]
+    if compute_plot:
+        lines += ["", f"![quality against device compute]({compute_plot})"]
     return "\n".join(lines) + "\n"
+
+
+def policy_lines(results: dict) -> list[str]:
+    """The policies side by side (``benchmarks.policies``): each at equal remote share and at equal
+    quality, with its device seconds per request, and the allocation the calibration split chose."""
+    from rpra.benchmarks.policies import QUALITY_OF_REMOTE, SHARES
+
+    policies = results["policies"]
+    _, shown = shown_quality(results)
+    target = policies["target"]
+
+    def point(p: dict | None) -> str:
+        return "-" if p is None else f"{shown(p['quality']):.1%} right, {p['share']:.0%} remote, {p['local_s']:.1f} s"
+
+    head = [f"best at <= {b:.0%} remote" for b in SHARES] + [f"least remote for {QUALITY_OF_REMOTE:.0%} of always-remote ({shown(target['quality']):.1%})"]
+    lines = ["Policies side by side on the same items (each cell: share right, remote share, device seconds per request):", "",
+             "| policy | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]  # fmt: skip
+    for name, cells in policies["side_by_side"].items():
+        keys = [f"at_share_{b:g}" for b in SHARES] + ["at_quality"]
+        lines.append(f"| {name} | " + " | ".join(point(cells.get(k)) for k in keys) + " |")
+    alloc = policies.get("allocation")
+    if alloc:
+        c, cal = alloc["chosen"], alloc["calibration"]
+        bins = ", ".join(f"{a}" for a in c["actions"])
+        lines += ["", f"The allocation: {alloc['bins']} bins of the pre-answer P(pass) (edges {', '.join(f'{e:.3f}' for e in c['edges'])}), "
+                      f"device time at {alloc['local_price']} quality points a second; calibrated on {cal['items']} train items "
+                      f"(the probe's P(pass) out of fold, over {cal['fit_on']} train records). At the remote price the calibration split picks "
+                      f"({c['price']}: the lowest with at most {alloc['target_share']:.0%} remote there, {c['calibration_share']:.0%}), the bins take: "
+                      f"{bins}; on the test items {c['share']:.0%} remote, {shown(c['quality']):.1%} right, {c['local_s']:.1f} s per request."]  # fmt: skip
+    return lines
 
 
 def curve_figure(results: dict):
@@ -366,11 +416,47 @@ def plot_curves(results: dict, path: Path) -> Path:
     return path
 
 
+def compute_figure(results: dict):
+    """Quality against device seconds per request (as Snell et al. draw test-time compute), each
+    policy's operating points at or under each remote budget of ``policies.SHARES``: what more
+    device compute buys at a fixed remote share."""
+    from matplotlib.figure import Figure
+
+    from rpra.benchmarks.policies import SHARES
+
+    label, shown = shown_quality(results)
+    policies = results["policies"]
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
+    for k, (name, points) in enumerate(policies["points"].items()):
+        share, quality, local_s = (np.asarray(points[key], float) for key in ("share", "quality", "local_s"))
+        for budget, marker in zip(SHARES, ("o", "s")):
+            held = share <= budget + 1e-9
+            if held.any():
+                i = np.flatnonzero(held)[np.argmax(quality[held])]
+                ax.scatter([local_s[i]], [shown(quality[i])], marker=marker, s=70, color=f"C{k}", zorder=5,
+                           label=f"{name} (<= {budget:.0%} remote)")  # fmt: skip
+    ax.axhline(shown(results["mean_remote_quality"]), color="k", ls="--", lw=1, label="always remote")
+    ax.axhline(shown(policies["target"]["quality"]), color="k", ls=":", lw=1, label="the ladder's target quality")
+    ax.axhline(shown(results["mean_local_quality"]), color="r", ls=":", lw=1, label="always local")
+    ax.set_xlabel("device seconds per request (mean)")
+    ax.set_ylabel(label)
+    ax.set_title(f"Quality against device compute at a remote budget ({results['items']} items)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def write_reports(results: dict, out_dir: Path, *, agreement: dict | None = None) -> dict[str, Path]:
-    """results.json, deferral.png and report.md in ``out_dir``."""
+    """results.json, deferral.png and report.md in ``out_dir`` (and compute.png with the policies)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "plot": out_dir / "deferral.png", "markdown": out_dir / "report.md"}
     paths["json"].write_text(json.dumps({"results": results, "agreement": agreement}, indent=2))
     plot_curves(results, paths["plot"])
-    paths["markdown"].write_text(markdown(results, plot=paths["plot"].name, agreement=agreement))
+    if results.get("policies"):
+        paths["compute"] = out_dir / "compute.png"
+        compute_figure(results).savefig(paths["compute"], dpi=120)
+    paths["markdown"].write_text(markdown(results, plot=paths["plot"].name, agreement=agreement,
+                                          compute_plot=paths["compute"].name if "compute" in paths else None))  # fmt: skip
     return paths

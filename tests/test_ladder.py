@@ -3,6 +3,8 @@ llama.cpp batch on the real SmolLM2 GGUF."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,84 @@ def test_the_best_of_n_report_counts_each_rule_and_the_speed_ratio(tmp_path):
     assert "| all | 4 | 50.0% | 100.0% |" in text and "median time ratio **0.50**" in text
     compute_figure(result).savefig(tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def _ladder_records():
+    """100 requests, the remote right on all: 20 obvious misses the probe knows (P(pass) 0.05), 40
+    easy ones the device gets right (its draft scored 0.9), and 40 it drafts wrong (scored 0.2),
+    where best-of-4 finds a right answer the verifier trusts on 30 (0.8), a wrong one on 10 (0.3)."""
+    recs = []
+    for i in range(100):
+        kind = "obvious" if i < 20 else "easy" if i < 60 else "middle"
+        rescued = kind == "middle" and i < 90
+        pred = lambda p: {"expected": 1 + 9 * p, "p_pass": p}  # noqa: E731
+        greedy = kind == "easy"
+        greedy_score = {"obvious": 0.1, "easy": 0.9, "middle": 0.2}[kind]
+        recs.append({"id": str(i), "suite": "s", "exact_local": float(greedy), "exact_remote": 1.0, "label": {"pass": greedy, "source": "verified"},
+                     "probe_pa": pred({"obvious": 0.05, "easy": 0.9, "middle": 0.5}[kind]), "verifier": pred(greedy_score), "pa": pred(0.5),
+                     "probe_pa_decision_ms": 100.0, "pa_decision_ms": 100.0, "local_ms": 1100.0,
+                     "ladder": {"greedy": greedy, "greedy_score": greedy_score, "kept": greedy or rescued,
+                                "kept_score": 0.8 if rescued else greedy_score if greedy else 0.3, "revised": greedy,
+                                "decide_s": 0.1, "draft_s": 1.1, "best_s": 3.0, "revise_s": 1.0, "n": 4}})  # fmt: skip
+    return recs
+
+
+def test_the_ladder_climbs_a_doubted_draft_to_best_of_n_before_it_defers():
+    from rpra.benchmarks.report import evaluate
+
+    res = evaluate(_ladder_records(), quality="exact", route_on="p_pass", threshold=0.5, n_boot=30)
+    ladder, cascade = res["routers"]["ladder: draft, best-of-4 if doubted, then defer"], res["routers"]["cascade: probe, then verifier"]
+    # At 0.5: the 20 obvious misses deferred at once, the 40 easy drafts kept, the 40 doubted ones
+    # climb; 30 picks are trusted and right, 10 are doubted still and deferred.
+    assert ladder["drafted_share"] == pytest.approx(0.8) and ladder["climbed_share"] == pytest.approx(0.4)
+    assert ladder["remote_share_at_threshold"] == pytest.approx(0.3) and ladder["quality_at_threshold"] == pytest.approx(10.0)
+    assert ladder["local_s_per_request"] == pytest.approx((20 * 0.1 + 80 * 1.1 + 40 * 3.0) / 100)
+    assert cascade["remote_share_at_threshold"] == pytest.approx(0.6)  # without the rung, every doubted draft is deferred
+    assert ladder["apgr"]["value"] > cascade["apgr"]["value"] and ladder["apgr"]["ci"][0] <= ladder["apgr"]["value"] <= ladder["apgr"]["ci"][1]
+    table = res["policies"]["side_by_side"]
+    at40 = table["ladder: draft, best-of-4 if doubted, then defer"]["at_share_0.4"]
+    assert at40["quality"] == pytest.approx(10.0) and at40["share"] <= 0.4
+    assert table["cascade: probe, then verifier"]["at_share_0.4"]["quality"] < 10.0
+    assert table["PA threshold routing (probe)"]["at_quality"]["share"] > at40["share"]
+
+
+def test_the_allocation_is_chosen_on_the_calibration_split_and_run_on_the_test_items():
+    from rpra.benchmarks.policies import ALLOCATION, allocation_policy
+    from rpra.benchmarks.report import evaluate
+
+    # Calibration: the same three kinds, with their outcomes per action (10 right, 1 wrong).
+    p = [0.05] * 20 + [0.9] * 40 + [0.5] * 40
+    right = lambda xs: [10.0 if x else 1.0 for x in xs]  # noqa: E731
+    calibration = {"p_pass": p, "items": 100, "fit_on": 500, "suites": {"s": 100},
+                   "outcomes": {"answer": right([False] * 20 + [True] * 40 + [False] * 40),
+                                "best-of-4": right([False] * 20 + [True] * 40 + [True] * 30 + [False] * 10),
+                                "revise": right([False] * 20 + [True] * 40 + [False] * 40), "defer": right([True] * 100)},
+                   "seconds": {"answer": [1.1] * 100, "best-of-4": [3.1] * 100, "revise": [2.1] * 100, "defer": [0.1] * 100}}  # fmt: skip
+    _, actions, share = allocation_policy(calibration, 0.0)
+    assert share == 1.0 and set(actions) == {"defer"}  # a free remote: everything deferred
+    _, actions, share = allocation_policy(calibration, 5.0)
+    assert share == pytest.approx(0.2) and actions[-1] == "answer" and "best-of-4" in actions
+    res = evaluate(_ladder_records(), quality="exact", route_on="p_pass", threshold=0.5, calibration=calibration, n_boot=30)
+    row, alloc = res["routers"][ALLOCATION], res["policies"]["allocation"]
+    assert alloc["chosen"]["calibration_share"] <= 0.4 and alloc["chosen"]["price"] < 5.0  # the lowest price within the budget
+    assert row["remote_share_at_threshold"] == pytest.approx(0.2)
+    assert row["quality_at_threshold"] == pytest.approx((20 * 10 + 40 * 10 + 30 * 10 + 10 * 1) / 100)
+    assert row["local_s_per_request"] == pytest.approx((20 * 0.1 + 40 * 1.1 + 40 * 3.1) / 100)
+
+
+def test_the_best_of_n_journal_resumes_and_skips_a_cut_line(tmp_path):
+    from rpra.benchmarks.best_of_n import _read_journal, committed_rows
+
+    journal = tmp_path / "j.jsonl"
+    journal.write_text(json.dumps({"id": "a", "right": [True]}) + "\n" + '{"id": "b", "ri')
+    done = {}
+    offset = _read_journal(journal, done, 0)
+    assert list(done) == ["a"] and offset == len(json.dumps({"id": "a", "right": [True]})) + 1
+    with journal.open("a") as f:
+        f.write('ght": [false]}\n')
+    _read_journal(journal, done, offset)  # the line finished since: read now
+    assert done["b"] == {"id": "b", "right": [False]}
+    saved = tmp_path / "result.json"
+    saved.write_text(json.dumps({"key": "k1", "rows": [{"id": "a"}]}))
+    args = {"sha": "s", "n": 4, "temperature": 0.7, "max_tokens": 48, "verifier": None}
+    assert committed_rows(saved, "k1", **args) == [{"id": "a"}] and committed_rows(saved, "k2", **args) == []

@@ -147,6 +147,32 @@ def fit_probe(x: np.ndarray, y: np.ndarray, *, scale_max: int, folds: int = 5, s
 
 
 
+def out_of_fold_logits(x: np.ndarray, y: np.ndarray, c: float, split: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Each row's logit from a logistic head (strength ``c``) fitted, standardised, on the other
+    folds of ``split`` (index pairs, e.g. ``StratifiedKFold``'s)."""
+    from sklearn.linear_model import LogisticRegression
+
+    out = np.empty(len(y))
+    for train, test in split:
+        mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+        head = LogisticRegression(C=c, max_iter=2000).fit((x[train] - mean) / std, y[train])
+        out[test] = head.decision_function((x[test] - mean) / std)
+    return out
+
+
+def out_of_fold_p_pass(x: np.ndarray, y: np.ndarray, *, c: float, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Calibrated P(pass) for each row as a probe fitted without it would give (``fit_logistic``'s
+    head at strength ``c``, Platt-scaled on the out-of-fold logits): what a calibration split
+    drawn from the train records may be scored with, since the probe itself saw them."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(y, int)
+    logits = out_of_fold_logits(x, y, c, list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y)))
+    platt = LogisticRegression(C=1e6, max_iter=1000).fit(logits[:, None], y)
+    return platt.predict_proba(logits[:, None])[:, 1]
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0, layer: int | None = None,
                  scale_max: int = 10, meta: dict | None = None) -> tuple[Probe, dict]:  # fmt: skip
     """A calibrated logistic probe of the pass label ``y`` (0 / 1) on states ``x``.
@@ -167,18 +193,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0,
         raise RpraError(f"A logistic probe needs at least {folds} passing and {folds} failing records to cross-validate; "
                         f"have {positives} passing of {len(y)}. Collect more (`rpra collect --split train --verified`).")  # fmt: skip
     split = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y))
-
-    def standardise(rows: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
-        return (rows - fit_rows.mean(0)) / (fit_rows.std(0) + 1e-6)
-
-    def oof(c: float) -> np.ndarray:
-        out = np.empty(len(y))
-        for train, test in split:
-            head = LogisticRegression(C=c, max_iter=2000).fit(standardise(x[train], x[train]), y[train])
-            out[test] = head.decision_function(standardise(x[test], x[train]))
-        return out
-
-    scored = {c: oof(c) for c in C_GRID}
+    scored = {c: out_of_fold_logits(x, y, c, split) for c in C_GRID}
     aurocs = {c: float(auroc(logits, y == 1)) for c, logits in scored.items()}
     best = max(aurocs, key=aurocs.get)
     platt = LogisticRegression(C=1e6, max_iter=1000).fit(scored[best][:, None], y)
