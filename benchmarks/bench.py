@@ -271,35 +271,46 @@ def add_trained_predictions(records: list[dict], settings: Settings, *, log: Cal
     return added
 
 
-def add_verifier_predictions(records: list[dict], settings: Settings, verifier: DraftVerifier, *, field: str = "verifier",
-                             remote_from: str = "probe_pa", progress: bool = True) -> list[dict]:  # fmt: skip
-    """The draft verifier's prediction for each record's recorded local answer, as ``record[field]``,
-    carrying the P(remote passes) of ``record[remote_from]`` (the pre-answer probe's remote head)
-    where there is one, as the runtime's second point does.
-
-    The states come from ``Runtime.read_draft`` (one prefill of the prompt and the answer), cached
-    by model file, layer, prompt and answer: a refitted verifier on the same layer costs no device
-    call. ``<field>_read_ms`` is that read's time (the runtime watches the states while drafting
-    instead, at no extra prefill)."""
+def draft_reads(records: list[dict], settings: Settings, layer: int, *, progress: bool = True, what: str = "reading drafts"
+                ) -> list[dict]:  # fmt: skip
+    """Per record, the device model's state at the PA slot and its mean over the recorded local
+    answer at ``layer`` (``Runtime.read_draft``: one prefill of the prompt and the answer), and
+    that read's time: ``{"slot", "draft", "ms"}``. Cached by model file, layer, prompt and answer,
+    so the verifier's predictions and the pool's shared feature cost one read between them; the
+    model is loaded only on a miss."""
     from rich.progress import track
 
-    from rpra.benchmarks.baselines import as_prediction
-
     settings = bench_settings(settings)
-    local = LocalModel.from_settings(settings, capture_layers=verifier.capture_layers)
-    runtime = Runtime(settings, local=local)
-    cache, sha = CallCache.default(), file_sha256(local.path)
-    layer = verifier.layer
-    for r in track(records, description=f"reading drafts: {field}", disable=not progress, transient=True):
+    cache, sha = CallCache.default(), file_sha256(resolve(settings.model))
+    runtime = None
+    out = []
+    for r in track(records, description=what, disable=not progress, transient=True):
         answer = r.get("local_answer") or ""
 
         def read(r=r, answer=answer) -> dict:
+            nonlocal runtime
+            if runtime is None:
+                runtime = Runtime(settings, local=LocalModel.from_settings(settings, capture_layers=[layer]))
             started = time.perf_counter()
             slot, draft = runtime.read_draft([{"role": "user", "content": r["prompt"]}], answer, layers=[layer])
             return {"slot": [round(float(v), 5) for v in slot[layer]], "draft": [round(float(v), 5) for v in draft[layer]],
                     "ms": (time.perf_counter() - started) * 1000}  # fmt: skip
 
-        out = cached(cache, "draft-read", sha, {"layer": layer, "prompt": r["prompt"], "answer": answer}, read)
+        out.append(cached(cache, "draft-read", sha, {"layer": layer, "prompt": r["prompt"], "answer": answer}, read))
+    return out
+
+
+def add_verifier_predictions(records: list[dict], settings: Settings, verifier: DraftVerifier, *, field: str = "verifier",
+                             remote_from: str = "probe_pa", progress: bool = True) -> list[dict]:  # fmt: skip
+    """The draft verifier's prediction for each record's recorded local answer, as ``record[field]``,
+    carrying the P(remote passes) of ``record[remote_from]`` (the pre-answer probe's remote head)
+    where there is one, as the runtime's second point does. The states come from ``draft_reads``;
+    ``<field>_read_ms`` is that read's time (the runtime watches the states while drafting
+    instead, at no extra prefill)."""
+    from rpra.benchmarks.baselines import as_prediction
+
+    reads = draft_reads(records, settings, verifier.layer, progress=progress, what=f"reading drafts: {field}")
+    for r, out in zip(records, reads):
         stats = {**(r.get("local_logprobs") or {}), "tokens": r.get("local_tokens") or 0}
         p_remote = (r.get(remote_from) or {}).get("p_remote")
         verdict = verifier.verify(np.asarray(out["slot"]), np.asarray(out["draft"]), stats, pass_mark=settings.pass_mark)

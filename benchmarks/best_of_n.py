@@ -69,14 +69,12 @@ def run(model: str, *, suites: tuple[str, ...], n: int, temperature: float, max_
     from rich.progress import track
 
     from rpra.benchmarks.bench import items_for
-    from rpra.benchmarks.data import verify
     from rpra.config import home
-    from rpra.ladder import RULES, choose
     from rpra.local import LocalModel
     from rpra.models import file_sha256, resolve
     from rpra.predictors import DraftVerifier
     from rpra.probe import Probe, default_probe_path
-    from rpra.runtime import Runtime
+    from rpra.runtime import Runtime, _as_shown
 
     path = resolve(model)
     probe_path = verifier_path or default_probe_path(path, "draft")
@@ -115,36 +113,53 @@ def run(model: str, *, suites: tuple[str, ...], n: int, temperature: float, max_
             slot, drafts = runtime.drafts(messages, n, temperature=temperature, max_tokens=max_tokens, batched=batched, seed=seed)
             runs[batched] = (time.perf_counter() - started, slot, drafts)
         _, slot, drafts = runs[True]
-        answers = [d.text.strip() for d in drafts]
+        answers = [_as_shown(d.text, settings.answer_after_score) for d in drafts]
         scores = [verifier.verify(slot[layer], d.states[layer], d.logprobs, pass_mark=7).p_pass for d in drafts]
-        right = [bool(verify(item, a)) for a in answers]
-        row = {"id": item.id, "suite": item.suite, "right": right, "scores": [round(s, 4) for s in scores], "answers": answers,
+        row = {"id": item.id, "suite": item.suite, "scores": [round(s, 4) for s in scores], "answers": answers,
                "tokens": [d.tokens for d in drafts], "batched_s": round(runs[True][0], 3)}  # fmt: skip
         if len(runs) == 2:
             (tb, _, db), (ts, _, ds) = runs[True], runs[False]
             row["timing"] = {"batched_s": tb, "sequential_s": ts, "batched_tokens": sum(d.tokens for d in db),
                              "sequential_tokens": sum(d.tokens for d in ds)}  # fmt: skip
             timed_so_far += 1
-        for rule in RULES:
-            row[rule] = right[choose(answers, scores, rule=rule)]
         if revise and scores[0] < REVISE_BELOW:  # the greedy draft is doubted: ask for a revision
             started = time.perf_counter()
             revision, slot_r, states_r = runtime.revise(messages, answers[0], max_tokens=max_tokens)
             score_r = verifier.verify(slot_r[layer], states_r[layer], revision.logprobs, pass_mark=7).p_pass
-            row["revision"] = {"answer": revision.text, "score": round(score_r, 4), "right": bool(verify(item, revision.text)),
+            row["revision"] = {"answer": _as_shown(revision.text, settings.answer_after_score), "score": round(score_r, 4),
                                "tokens": revision.tokens, "s": round(time.perf_counter() - started, 3)}  # fmt: skip
-            row["revised"] = row["revision"]["right"] if score_r > scores[0] else right[0]
-        else:
-            row["revised"] = right[0]
         with journal.open("a") as f:  # one write per row: two runs appending do not interleave lines
             f.write(json.dumps(row) + "\n")
         done[item.id] = row
-    rows = [done[i.id] for i in items if i.id in done]
+    by_id = {i.id: i for i in items}
+    rows = [judged(done[i.id], by_id[i.id]) for i in items if i.id in done]
     timings = [r["timing"] for r in rows if "timing" in r]
     result = summarise(rows, timings, model=model, sha=sha, n=n, temperature=temperature, max_tokens=max_tokens, threads=threads,
                        verifier=probe)  # fmt: skip
     result.update({"split": split, "key": key, "seed": seed, "revise": revise})
     return result
+
+
+def judged(row: dict, item) -> dict:
+    """``row`` with its verdicts, from its answers as the user would see them (``runtime._as_shown``:
+    without a rating line the model wrote itself, as ``answer_after_score`` is off by default):
+    each draft right or not, each rule's pick, and the revision rung's answer. Recomputed on
+    every run, so a row's verdicts always follow the current verifier of the suite."""
+    from rpra.benchmarks.data import verify
+    from rpra.ladder import RULES, choose
+    from rpra.runtime import _as_shown
+
+    answers = [_as_shown(a, False) for a in row["answers"]]
+    right = [bool(verify(item, a)) for a in answers]
+    out = {**row, "answers": answers, "right": right, **{rule: right[choose(answers, row["scores"], rule=rule)] for rule in RULES}}
+    if row.get("revision"):
+        revision = {**row["revision"], "answer": _as_shown(row["revision"]["answer"], False)}
+        revision["right"] = bool(verify(item, revision["answer"]))
+        out["revision"] = revision
+        out["revised"] = revision["right"] if revision["score"] > row["scores"][0] else right[0]
+    else:
+        out["revised"] = right[0]
+    return out
 
 
 def _read_journal(journal: Path, done: dict[str, dict], offset: int) -> int:

@@ -87,6 +87,7 @@ training = _group("train", "Trained predictors: a LoRA adapter (SFT), an activat
 training.command("sft")(train.sft_command())
 training.command("probe")(train.train_probe)
 training.command("verifier")(train.train_verifier)
+training.command("pool")(train.train_pool)
 training.command("list")(train.train_list)
 training.command("export")(train.train_export)
 

@@ -180,3 +180,31 @@ def train_verifier(
               f"(the draft's log-probabilities alone: {report['logprobs_only']['cv_auroc_pass']:.3f}) · CV Brier {report['cv_brier']:.3f} "
               f"(base rate: {report['base_rate_brier']:.3f})")  # fmt: skip
     out.print("[dim]use it with --set verifier=" + str(path) + "[/]")
+
+
+@settings_command()
+def train_pool(
+    settings,
+    pool: Annotated[Path, typer.Option("--pool", help="The pool file (TOML): its targets, prices and rule (see `rpra.pool`).")],
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Refit only this target's head (repeat for several), keeping "
+                                                                     "the others: adding a target to a pool.")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="The encoder layer the heads read (default: the probe's, from the layer sweep).")] = None,
+    folds: FoldsOpt = 5,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Heads file (default: next to the model).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fit the pool's reward heads: for each target, a logistic head from the device model's slot state to whether that
+    target's answer is right, on the target's own train records. The device model is the encoder (--set model=...)."""
+    bench_module()  # the heads read benchmark collections
+    from rpra.pool import load_pool
+    from rpra.training.pool import train_pool as fit
+
+    with _progress("reading the encoder's slot") as progress:
+        path, report = fit(settings, load_pool(pool), output=output, only=only, folds=folds, layer=layer, progress=progress)
+    if json_out:
+        out.print_json(json.dumps({"path": str(path), "targets": report}))
+        return
+    table = Table("target", "records", "right", "CV AUROC", "fit s", title=f"pool heads: {path}")
+    for name, r in report.items():
+        table.add_row(escape(name), str(r["records"]), f"{r['right_share']:.1%}", f"{r['cv_auroc']:.3f}", f"{r['fit_s']:.2f}")
+    out.print(table)

@@ -1,0 +1,235 @@
+"""Routing over a pool of models: expected-reward routing against every single target, two-model
+threshold routing, random and the oracle, on the same test items.
+
+For each keyed rpra-mix test item, each target's answer is known from the collections (the
+device model's own answers, another model's collected on the same items, the remote answers
+collected beside the device's), checked by the exact verifier (right as asked), and each costs
+its target's prices on the item's tokens (the prompt's, counted by the encoder's tokenizer, and
+the answer's). The pool's heads (``rpra train pool``, fitted on train records only) predict each
+target's P(right) from the device model's slot state; the policies then choose:
+
+- ``tolerance`` (llm-router's rule): the cheapest target within a tolerance of the best
+  predicted reward, swept over ``TOLERANCES``;
+- ``net`` (ERP's): the best predicted reward minus a weight x cost, swept over the weights;
+- **two-model threshold routing**: the device unless its head's P(right) is under a threshold,
+  then the dearest target, swept over the thresholds;
+- **random** (each target with equal chance, in expectation) and the **oracle** (the cheapest
+  right target, else the cheapest).
+
+Reported: each policy's curve of share right against cost per request; the share of the gap
+from the best single target to the oracle it closes (at the pool file's own rule and setting,
+fixed before the run, and the curve's best, which is read off the test items and said so); and
+the cost it saves against always the dearest target at equal quality (the cheapest point at or
+above that target's quality).
+
+    python -m rpra.benchmarks.pool --pool benchmarks/pool.toml
+
+Results: benchmarks/results/pool-<encoder>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rpra.benchmarks.collection import SEEDS, Collection, collection_dir, model_name
+from rpra.config import Settings
+from rpra.pool import Pool, PoolHeads, load_pool, pick
+
+RESULTS = SEEDS.parent
+TOLERANCES = tuple(float(t) for t in np.round(np.concatenate([[0.0], np.geomspace(0.002, 1.0, 40)]), 4))
+THRESHOLDS = tuple(float(t) for t in np.round(np.linspace(0.0, 1.0, 101), 3))
+
+
+def test_items(pool: Pool, encoder: str) -> tuple[list[dict], int]:
+    """The test items every target has a verified answer for: per item its prompt, the encoder's
+    recorded answer (for the feature read) and per target right / tokens out. Returns them and
+    how many were dropped for a missing answer."""
+    from rpra.training.pool import records_source
+
+    device = {r["id"]: r for r in Collection.open(collection_dir(encoder, "rpra-mix", "test")).records}
+    sources = {}
+    for t in pool.targets:
+        model, side = records_source(t, encoder)
+        records = device if model == encoder else {r["id"]: r for r in Collection.open(collection_dir(model, "rpra-mix", "test")).records}
+        sources[t.name] = (records, side)
+    items, dropped = [], 0
+    for item_id, r in device.items():
+        outcome = {}
+        for name, (records, side) in sources.items():
+            other = records.get(item_id)
+            right = None if other is None else other.get(f"exact_{side}")
+            if right is None:
+                break
+            outcome[name] = {"right": bool(right >= 0.5), "tokens_out": int(other.get(f"{side}_tokens") or 0)}
+        else:
+            items.append({"id": item_id, "suite": r.get("suite"), "prompt": r["prompt"], "local_answer": r.get("local_answer"), "targets": outcome})
+            continue
+        dropped += 1
+    return items, dropped
+
+
+def prompt_tokens(encoder: str, prompts: list[str]) -> list[int]:
+    """Each prompt's length in the encoder's tokens (the vocabulary only is loaded)."""
+    import llama_cpp
+
+    from rpra.models import resolve
+
+    llm = llama_cpp.Llama(str(resolve(encoder)), vocab_only=True, verbose=False)
+    return [len(llm.tokenize(p.encode(), add_bos=False)) for p in prompts]
+
+
+def evaluate(items: list[dict], pool: Pool, rewards: list[dict[str, float]], tokens_in: list[int]) -> dict:
+    """Every policy's operating points, the single targets, random and the oracle; the gap
+    closed and the cost saved (the module's docstring says how)."""
+    names = pool.names
+    right = {n: np.array([it["targets"][n]["right"] for it in items], float) for n in names}
+    cost = {n: np.array([pool.target(n).cost(ti, it["targets"][n]["tokens_out"]) for it, ti in zip(items, tokens_in)]) for n in names}
+    singles = {n: {"quality": float(right[n].mean()), "cost": float(cost[n].mean())} for n in names}
+    dearest = max(names, key=lambda n: singles[n]["cost"])
+    best_single = max(names, key=lambda n: (singles[n]["quality"], -singles[n]["cost"]))
+    per_item_cost = [{n: float(cost[n][i]) for n in names} for i in range(len(items))]
+
+    def run(chooser) -> dict:
+        chosen = [chooser(i) for i in range(len(items))]
+        q = np.array([right[c][i] for i, c in enumerate(chosen)])
+        c = np.array([cost[ch][i] for i, ch in enumerate(chosen)])
+        return {"quality": float(q.mean()), "cost": float(c.mean()), "shares": {n: float(np.mean([ch == n for ch in chosen])) for n in names}}
+
+    def sweep(make_pool, values) -> list[dict]:
+        points = []
+        for v in values:
+            p = make_pool(v)
+            points.append({"value": v, **run(lambda i, p=p: pick(p, rewards[i], per_item_cost[i]))})
+        return points
+
+    from dataclasses import replace
+
+    policies = {
+        "pool: tolerance": sweep(lambda t: replace(pool, rule="tolerance", tolerance=t), TOLERANCES),
+        "pool: net": sweep(lambda w: replace(pool, rule="net", cost_weight=w),
+                           [0.0, *np.geomspace(1e-2, 1e6, 49).tolist()]),  # fmt: skip
+    }
+    device = next((t.name for t in pool.targets if t.is_device), min(names, key=lambda n: singles[n]["cost"]))
+    policies["two-model threshold (device head)"] = [
+        {"value": th, **run(lambda i, th=th: device if rewards[i][device] >= th else dearest)} for th in THRESHOLDS]  # fmt: skip
+    configured = run(lambda i: pick(pool, rewards[i], per_item_cost[i]))
+    oracle = run(lambda i: min((n for n in names if right[n][i]), key=lambda n: (cost[n][i], names.index(n)), default=None)
+                 or min(names, key=lambda n: (cost[n][i], names.index(n))))  # fmt: skip
+    random = {"quality": float(np.mean([singles[n]["quality"] for n in names])), "cost": float(np.mean([singles[n]["cost"] for n in names]))}
+    gap = oracle["quality"] - singles[best_single]["quality"]
+
+    def closed(q: float) -> float | None:
+        return None if gap <= 0 else (q - singles[best_single]["quality"]) / gap
+
+    def saved(points: list[dict]) -> dict | None:
+        at = [p for p in points if p["quality"] >= singles[dearest]["quality"] - 1e-12]
+        if not at or singles[dearest]["cost"] <= 0:
+            return None
+        p = min(at, key=lambda p: p["cost"])
+        return {"cost": p["cost"], "quality": p["quality"], "value": p.get("value"), "saved": 1 - p["cost"] / singles[dearest]["cost"]}
+
+    summary = {}
+    for name, points in policies.items():
+        top = max(points, key=lambda p: (p["quality"], -p["cost"]))
+        summary[name] = {"best_point": {**top, "gap_closed": closed(top["quality"])}, "at_equal_quality": saved(points)}
+    return {"items": len(items), "targets": singles, "best_single": best_single, "dearest": dearest, "oracle": {**oracle, "gap_closed": 1.0},
+            "random": random, "configured": {**configured, "rule": pool.rule, "tolerance": pool.tolerance, "cost_weight": pool.cost_weight,
+                                             "gap_closed": closed(configured["quality"])},
+            "policies": policies, "summary": summary}  # fmt: skip
+
+
+def markdown(result: dict) -> str:
+    s, t = result["summary"], result["targets"]
+    lines = [f"# Routing over a pool: encoder {result['encoder']}", "",
+             f"{result['items']} keyed rpra-mix test items ({result['dropped']} dropped: a target without a verified answer). "
+             "Share right as asked; cost per request at the pool file's prices.", "",
+             "| target | share right | cost / request | head CV AUROC (train) | head records | head fit s |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, v in t.items():
+        head = result["heads"].get(name, {})
+        lines.append(f"| {name} | {v['quality']:.1%} | {v['cost']:.2e} | {head.get('cv_auroc', float('nan')):.3f} | {head.get('records', '-')} | "
+                     f"{head.get('fit_s', float('nan')):.2f} |")  # fmt: skip
+    c = result["configured"]
+    setting = f"tolerance {c['tolerance']}" if c["rule"] == "tolerance" else f"cost weight {c['cost_weight']}"
+    lines += ["", f"Best single target: {result['best_single']}; dearest: {result['dearest']}; oracle {result['oracle']['quality']:.1%} "
+                  f"at {result['oracle']['cost']:.2e}; random {result['random']['quality']:.1%}.", "",
+              f"**The pool file's own setting** ({c['rule']}, {setting}; fixed before the run): {c['quality']:.1%} right at "
+              f"{c['cost']:.2e} per request; gap closed {_pct(c['gap_closed'])}; sent: "
+              + ", ".join(f"{n} {v:.0%}" for n, v in c["shares"].items()) + ".", "",
+              "| policy | best point: share right | its cost | gap closed (read off the test curve) | at the dearest's quality: cost | cost saved |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, v in s.items():
+        b, e = v["best_point"], v["at_equal_quality"]
+        lines.append(f"| {name} | {b['quality']:.1%} | {b['cost']:.2e} | {_pct(b['gap_closed'])} | "
+                     f"{'-' if e is None else format(e['cost'], '.2e')} | {'-' if e is None else _pct(e['saved'])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def figure(result: dict):
+    """Share right against cost per request: each policy's sweep, each single target, the oracle."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
+    for name, points in result["policies"].items():
+        pts = sorted(points, key=lambda p: p["cost"])
+        ax.plot([p["cost"] for p in pts], [100 * p["quality"] for p in pts], "-", marker=".", ms=3, label=name)
+    for name, v in result["targets"].items():
+        ax.scatter([v["cost"]], [100 * v["quality"]], s=60, zorder=5, marker="s", label=f"always {name}")
+    ax.scatter([result["oracle"]["cost"]], [100 * result["oracle"]["quality"]], s=80, marker="*", color="k", zorder=6, label="oracle")
+    ax.set_xlabel("cost per request (pool prices)")
+    ax.set_ylabel("share right (%)")
+    ax.set_title(f"Routing over a pool: {result['items']} test items")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def run(pool_path: Path, *, encoder: str | None = None, heads_path: Path | None = None, progress: bool = True) -> dict:
+    from rpra.benchmarks.bench import draft_reads
+    from rpra.models import resolve
+    from rpra.pool import default_pool_path
+
+    pool = load_pool(pool_path)
+    encoder = encoder or Settings().model
+    heads = PoolHeads.load(heads_path or default_pool_path(resolve(encoder)))
+    missing = [n for n in pool.names if n not in heads.names]
+    if missing:
+        raise SystemExit(f"The pool heads have no head for {', '.join(missing)}: `rpra train pool --pool {pool_path}`.")
+    items, dropped = test_items(pool, encoder)
+    reads = draft_reads(items, Settings(model=encoder), heads.layer, progress=progress, what="reading the encoder's slot")
+    rewards = [heads.rewards(np.asarray(r["slot"])) for r in reads]
+    result = evaluate(items, pool, rewards, prompt_tokens(encoder, [it["prompt"] for it in items]))
+    result.update({"encoder": encoder, "dropped": dropped, "layer": heads.layer, "heads": heads.meta.get("targets", {}),
+                   "pool": {"rule": pool.rule, "tolerance": pool.tolerance, "cost_weight": pool.cost_weight,
+                            "targets": [t.__dict__ for t in pool.targets]}})  # fmt: skip
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pool", type=Path, required=True, help="The pool file (TOML; see rpra.pool).")
+    parser.add_argument("--encoder", default=None, help="The device model whose slot state feeds the heads (default: the configured model).")
+    parser.add_argument("--heads", type=Path, default=None, help="Default: next to the encoder (`rpra train pool`).")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
+    args = parser.parse_args(argv)
+    result = run(args.pool, encoder=args.encoder, heads_path=args.heads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"pool-{model_name(result['encoder'])}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    figure(result).savefig(args.out / f"{stem}.png", dpi=120)
+    print(json.dumps({k: v for k, v in result.items() if k != "policies"}, indent=1) if args.json else markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The pool: its file, the rule that picks a target, the shared-feature heads, and the benchmark's policies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rpra.errors import ConfigError
+from rpra.pool import Pool, PoolHeads, Target, load_pool, pick
+
+POOL = """
+rule = "tolerance"
+tolerance = 0.05
+budget_day = 1.5
+
+[[target]]
+name = "device"
+
+[[target]]
+name = "big"
+url = "http://127.0.0.1:9/v1"
+price_in = 1.0
+price_out = 3.0
+latency_s = 12
+records = "m:remote"
+"""
+
+
+def test_a_pool_file_describes_its_targets_and_rule(tmp_path):
+    path = tmp_path / "pool.toml"
+    path.write_text(POOL)
+    pool = load_pool(path)
+    assert pool.names == ["device", "big"] and pool.budget_day == 1.5 and pool.target("device").is_device
+    assert pool.target("big").cost(1_000_000, 1_000_000) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[[target]]\nname = 'a'\nprice = 1\n", "unknown key"),
+    ("[[target]]\nname = 'a'\n[[target]]\nname = 'a'\nurl = 'http://x'\n", "must differ"),
+    ("[[target]]\nname = 'a'\n[[target]]\nname = 'b'\n", "At most one target is the device"),
+    ("[[target]]\nname = 'a'\nurl = 'ftp://x'\n", "http"),
+    ("[[target]]\nname = 'a'\nprice_in = -1\n", ">= 0"),
+    ("rule = 'cheapest'\n[[target]]\nname = 'a'\n", "Unknown pool rule"),
+    ("budget = 3\n[[target]]\nname = 'a'\n", "unknown key"),
+    ("", "at least one"),
+    ("[[target]\n", "not valid TOML"),
+])  # fmt: skip
+def test_a_bad_pool_file_gets_a_clear_error(tmp_path, text, message):
+    path = tmp_path / "pool.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_pool(path)
+    with pytest.raises(ConfigError, match="No pool file"):
+        load_pool(tmp_path / "absent.toml")
+
+
+def test_the_rules_pick_the_cheapest_near_the_best_or_the_best_net_reward():
+    pool = Pool((Target("device"), Target("mid", url="http://m"), Target("big", url="http://b")), tolerance=0.05)
+    rewards, costs = {"device": 0.50, "mid": 0.72, "big": 0.75}, {"device": 0.0, "mid": 1.0, "big": 5.0}
+    assert pick(pool, rewards, costs) == "mid"  # within 0.05 of the best, and cheaper
+    assert pick(Pool(pool.targets, tolerance=0.0), rewards, costs) == "big"
+    assert pick(Pool(pool.targets, tolerance=0.3), rewards, costs) == "device"
+    assert pick(Pool(pool.targets, rule="net", cost_weight=0.0), rewards, costs) == "big"
+    assert pick(Pool(pool.targets, rule="net", cost_weight=0.01), rewards, costs) == "mid"  # 0.71 > 0.70 > 0.50
+    assert pick(Pool(pool.targets, rule="net", cost_weight=1.0), rewards, costs) == "device"
+    # The budget leaves out what it cannot pay for; the cheapest stays when nothing is affordable.
+    assert pick(Pool(pool.targets, tolerance=0.0), rewards, costs, spendable=2.0) == "mid"
+    assert pick(pool, {"mid": 0.9, "big": 0.9}, {"mid": 1.0, "big": 5.0}, spendable=0.5) == "mid"
+
+
+def test_a_head_fitted_on_its_own_scale_gives_the_same_logit_on_the_shared_one(tmp_path):
+    rng = np.random.default_rng(0)
+    width = 6
+    base = PoolHeads([], rng.normal(size=width), rng.uniform(0.5, 2, width), np.zeros((0, width)), np.zeros(0), layer=3)
+    own_mean, own_std, w, b = rng.normal(size=width), rng.uniform(0.5, 2, width), rng.normal(size=width), 0.3
+    heads = base.with_head("a", own_mean, own_std, w, b).with_head("b", own_mean, own_std, -w, -b)
+    for _ in range(5):
+        h = rng.normal(size=width) * 2
+        p = 1 / (1 + np.exp(-(w @ ((h - own_mean) / own_std) + b)))
+        assert heads.rewards(h)["a"] == pytest.approx(p) and heads.rewards(h)["b"] == pytest.approx(1 - p)
+    refit = heads.with_head("a", own_mean, own_std, 2 * w, b)  # a head refitted replaces the old one
+    assert refit.names == ["b", "a"]
+    path = heads.save(tmp_path / "m.pool.npz")
+    again = PoolHeads.load(path)
+    assert again.names == ["a", "b"] and again.layer == 3 and again.rewards(h) == pytest.approx(heads.rewards(h))
+    (tmp_path / "bad.npz").write_bytes(b"not a file")
+    with pytest.raises(ConfigError, match="not a pool heads file"):
+        PoolHeads.load(tmp_path / "bad.npz")
+
+
+def test_pool_routing_on_heads_that_know_the_targets_closes_the_gap_to_the_oracle():
+    from rpra.benchmarks.pool import evaluate
+
+    # 90 items: the device is right on the first 30, the mid target on the first 60 and 5 more, the
+    # big one on the first 80. Perfect heads: routing reaches the oracle at a fraction of the cost.
+    pool = Pool((Target("device"), Target("mid", url="http://m", price_in=1.0), Target("big", url="http://b", price_in=10.0)), tolerance=0.05)
+    items, rewards = [], []
+    for i in range(90):
+        right = {"device": i < 30, "mid": i < 60 or 80 <= i < 85, "big": i < 80}
+        items.append({"id": str(i), "targets": {n: {"right": r, "tokens_out": 0} for n, r in right.items()}})
+        rewards.append({n: 0.95 if r else 0.05 for n, r in right.items()})
+    result = evaluate(items, pool, rewards, [1_000_000] * 90)
+    assert result["best_single"] == "big" and result["dearest"] == "big"
+    assert result["oracle"]["quality"] == pytest.approx(85 / 90)
+    assert result["configured"]["quality"] == pytest.approx(85 / 90) and result["configured"]["gap_closed"] == pytest.approx(1.0)
+    assert result["configured"]["cost"] == pytest.approx((35 * 1.0 + 20 * 10.0) / 90)  # the big one only where it alone is right
+    assert result["configured"]["shares"]["device"] == pytest.approx(35 / 90)  # the last 5: every target wrong, the cheapest
+    saved = result["summary"]["pool: tolerance"]["at_equal_quality"]["saved"]
+    assert saved == pytest.approx(1 - ((35 * 1.0 + 20 * 10.0) / 90) / 10.0)
+    assert result["summary"]["two-model threshold (device head)"]["best_point"]["gap_closed"] == pytest.approx(0.0)
