@@ -58,14 +58,16 @@ def calibration_items(model: str, suites: tuple[str, ...]) -> list:
 
 def run(model: str, *, suites: tuple[str, ...], n: int, temperature: float, max_tokens: int, threads: int | None, timed: int,
         verifier_path: Path | None, limit: int | None, revise: bool = True, seed: int = 0, progress: bool = True,
-        split: str = "test", resume_from: Path | None = None, reverse: bool = False) -> dict:  # fmt: skip
+        split: str = "test", resume_from: Path | None = None, reverse: bool = False, retime: int = 0) -> dict:  # fmt: skip
     """Best-of-``n`` on the keyed items of ``suites``: the rpra-mix test split, or (``split="train"``)
     the calibration split (``calibration_items``). Each finished item is appended to a journal under
     RPRA_HOME/cache (keyed by ``run_key``), so an interrupted run resumes where it stopped; the
     rows of a committed result at ``resume_from`` made with the same key count as finished.
     (Rows are drawn with per-sequence seeds, so a resumed run gets the rows a whole one would.)
     ``reverse``: take the items from the last, so that a second run on the same journal shares
-    the work with the first on another core (each skips what the other has written)."""
+    the work with the first on another core (each skips what the other has written).
+    ``retime``: measure batched against sequential again on the first that many items (e.g. on
+    a quiet machine, or at another thread count), instead of the rows' own timings."""
     from rich.progress import track
 
     from rpra.benchmarks.bench import items_for
@@ -134,9 +136,22 @@ def run(model: str, *, suites: tuple[str, ...], n: int, temperature: float, max_
     by_id = {i.id: i for i in items}
     rows = [judged(done[i.id], by_id[i.id]) for i in items if i.id in done]
     timings = [r["timing"] for r in rows if "timing" in r]
+    if retime:
+        settings = Settings(model=model, temperature=0.0, log=False, mode="local-only", n_threads=threads, max_tokens=max_tokens, seed=seed)
+        runtime = Runtime(settings, local=LocalModel.from_settings(settings, capture_layers=verifier.capture_layers, parallel=n))
+        timings = []
+        for k, item in enumerate(track(items[:retime], description="timing", disable=not progress, transient=True)):
+            messages = [{"role": "user", "content": item.prompt}]
+            runs = {}
+            for batched in (True, False) if k % 2 == 0 else (False, True):
+                started = time.perf_counter()
+                _, drafts = runtime.drafts(messages, n, temperature=temperature, max_tokens=max_tokens, batched=batched, seed=seed)
+                runs[batched] = (time.perf_counter() - started, sum(d.tokens for d in drafts))
+            timings.append({"batched_s": runs[True][0], "sequential_s": runs[False][0], "batched_tokens": runs[True][1],
+                            "sequential_tokens": runs[False][1]})  # fmt: skip
     result = summarise(rows, timings, model=model, sha=sha, n=n, temperature=temperature, max_tokens=max_tokens, threads=threads,
                        verifier=probe)  # fmt: skip
-    result.update({"split": split, "key": key, "seed": seed, "revise": revise})
+    result.update({"split": split, "key": key, "seed": seed, "revise": revise, "timed_threads": threads})
     return result
 
 
@@ -291,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verifier", type=Path, default=None, help="Default: next to the model (`rpra train verifier`).")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-revise", action="store_true", help="Skip the revision rung.")
+    parser.add_argument("--retime", type=int, default=0, metavar="K",
+                        help="Measure batched against sequential again on the first K items (the rows stay as they are).")
     parser.add_argument("--reverse", action="store_true",
                         help="Take the items from the last: a second run beside the first shares its journal and its work.")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
@@ -298,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     stem = f"best_of_n-{model_name(args.model)}" + ("" if args.split == "test" else f"--{args.split}")
     result = run(args.model, suites=tuple(s.strip() for s in args.suites.split(",")), n=args.n, temperature=args.temperature,
                  max_tokens=args.max_tokens, threads=args.threads, timed=args.timed, verifier_path=args.verifier, limit=args.limit,
-                 revise=not args.no_revise, split=args.split, resume_from=args.out / f"{stem}.json", reverse=args.reverse)  # fmt: skip
+                 revise=not args.no_revise, split=args.split, resume_from=args.out / f"{stem}.json", reverse=args.reverse,
+                 retime=args.retime)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (args.out / f"{stem}.md").write_text(markdown(result))

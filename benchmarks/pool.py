@@ -50,12 +50,17 @@ def test_items(pool: Pool, encoder: str) -> tuple[list[dict], int]:
     how many were dropped for a missing answer."""
     from rpra.training.pool import records_source
 
-    device = {r["id"]: r for r in Collection.open(collection_dir(encoder, "rpra-mix", "test")).records}
-    sources = {}
-    for t in pool.targets:
-        model, side = records_source(t, encoder)
-        records = device if model == encoder else {r["id"]: r for r in Collection.open(collection_dir(model, "rpra-mix", "test")).records}
-        sources[t.name] = (records, side)
+    opened: dict[str, dict[str, dict]] = {}
+
+    def collection(model: str) -> dict[str, dict]:
+        if model not in opened:
+            opened[model] = {r["id"]: r for r in Collection.open(collection_dir(model, "rpra-mix", "test")).records}
+        return opened[model]
+
+    sources = {t.name: (collection(records_source(t, encoder)[0]), records_source(t, encoder)[1]) for t in pool.targets}
+    # The items: the device target's test collection (else the first target's).
+    lead = next((t for t in pool.targets if t.is_device), pool.targets[0])
+    device = sources[lead.name][0]
     items, dropped = [], 0
     for item_id, r in device.items():
         outcome = {}
@@ -197,6 +202,7 @@ def run(pool_path: Path, *, encoder: str | None = None, heads_path: Path | None 
     from rpra.benchmarks.bench import draft_reads
     from rpra.models import resolve
     from rpra.pool import default_pool_path
+    from rpra.training.pool import records_source, shared_states
 
     pool = load_pool(pool_path)
     encoder = encoder or Settings().model
@@ -205,8 +211,14 @@ def run(pool_path: Path, *, encoder: str | None = None, heads_path: Path | None 
     if missing:
         raise SystemExit(f"The pool heads have no head for {', '.join(missing)}: `rpra train pool --pool {pool_path}`.")
     items, dropped = test_items(pool, encoder)
-    reads = draft_reads(items, Settings(model=encoder), heads.layer, progress=progress, what="reading the encoder's slot")
-    rewards = [heads.rewards(np.asarray(r["slot"])) for r in reads]
+    lead = next((t for t in pool.targets if t.is_device), pool.targets[0])
+    if records_source(lead, encoder)[0] == encoder:  # the encoder's own answers: the verifier's cached reads hold its slot
+        states = [np.asarray(r["slot"]) for r in draft_reads(items, Settings(model=encoder), heads.layer, progress=progress,
+                                                             what="reading the encoder's slot")]  # fmt: skip
+    else:  # another encoder: a read of each prompt (cached by item id)
+        found = shared_states(encoder, items, heads.layer)
+        states = [found[it["id"]] for it in items]
+    rewards = [heads.rewards(state) for state in states]
     result = evaluate(items, pool, rewards, prompt_tokens(encoder, [it["prompt"] for it in items]))
     result.update({"encoder": encoder, "dropped": dropped, "layer": heads.layer, "heads": heads.meta.get("targets", {}),
                    "pool": {"rule": pool.rule, "tolerance": pool.tolerance, "cost_weight": pool.cost_weight,
