@@ -33,9 +33,9 @@ import numpy as np
 
 from rpra.benchmarks.collection import SEEDS, model_name
 from rpra.config import Settings
+from rpra.ladder import REVISE_BELOW
 
 RESULTS = SEEDS.parent
-REVISE_BELOW = 0.5  # the revision rung: a greedy draft the verifier gives under this is revised (set before any run)
 
 
 def run_key(*, sha: str, verifier_sha: str, n: int, temperature: float, max_tokens: int, seed: int, revise: bool) -> str:

@@ -104,6 +104,12 @@ class Settings:
         "1: no rung.",
     )
     sample_temperature: float = _opt(0.7, "Sampling temperature of best-of-N's extra drafts.")
+    allocation: str | None = _opt(
+        None,
+        "The ladder's compute-optimal allocation (.json, `rpra train ladder`): in mode auto each request's bin of the "
+        "probe's P(pass) picks its rung, answer, best-of-N, revise or defer, instead of the threshold. Needs "
+        "predictor = probe (the bins are on its P(pass)) and, for best-of-N or revise, a verifier.",
+    )
     # The remote model
     remote_url: str | None = _opt(None, "Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1.")
     remote_model: str = _opt("default", "Model name sent to the remote endpoint.")
@@ -186,6 +192,8 @@ class Settings:
                               f"got {self.best_of} and {self.sample_temperature}.")
         if self.best_of > 1 and not self.verifier:
             raise ConfigError("best_of picks among drafts by the verifier's scores: set verifier (`rpra train verifier`).")
+        if self.allocation and self.predictor != "probe":
+            raise ConfigError("An allocation's bins lie on the probe's P(pass): use it with predictor = probe.")
         if self.verifier and self.protocol != "pa":
             raise ConfigError("The verifier reads a draft in the PA layout: use it with protocol = pa.")
         low, high = TEMPERATURE_RANGE

@@ -12,6 +12,7 @@ from typing import Literal, TypeVar
 
 from rpra.config import Mode, RouteOn
 from rpra.errors import ConfigError
+from rpra.ladder import Allocation
 from rpra.prediction import Prediction
 
 Route = Literal["local", "remote"]
@@ -54,6 +55,9 @@ class Decision:
     # draft, and its threshold; None when no draft was checked (the first point decided).
     draft_score: float | None = None
     draft_threshold: float | None = None
+    # The ladder's allocation: the rung the request's difficulty bin gets ("answer", "best-of-N",
+    # "revise" or "defer"; ``rpra.ladder.Allocation``), None when routed by the threshold.
+    action: str | None = None
 
     @property
     def point(self) -> str:
@@ -70,6 +74,7 @@ class Decision:
             "route_on": self.route_on,
             "point": self.point,
             **({} if self.draft_score is None else {"draft_score": round(self.draft_score, 4), "draft_threshold": self.draft_threshold}),
+            **({} if self.action is None else {"action": self.action}),
         }
 
 
@@ -85,6 +90,9 @@ class Controller:
     route_on: RouteOn = "expected"
     mode: Mode = "auto"
     verify_threshold: float | None = None  # the cascade's second point: a checked draft below it is deferred (None: threshold)
+    # The ladder's compute-optimal allocation (``rpra.ladder.Allocation``): in mode auto it routes
+    # instead of the threshold, by the bin of the prediction's P(pass).
+    allocation: Allocation | None = None
 
     @property
     def draft_threshold(self) -> float:
@@ -109,6 +117,10 @@ class Controller:
         common = dict(mode=mode, score=score, threshold=self.threshold, route_on=self.route_on)
         if mode == "local-only":
             return Decision("local", reason=f"mode local-only (predicted {shown})", **common)
+        if self.allocation is not None:
+            action = self.allocation.action(prediction.p_pass)
+            reason = f"allocation: P(pass) {prediction.p_pass:.2f} -> {action}"
+            return Decision("remote" if action == "defer" else "local", reason=reason, action=action, **common)
         if defers(score, self.threshold):
             return Decision("remote", reason=f"predicted {shown} < {limit}", **common)
         return Decision("local", reason=f"predicted {shown} >= {limit}", **common)

@@ -20,13 +20,20 @@ revise, defer) with the best mean quality minus its priced cost there.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rpra.errors import ConfigError
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _WORD = re.compile(r"[^\w]+")
 RULES = ("weighted", "best", "majority")
+REVISE_BELOW = 0.5  # the revision rung revises a draft the verifier gives P(pass) under this (set before any run)
+_ACTION = re.compile(r"answer|revise|defer|best-of-([2-9]|[1-9]\d)")
 
 
 def answer_key(text: str) -> str:
@@ -101,3 +108,60 @@ def policy_action(score: float, edges: Sequence[float], actions: Sequence[str]) 
     import bisect
 
     return actions[bisect.bisect_right(list(edges), score)]
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """``allocate``'s policy, as the device runs it (``--set allocation=FILE``): bin edges on the
+    pre-answer P(pass) and each bin's action: "answer", "best-of-N", "revise" or "defer".
+    ``meta``: how it was calibrated (model, prices, the calibration split's share deferred)."""
+
+    edges: tuple[float, ...]
+    actions: tuple[str, ...]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.actions) != len(self.edges) + 1:
+            raise ConfigError(f"An allocation needs one action per bin: {len(self.edges)} edges make {len(self.edges) + 1} bins, "
+                              f"and it has {len(self.actions)} actions.")  # fmt: skip
+        if list(self.edges) != sorted(self.edges):
+            raise ConfigError(f"An allocation's bin edges must be in increasing order; got {list(self.edges)}.")
+        bad = [a for a in self.actions if not _ACTION.fullmatch(a)]
+        if bad:
+            raise ConfigError(f"Unknown allocation action(s) {', '.join(map(repr, bad))}; use answer, best-of-N (N from 2), revise or defer.")
+
+    def action(self, p_pass: float) -> str:
+        return policy_action(p_pass, self.edges, self.actions)
+
+    @property
+    def best_of(self) -> int:
+        """The largest N of its best-of-N actions (1 without one): the sequences the model must decode at once."""
+        return max([int(a.split("-")[-1]) for a in self.actions if a.startswith("best-of-")] or [1])
+
+    @property
+    def drafts(self) -> bool:
+        """Whether an action reads the verifier (best-of-N picks by it; revise revises what it doubts)."""
+        return any(a == "revise" or a.startswith("best-of-") for a in self.actions)
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text(json.dumps({"edges": list(self.edges), "actions": list(self.actions), "meta": self.meta}, indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path | str) -> Allocation:
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text())
+            return cls(tuple(float(e) for e in data["edges"]), tuple(str(a) for a in data["actions"]), dict(data.get("meta") or {}))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"No allocation file at {path} (`rpra train ladder` writes one).") from exc
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is not an allocation file (`rpra train ladder` writes one): {exc}") from exc
+
+
+def default_allocation_path(model_path: Path) -> Path:
+    """Where a device model's allocation lives: beside it, ``<model>.ladder.json``."""
+    return model_path.with_name(model_path.stem + ".ladder.json")

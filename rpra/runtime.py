@@ -26,6 +26,7 @@ from rpra import prompts
 from rpra.config import Mode, Settings
 from rpra.controller import Controller, Decision
 from rpra.errors import ConfigError, InputError, PrivacyError, PromptTooLongError, RemoteError, RpraError
+from rpra.ladder import Allocation
 from rpra.local import Generated, LocalModel, LocalSession, sequence_seed
 from rpra.prediction import Prediction
 from rpra.privacy import Redactor, StreamRestorer, Vault, redact_messages
@@ -150,6 +151,7 @@ class Runtime:
         predictor: Predictor | None = None,
         store: LogStore | None = None,
         verifier: DraftVerifier | None = None,
+        allocation: Allocation | None = None,
     ):
         self.settings = settings
         self.local = local
@@ -166,13 +168,21 @@ class Runtime:
         if verifier is not None and local is not None and settings.best_of > local.parallel:
             raise ConfigError(f"best_of = {settings.best_of} decodes that many drafts at once: open the device model with "
                               f"LocalModel.from_settings(..., parallel={settings.best_of}).")  # fmt: skip
+        if allocation is not None:
+            if allocation.drafts and verifier is None:
+                raise ConfigError(f"The allocation's rungs ({', '.join(sorted(set(allocation.actions)))}) pick and revise by the "
+                                  "verifier's scores: set verifier (`rpra train verifier`).")  # fmt: skip
+            if local is not None and allocation.best_of > local.parallel:
+                raise ConfigError(f"The allocation's best-of-{allocation.best_of} decodes that many drafts at once: open the device "
+                                  f"model with LocalModel.from_settings(..., parallel={allocation.best_of}).")  # fmt: skip
+        self.allocation = allocation
         if settings.route_on == "advantage" and settings.mode != "remote-only" and not self.predictor.predicts_remote:
             raise ConfigError(f"route_on = advantage routes on P(local passes) - P(remote passes), and the {self.predictor.name} "
                               "predictor does not predict the remote: use a probe with a remote head "
                               "(`rpra train probe --remote`, then predictor = probe), or route_on = p_pass.")  # fmt: skip
         self.store = store
         self.controller = Controller(threshold=settings.threshold, route_on=settings.route_on, mode=settings.mode,
-                                     verify_threshold=settings.verify_threshold)
+                                     verify_threshold=settings.verify_threshold, allocation=allocation)
         self._slot = make_slot(local, settings.scale_max) if local else None
         self.redactor = Redactor(phone_region=settings.phone_region) if settings.redact else None
 
@@ -181,19 +191,21 @@ class Runtime:
         """Load what ``settings`` name: the device model (unless not needed), the remote, the log."""
         predictor = predictor_from_settings(settings)
         verifier = verifier_from_settings(settings)
+        allocation = Allocation.load(settings.allocation) if settings.allocation else None
         layers = sorted(set(predictor.capture_layers) | set(verifier.capture_layers if verifier else ()))
-        parallel = settings.best_of if verifier else 1  # best-of-N's drafts decode as parallel sequences
+        # best-of-N's drafts decode as parallel sequences
+        parallel = max(settings.best_of, allocation.best_of if allocation else 1) if verifier else 1
         local = LocalModel.from_settings(settings, capture_layers=layers or None, parallel=parallel) if need_local else None
         # never-defer is fully offline: no remote client exists to send anything with.
         remote = RemoteModel.from_settings(settings) if settings.remote_url and settings.privacy != "never-defer" else None
         store = LogStore.default() if settings.log else None
-        return cls(settings, local=local, remote=remote, predictor=predictor, store=store, verifier=verifier)
+        return cls(settings, local=local, remote=remote, predictor=predictor, store=store, verifier=verifier, allocation=allocation)
 
     def configured(self, **changes) -> Runtime:
         """This runtime with some settings changed for one request (e.g. ``max_tokens``), sharing
         its models, predictor and store. Settings the controller reads cannot change this way."""
         fixed = sorted(set(changes) & {"threshold", "route_on", "mode", "model", "adapter", "protocol", "predictor", "verifier",
-                                       "verify_threshold", "best_of"})
+                                       "verify_threshold", "best_of", "allocation"})
         if fixed:
             raise ValueError(f"{', '.join(fixed)} cannot change per request; build another Runtime.")
         view = copy.copy(self)
@@ -416,7 +428,9 @@ class Runtime:
             raise
         result.timings_ms["decision"] = _ms(start)
 
-        if result.decision.route == "local" and self._checks_draft(mode, kept, result):
+        if result.decision.route == "local" and kept is None and _climbs(result.decision.action):
+            yield from self._allocated_rung(messages, session, result)
+        elif result.decision.route == "local" and self._checks_draft(mode, kept, result):
             yield from self._draft_and_check(messages, session, result, confirm)
         elif result.decision.route == "local":
             try:  # the lock is still held: release it even if the consumer stops listening here
@@ -475,6 +489,60 @@ class Runtime:
         finally:
             self.local.lock.release()
         yield from self._answer_remotely(messages, outgoing, vault, session, result)
+
+    def _allocated_rung(self, messages: list[dict], session: LocalSession, result: TurnResult) -> Iterator[Event]:
+        """The allocation's local rungs, drafted unseen, then shown (the allocation has decided
+        the route; nothing defers here). best-of-N: N drafts in one batch (the first greedy), the
+        verifier's weighted best shown. revise: a draft, and where the verifier doubts it
+        (``ladder.REVISE_BELOW``) the device's revision, shown if the verifier scores it higher."""
+        from rpra.ladder import REVISE_BELOW, choose
+
+        s, action = self.settings, result.decision.action
+        started = time.perf_counter()
+        layer = self.verifier.layer
+        p_remote = result.prediction.p_remote
+        holding = True
+        try:  # the lock is held from the first decision: release it even if the consumer stops listening here
+            slot = session.layer_states("last")[layer]
+            if action.startswith("best-of-"):
+                n = int(action.split("-")[-1])
+                yield Notice(f"drawing {n} drafts in one batch (the allocation's rung for this request)")
+                session.rewind(session.slot_at)
+                drafts = session.sample_many(n, s.max_tokens, temperature=s.sample_temperature, repeat_penalty=s.repeat_penalty,
+                                             greedy_first=True, watch=True)  # fmt: skip
+                texts = [_as_shown(d.text, s.answer_after_score) for d in drafts]
+                verdicts = [self.verifier.verify(slot, d.states[layer], d.logprobs, pass_mark=s.pass_mark, p_remote=p_remote) for d in drafts]
+                best = choose(texts, [v.p_pass for v in verdicts], rule="weighted")
+                result.answered_by = "local"
+                result.tokens["local_answer"] = sum(d.tokens for d in drafts)
+                result.finish_reason = drafts[best].finish_reason
+                result.draft_prediction = verdicts[best]
+                result.rungs.append({"rung": action, "p_pass": round(verdicts[best].p_pass, 4), "kept": True})
+                text = texts[best]
+            else:  # revise
+                yield Notice("checking the local draft, to revise it if the verifier doubts it (the allocation's rung)")
+                text = "".join(e.text for e in self._answer_locally(session, result, watch=True) if isinstance(e, Text))
+                stats = {**(result.local_logprobs or {}), "tokens": result.tokens.get("local_answer", 0)}
+                verdict = self.verifier.verify(slot, session.watched_states()[layer], stats, pass_mark=s.pass_mark, p_remote=p_remote)
+                result.draft_prediction = verdict
+                result.rungs.append({"rung": "draft", "p_pass": round(verdict.p_pass, 4), "kept": verdict.p_pass >= REVISE_BELOW})
+                if verdict.p_pass < REVISE_BELOW:
+                    self.local.lock.release()  # revise opens its own session under the lock
+                    holding = False
+                    revision, slot_r, states_r = self.revise(messages, text)
+                    revised = self.verifier.verify(slot_r[layer], states_r[layer], revision.logprobs, pass_mark=s.pass_mark, p_remote=p_remote)
+                    better = revised.p_pass > verdict.p_pass
+                    result.rungs.append({"rung": "revise", "p_pass": round(revised.p_pass, 4), "kept": better})
+                    if better:
+                        text, result.draft_prediction = revision.text, revised
+                        result.tokens["local_answer"] += revision.tokens
+            result.timings_ms["draft_check"] = _ms(started)
+            yield self._decided(result)
+        finally:
+            if holding:
+                self.local.lock.release()
+        if text:
+            yield Text(text, "local")
 
     def _best_of(self, session: LocalSession, result: TurnResult, slot: np.ndarray, draft: str, verdict: Prediction) -> tuple[str, Prediction]:
         """Best-of-N's rung: ``best_of`` more drafts, sampled as parallel sequences in one batch
@@ -716,6 +784,11 @@ class Runtime:
             return resumed
         # remote-only mode: no prediction was made, so answer in the PA layout without one.
         return self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
+
+
+def _climbs(action: str | None) -> bool:
+    """Whether an allocation's action drafts unseen before it shows an answer (best-of-N, revise)."""
+    return action == "revise" or (action or "").startswith("best-of-")
 
 
 def _as_shown(text: str, answer_after_score: bool) -> str:

@@ -239,3 +239,70 @@ def test_a_doubted_draft_climbs_to_best_of_n_before_it_defers(greedy_settings, m
 
 def capturing_model(model_path) -> LocalModel:
     return LocalModel(model_path, n_ctx=256, n_threads=1, capture_layers=[LAYER])
+
+
+# -- the ladder's allocation ---------------------------------------------------------------------
+
+
+def test_an_allocation_routes_each_bin_to_its_rung_instead_of_the_threshold(tmp_path):
+    from rpra.ladder import Allocation
+
+    allocation = Allocation((0.1, 0.3, 0.6), ("defer", "best-of-4", "revise", "answer"), {"model": "m"})
+    controller = Controller(threshold=0.99, route_on="p_pass", allocation=allocation)
+    decide = lambda p, mode=None: controller.decide(Prediction((1 - p, p), 2, "probe"), mode)  # noqa: E731
+    assert [(d.route, d.action) for d in map(decide, (0.05, 0.2, 0.5, 0.9))] == [
+        ("remote", "defer"), ("local", "best-of-4"), ("local", "revise"), ("local", "answer")]  # fmt: skip
+    assert "allocation: P(pass) 0.20 -> best-of-4" in decide(0.2).reason and decide(0.2).to_dict()["action"] == "best-of-4"
+    assert decide(0.05, "local-only").route == "local" and decide(0.05, "local-only").action is None
+    assert allocation.best_of == 4 and allocation.drafts
+    again = Allocation.load(allocation.save(tmp_path / "m.ladder.json"))
+    assert again == allocation
+    for bad, message in ((((0.5,), ("answer",)), "one action per bin"), (((0.5, 0.2), ("answer",) * 3), "increasing"),
+                         (((0.5,), ("answer", "best-of-1")), "Unknown allocation action")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            Allocation(*bad)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="not an allocation file"):
+        Allocation.load(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="No allocation file"):
+        Allocation.load(tmp_path / "absent.json")
+    with pytest.raises(ConfigError, match="predictor = probe"):
+        from rpra.config import Settings
+
+        Settings(allocation="a.json")
+
+
+@pytest.mark.slow
+def test_the_allocations_rungs_run_on_the_device(greedy_settings, model_path, remote_server):
+    """A request whose bin gets best-of-3 is answered by the verifier's weighted pick of 3 drafts
+    in one batch; one whose bin gets revise is drafted, doubted and revised; one whose bin gets
+    defer goes to the remote at once, and one whose bin gets answer streams as usual."""
+    from rpra.ladder import Allocation
+    from rpra.predictors import ProbePredictor
+
+    parallel = LocalModel(model_path, n_ctx=1024, n_threads=2, seed=0, capture_layers=[LAYER], parallel=3)
+    n = parallel.n_embd
+    remote = RemoteModel(remote_server.url, model="stand-in")
+
+    def runtime(action: str, verdict_bias: float) -> Runtime:
+        probe = ProbePredictor(Probe(np.zeros(n), np.ones(n), np.zeros(n), 0.0, 0.0, 10, layer=LAYER, head="logistic"))  # P(pass) 0.5
+        return Runtime(greedy_settings(route_on="p_pass", threshold=0.5, predictor="probe", verifier="v.npz", allocation="a.json"),
+                       local=parallel, remote=remote, predictor=probe, verifier=verifier(n, bias=verdict_bias),
+                       allocation=Allocation((), (action,)))  # fmt: skip
+
+    try:
+        events = list(runtime("best-of-3", 1.0).turn(QUESTION))
+        result = events[-1].result
+        assert result.decision.action == "best-of-3" and result.answered_by == "local" and result.tokens["local_answer"] > 0
+        assert [r["rung"] for r in result.rungs] == ["best-of-3"] and result.draft_prediction.p_pass == pytest.approx(1 / (1 + np.exp(-1)))
+        assert [e.text for e in events if isinstance(e, Text)] == [result.answer] and result.answer
+        assert any(isinstance(e, Notice) and "3 drafts in one batch" in e.message for e in events)
+        revised = runtime("revise", -3.0).ask(QUESTION)  # every draft doubted: revised, kept only if scored higher (a tie is not)
+        assert [r["rung"] for r in revised.rungs] == ["draft", "revise"] and not revised.rungs[1]["kept"] and revised.answered_by == "local"
+        assert runtime("defer", 0.0).ask(QUESTION).answered_by == "remote"
+        plain = runtime("answer", 0.0).ask(QUESTION)
+        assert plain.answered_by == "local" and plain.rungs == [] and plain.decision.action == "answer"
+    finally:
+        parallel.close()
+    with pytest.raises(ConfigError, match="verifier"):
+        Runtime(greedy_settings(predictor="probe", allocation="a.json"), local=None, allocation=Allocation((), ("best-of-3",)))

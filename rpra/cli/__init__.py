@@ -88,6 +88,7 @@ training.command("sft")(train.sft_command())
 training.command("probe")(train.train_probe)
 training.command("verifier")(train.train_verifier)
 training.command("pool")(train.train_pool)
+training.command("ladder")(train.train_ladder)
 training.command("list")(train.train_list)
 training.command("export")(train.train_export)
 

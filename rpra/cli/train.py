@@ -208,3 +208,38 @@ def train_pool(
     for name, r in report.items():
         table.add_row(escape(name), str(r["records"]), f"{r['right_share']:.1%}", f"{r['cv_auroc']:.3f}", f"{r['fit_s']:.2f}")
     out.print(table)
+
+
+@settings_command()
+def train_ladder(
+    settings,
+    remote_share: Annotated[Optional[float], typer.Option(help="Defer at most this share of the calibration split: the lowest "
+                                                               "remote price that keeps under it (default 0.4).")] = None,
+    price: Annotated[Optional[float], typer.Option(help="A remote call's price in quality points (a right answer is 9 more "
+                                                        "than a wrong one), instead of --remote-share.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Allocation file (default: next to the model).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Calibrate the ladder's compute-optimal allocation: per difficulty bin of the probe's P(pass), the rung (answer,
+    best-of-N, revise, defer) with the best quality for its device time and remote price, on train items. Use it with
+    --set allocation=FILE (and predictor = probe, a verifier)."""
+    bench_module()  # the calibration reads benchmark collections
+    from rpra.training.ladder import fit_allocation
+
+    if remote_share is not None and price is not None:
+        raise typer.BadParameter("give --remote-share or --price, not both.", param_hint="--price")
+    if remote_share is not None and not 0.0 <= remote_share <= 1.0:
+        raise typer.BadParameter(f"{remote_share} is not a share in [0, 1].", param_hint="--remote-share")
+    path, allocation = fit_allocation(settings, remote_share=remote_share, price=price, output=output)
+    if json_out:
+        out.print_json(json.dumps({"path": str(path), "edges": allocation.edges, "actions": allocation.actions, "meta": allocation.meta}))
+        return
+    edges = allocation.edges
+    spans = [f"under {edges[0]:.3f}", *[f"{a:.3f} to {b:.3f}" for a, b in zip(edges, edges[1:])], f"{edges[-1]:.3f} and up"] if edges else ["any"]
+    table = Table("P(pass)", "rung", title=f"allocation: {path}")
+    for span, action in zip(spans, allocation.actions):
+        table.add_row(span, action)
+    out.print(table)
+    m = allocation.meta
+    out.print(f"[dim]remote price {m['remote_price']} · {m['calibration_share']:.0%} of {m['calibration_items']} calibration items deferred · "
+              f"use it with --set allocation={path} --set predictor=probe --set verifier=...[/]")
