@@ -389,10 +389,11 @@ def ladder_calibration(settings: Settings, *, quality_of: Callable[[bool], float
     """The allocation's calibration split: the train items with best-of-N rows (``best_of_n
     --split train``: those whose records hold the remote's verdict), each action's quality
     (``quality_of(right)``) and device seconds, and the pre-answer probe's P(pass) as a probe
-    fitted without the item gives it (``training.probe.out_of_fold_p_pass``, on the cached slot
-    reads of every train record of the probe's suites). None without rows, a probe or reads."""
+    fitted without the item gives it (``training.probe.out_of_fold_p_pass``, on the slot reads of
+    every labelled train record of the probe's suites: cached, and read once where missing). None
+    without rows or a probe."""
     from rpra.probe import Probe, default_probe_path
-    from rpra.training.layer_sweep import cached_slot_states
+    from rpra.training.pool import shared_states
     from rpra.training.probe import out_of_fold_p_pass
 
     rows = ladder_rows(settings.model, "train", results)
@@ -403,8 +404,7 @@ def ladder_calibration(settings: Settings, *, quality_of: Callable[[bool], float
     suites = [Path(c).name.split("--")[1] for c in probe.meta.get("collections", [])]
     train = [r for suite in suites for r in Collection.load(settings.model, suite, "train").records
              if (r.get("label") or {}).get("pass") is not None]  # fmt: skip
-    states = cached_slot_states(settings.model, train, probe.layer)
-    train = [r for r in train if r["id"] in states]
+    states = shared_states(settings.model, train, probe.layer, threads=settings.n_threads)
     calibration = [r for r in train if r["id"] in rows and r.get("exact_remote") is not None]
     if not calibration:
         return None

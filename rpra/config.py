@@ -110,6 +110,13 @@ class Settings:
         "probe's P(pass) picks its rung, answer, best-of-N, revise or defer, instead of the threshold. Needs "
         "predictor = probe (the bins are on its P(pass)) and, for best-of-N or revise, a verifier.",
     )
+    pool: str | None = _opt(
+        None,
+        "A pool of targets (.toml, see `rpra.pool`): in mode auto each request goes to the target with the best "
+        "expected reward for its cost (the pool's rule), read from the device model's own slot state by one head per "
+        "target (`rpra train pool`), within the pool's day / month budget. Instead of remote_url.",
+    )
+    pool_heads: str | None = _opt(None, "The pool's reward heads (.npz, `rpra train pool`); default: next to the model.")
     # The remote model
     remote_url: str | None = _opt(None, "Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1.")
     remote_model: str = _opt("default", "Model name sent to the remote endpoint.")

@@ -37,6 +37,7 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,17 @@ class PoolHeads:
 def default_pool_path(model_path: Path) -> Path:
     """Where a device model's pool heads live: beside it, ``<model>.pool.npz``."""
     return model_path.with_name(model_path.stem + ".pool.npz")
+
+
+def period_starts(now: datetime) -> tuple[str, str]:
+    """The ISO timestamps (UTC) where the current day and month began: what a budget counts from."""
+    now = now.astimezone(timezone.utc)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return day.isoformat(timespec="milliseconds"), day.replace(day=1).isoformat(timespec="milliseconds")
+
+
+def budget_left(pool: Pool, *, spent_day: float, spent_month: float) -> float | None:
+    """What the pool may still spend now: the tighter of its day and month budgets, less what
+    was spent in each (never below 0); None without a budget."""
+    left = [b - spent for b, spent in ((pool.budget_day, spent_day), (pool.budget_month, spent_month)) if b is not None]
+    return max(0.0, min(left)) if left else None

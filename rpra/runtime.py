@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from rpra.config import Mode, Settings
 from rpra.controller import Controller, Decision
 from rpra.errors import ConfigError, InputError, PrivacyError, PromptTooLongError, RemoteError, RpraError
 from rpra.ladder import Allocation
+from rpra.pool import Pool, PoolHeads, budget_left, period_starts, pick
 from rpra.local import Generated, LocalModel, LocalSession, sequence_seed
 from rpra.prediction import Prediction
 from rpra.privacy import Redactor, StreamRestorer, Vault, redact_messages
@@ -63,6 +65,9 @@ class TurnResult:
     draft_prediction: Prediction | None = None
     discarded_draft: str | None = None
     rungs: list[dict] = field(default_factory=list)  # each rung of the ladder taken: its verdict and whether it was kept
+    # Routing over a pool: the target chosen, each target's P(right) and expected cost, what the
+    # budget allowed, and what the turn cost (None without a pool).
+    pool: dict | None = None
     reasoning: str = ""
     fallback: bool = False  # deferred, but the remote failed and the local model answered
     remote_error: str | None = None
@@ -152,6 +157,9 @@ class Runtime:
         store: LogStore | None = None,
         verifier: DraftVerifier | None = None,
         allocation: Allocation | None = None,
+        pool: Pool | None = None,
+        pool_heads: PoolHeads | None = None,
+        pool_remotes: dict[str, RemoteModel] | None = None,
     ):
         self.settings = settings
         self.local = local
@@ -176,6 +184,20 @@ class Runtime:
                 raise ConfigError(f"The allocation's best-of-{allocation.best_of} decodes that many drafts at once: open the device "
                                   f"model with LocalModel.from_settings(..., parallel={allocation.best_of}).")  # fmt: skip
         self.allocation = allocation
+        self.pool, self.pool_heads, self.pool_remotes = pool, pool_heads, dict(pool_remotes or {})
+        if pool is not None:
+            if pool_heads is None or (missing := [n for n in pool.names if n not in pool_heads.names]):
+                raise ConfigError(f"The pool's targets need a reward head each; missing: {', '.join(missing) if pool_heads else 'all'} "
+                                  "(`rpra train pool --pool FILE`).")  # fmt: skip
+            if local is not None and pool_heads.layer not in local.capture_layers:
+                raise ConfigError(f"The pool's heads read layer {pool_heads.layer}: open the device model with "
+                                  f"LocalModel.from_settings(..., capture_layers=[{pool_heads.layer}]).")  # fmt: skip
+            absent = [t.name for t in pool.targets if not t.is_device and t.name not in self.pool_remotes]
+            if absent:
+                raise ConfigError(f"No client for the pool's remote target(s) {', '.join(absent)}.")
+            if self.remote is None:  # the privacy checks ask whether anything could leave the device
+                self.remote = next(iter(self.pool_remotes.values()), None)
+        self._spent_in_process = 0.0  # a pool's spend when nothing is logged (log = false)
         if settings.route_on == "advantage" and settings.mode != "remote-only" and not self.predictor.predicts_remote:
             raise ConfigError(f"route_on = advantage routes on P(local passes) - P(remote passes), and the {self.predictor.name} "
                               "predictor does not predict the remote: use a probe with a remote head "
@@ -192,20 +214,22 @@ class Runtime:
         predictor = predictor_from_settings(settings)
         verifier = verifier_from_settings(settings)
         allocation = Allocation.load(settings.allocation) if settings.allocation else None
-        layers = sorted(set(predictor.capture_layers) | set(verifier.capture_layers if verifier else ()))
+        pool, heads, remotes = pool_from_settings(settings)
+        layers = sorted(set(predictor.capture_layers) | set(verifier.capture_layers if verifier else ()) | ({heads.layer} if heads else set()))
         # best-of-N's drafts decode as parallel sequences
         parallel = max(settings.best_of, allocation.best_of if allocation else 1) if verifier else 1
         local = LocalModel.from_settings(settings, capture_layers=layers or None, parallel=parallel) if need_local else None
         # never-defer is fully offline: no remote client exists to send anything with.
         remote = RemoteModel.from_settings(settings) if settings.remote_url and settings.privacy != "never-defer" else None
         store = LogStore.default() if settings.log else None
-        return cls(settings, local=local, remote=remote, predictor=predictor, store=store, verifier=verifier, allocation=allocation)
+        return cls(settings, local=local, remote=remote, predictor=predictor, store=store, verifier=verifier, allocation=allocation,
+                   pool=pool, pool_heads=heads, pool_remotes=remotes)  # fmt: skip
 
     def configured(self, **changes) -> Runtime:
         """This runtime with some settings changed for one request (e.g. ``max_tokens``), sharing
         its models, predictor and store. Settings the controller reads cannot change this way."""
         fixed = sorted(set(changes) & {"threshold", "route_on", "mode", "model", "adapter", "protocol", "predictor", "verifier",
-                                       "verify_threshold", "best_of", "allocation"})
+                                       "verify_threshold", "best_of", "allocation", "pool", "pool_heads"})
         if fixed:
             raise ValueError(f"{', '.join(fixed)} cannot change per request; build another Runtime.")
         view = copy.copy(self)
@@ -213,8 +237,8 @@ class Runtime:
         return view
 
     def close(self) -> None:
-        if self.remote:
-            self.remote.close()
+        for remote in {id(r): r for r in [self.remote, *self.pool_remotes.values()] if r is not None}.values():
+            remote.close()
         if self.store:
             self.store.close()
 
@@ -397,6 +421,8 @@ class Runtime:
                         session = self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
                     result.prediction = self.predictor.predict(session, self._slot, pass_mark=s.pass_mark)
                     result.decision = self.controller.decide(result.prediction, mode)
+                    if self.pool is not None and mode == "auto":
+                        result.decision = self._pick_target(session, result)
                 except PromptTooLongError as exc:
                     if mode == "local-only" or self.remote is None:
                         raise
@@ -489,6 +515,35 @@ class Runtime:
         finally:
             self.local.lock.release()
         yield from self._answer_remotely(messages, outgoing, vault, session, result)
+
+    def _pick_target(self, session: LocalSession, result: TurnResult) -> Decision:
+        """Routing over a pool: each target's P(right) from the device model's slot state (one head
+        each), its expected cost at its prices (this prompt's tokens, its mean answer length on
+        train), and the pool's rule within what the budget still allows (``rpra.pool.pick``)."""
+        heads, pool = self.pool_heads, self.pool
+        rewards = heads.rewards(session.layer_states("last")[heads.layer])
+        tokens_in = len(session.tokens)
+        expected_out = {n: (heads.meta.get("targets", {}).get(n, {}).get("tokens_out_mean") or self.settings.max_tokens) for n in pool.names}
+        costs = {t.name: t.cost(tokens_in, expected_out[t.name]) for t in pool.targets}
+        spendable = self.budget_left()
+        name = pick(pool, rewards, costs, spendable=spendable)
+        result.pool = {"target": name, "rewards": {n: round(v, 4) for n, v in rewards.items()},
+                       "expected_cost": {n: round(c, 8) for n, c in costs.items()}, "budget_left": spendable, "cost": 0.0}  # fmt: skip
+        rule = f"within {pool.tolerance:g} of the best, the cheapest" if pool.rule == "tolerance" else f"best reward - {pool.cost_weight:g} x cost"
+        budget = "" if spendable is None else f"; budget left {spendable:.4g}"
+        reason = f"pool ({rule}): {name}, P(right) {rewards[name]:.2f}, expected cost {costs[name]:.2g}{budget}"
+        target = pool.target(name)
+        return Decision("local" if target.is_device else "remote", "auto", reason, score=rewards[name], route_on="p_pass")
+
+    def budget_left(self) -> float | None:
+        """What the pool may still spend today and this month (the tighter), from the turns logged
+        (their ``cost``), or this process's own spend when nothing is logged; None without a budget."""
+        if self.pool is None or (self.pool.budget_day is None and self.pool.budget_month is None):
+            return None
+        if self.store is None:
+            return budget_left(self.pool, spent_day=self._spent_in_process, spent_month=self._spent_in_process)
+        day, month = period_starts(datetime.now(timezone.utc))
+        return budget_left(self.pool, spent_day=self.store.spent(day), spent_month=self.store.spent(month))
 
     def _allocated_rung(self, messages: list[dict], session: LocalSession, result: TurnResult) -> Iterator[Event]:
         """The allocation's local rungs, drafted unseen, then shown (the allocation has decided
@@ -709,15 +764,16 @@ class Runtime:
         result.redactions = vault.entries
         shown: list[str] = []  # the answer as the user sees it: placeholders restored
         restorer = StreamRestorer(vault)
-        pieces = self.remote.stream(
+        remote = self.pool_remotes.get((result.pool or {}).get("target"), self.remote)  # a pool's chosen target, else the remote
+        pieces = remote.stream(
             sent, max_tokens=s.max_tokens, temperature=s.temperature, waiting_after=_WAITING_NOTICE_AFTER
         )
         try:
             for piece in pieces:
                 if isinstance(piece, Waiting):
                     yield Notice(
-                        f"waiting for the remote ({self.remote.base_url}): no answer after {piece.seconds:g} s; "
-                        f"giving up at {self.remote.first_token_timeout:g} s"
+                        f"waiting for the remote ({remote.base_url}): no answer after {piece.seconds:g} s; "
+                        f"giving up at {remote.first_token_timeout:g} s"
                     )
                 elif text := restorer.feed(piece):
                     result.answered_by = "remote"
@@ -734,10 +790,14 @@ class Runtime:
             pieces.close()  # a consumer that walks away mid-answer closes the connection now
         result.timings_ms["remote"] = _ms(started)
         result.answered_by = "remote"
-        result.finish_reason = self.remote.last_finish_reason or "stop"
-        usage = self.remote.last_usage
+        result.finish_reason = remote.last_finish_reason or "stop"
+        usage = remote.last_usage
         result.tokens["remote_prompt"] = usage.prompt_tokens or 0
         result.tokens["remote_completion"] = usage.completion_tokens
+        if result.pool is not None:  # what the turn cost at the chosen target's prices: the budget's spend
+            cost = self.pool.target(result.pool["target"]).cost(usage.prompt_tokens or 0, usage.completion_tokens or 0)
+            result.pool["cost"] = cost
+            self._spent_in_process += cost
 
     def _fall_back(
         self, messages: list[dict], session: LocalSession | None, result: TurnResult, error: RemoteError, partial: str
@@ -798,6 +858,33 @@ def _as_shown(text: str, answer_after_score: bool) -> str:
         rating = prompts.LeadingRatingFilter()
         text = rating.feed(text) + rating.flush()
     return text.lstrip()
+
+
+def pool_from_settings(settings: Settings) -> tuple[Pool | None, PoolHeads | None, dict[str, RemoteModel]]:
+    """The pool the settings name, its reward heads (checked against the device model) and a
+    client for each remote target; (None, None, {}) without one. Under privacy = never-defer no
+    client is made: nothing may leave the device."""
+    if not settings.pool:
+        return None, None, {}
+    import os
+
+    from rpra.models import file_sha256, resolve
+    from rpra.pool import default_pool_path, load_pool
+
+    pool = load_pool(settings.pool)
+    model = resolve(settings.model)
+    heads = PoolHeads.load(Path(settings.pool_heads).expanduser() if settings.pool_heads else default_pool_path(model))
+    if heads.meta.get("encoder_sha256") not in (None, file_sha256(model)):
+        raise ConfigError(f"The pool heads were fitted on another model than {settings.model}: refit them (`rpra train pool`).")
+    remotes = {}
+    if settings.privacy != "never-defer":
+        for t in pool.targets:
+            if not t.is_device:
+                key = os.environ.get(t.api_key_env) if t.api_key_env else None
+                remotes[t.name] = RemoteModel(t.url, model=t.model, api_key=key, timeout=settings.remote_timeout,
+                                              connect_timeout=min(5.0, settings.remote_timeout), retries=settings.remote_retries,
+                                              first_token_timeout=settings.remote_first_token_timeout)  # fmt: skip
+    return pool, heads, remotes
 
 
 def verifier_from_settings(settings: Settings) -> DraftVerifier | None:
@@ -907,4 +994,6 @@ def _log_fields(r: TurnResult, s: Settings) -> dict:
         prompt_tokens=n.get("prompt"),
         local_tokens=n.get("reasoning", 0) + n.get("local_answer", 0),
         remote_tokens=n.get("remote_completion"),
+        target=(r.pool or {}).get("target"),
+        cost=(r.pool or {}).get("cost"),
     )

@@ -98,6 +98,15 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             "ALTER TABLE turns ADD COLUMN remote_partial TEXT",
         ),
     ),
+    (
+        4,
+        (
+            # Routing over a pool: the target a turn went to, and what it cost at the pool's
+            # prices (the spend a pool's budget counts).
+            "ALTER TABLE turns ADD COLUMN target TEXT",
+            "ALTER TABLE turns ADD COLUMN cost REAL",
+        ),
+    ),
 ]
 
 # Set once by start_turn; finish_turn may not rewrite a turn's identity.
@@ -336,6 +345,11 @@ class LogStore:
     def requests(self, limit: int = 20) -> list[dict[str, Any]]:
         """The latest server requests, newest first."""
         return self._rows("SELECT * FROM requests ORDER BY id DESC LIMIT ?", (limit,))
+
+    def spent(self, since: str) -> float:
+        """What the turns since ``since`` (an ISO timestamp, UTC) cost at their pool's prices."""
+        row = self._rows("SELECT COALESCE(SUM(cost), 0) AS total FROM turns WHERE created_at >= ? AND cost IS NOT NULL", (since,))
+        return float(row[0]["total"])
 
     def fail_turn(self, turn_id: int, error: str) -> None:
         """Mark a turn as failed, keeping whatever it had recorded."""

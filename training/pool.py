@@ -42,7 +42,7 @@ def records_source(target: Target, encoder: str) -> tuple[str, str]:
 
 
 def target_records(target: Target, encoder: str, *, split: str = "train", suites: tuple[str, ...] | None = None) -> list[dict]:
-    """A target's records on ``split`` with its reward: ``{"id", "prompt", "suite", "right"}``."""
+    """A target's records on ``split`` with its reward: ``{"id", "prompt", "suite", "right", "tokens_out"}``."""
     from rpra.benchmarks.collection import Collection, collection_dir, model_name
 
     model, side = records_source(target, encoder)
@@ -55,7 +55,8 @@ def target_records(target: Target, encoder: str, *, split: str = "train", suites
         for r in Collection.open(collection_dir(model, suite, split)).records:  # seeded from its committed export
             right = r.get(f"exact_{side}")
             if right is not None:
-                out.append({"id": r["id"], "prompt": r["prompt"], "suite": r.get("suite") or suite, "right": bool(right >= 0.5)})
+                out.append({"id": r["id"], "prompt": r["prompt"], "suite": r.get("suite") or suite, "right": bool(right >= 0.5),
+                            "tokens_out": r.get(f"{side}_tokens")})  # fmt: skip
     if not out:
         raise RpraError(f"No {split} record of {model_name(model)} holds a verified {side} answer for target {target.name}: "
                         f"collect some (`rpra collect --split {split} --verified{' --remote' if side == 'remote' else ''} "
@@ -121,7 +122,9 @@ def train_pool(settings: Settings, pool: Pool, *, output: Path | None = None, on
                               {"encoder": encoder, "encoder_sha256": file_sha256(model_path), "targets": {}})  # fmt: skip
         heads = heads.with_head(name, head.mean, head.std, head.weights, head.bias)
         seconds = time.perf_counter() - started
+        tokens = [r["tokens_out"] for r in rs if r.get("tokens_out")]
         report[name] = {"records": len(rs), "right_share": float(y.mean()), "cv_auroc": fit["cv_auroc_pass"], "c": fit["c"],
-                        "fit_s": round(seconds, 3), "suites": sorted({r["suite"] for r in rs})}  # fmt: skip
+                        "fit_s": round(seconds, 3), "tokens_out_mean": float(np.mean(tokens)) if tokens else None,
+                        "suites": sorted({r["suite"] for r in rs})}  # fmt: skip
         heads.meta.setdefault("targets", {})[name] = {k: v for k, v in report[name].items() if k != "suites"}
     return heads.save(output), report
