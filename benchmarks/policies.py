@@ -8,10 +8,11 @@ mean quality and its device seconds per request:
 - **PA threshold routing** (the pre-answer probe): a deferred request costs the decision, a
   kept one the decision and the draft.
 - **The cascade** (probe, then the draft verifier): ``controller.cascade_scores``.
-- **The ladder** (the runtime's with ``best_of``): the probe defers an obvious miss at once
-  (``report.CASCADE_FIRST``); the device drafts; the verifier keeps a draft it scores at or
-  above the threshold; a doubted draft climbs to best-of-N (weighted, ``rpra.ladder.choose``),
-  kept if its pick clears the threshold, else deferred. Swept over the threshold.
+- **The ladder** (the runtime's with ``best_of`` and ``verify_threshold`` unset, so one threshold
+  serves every point): the probe defers a request under the threshold at once; the device drafts
+  the rest; the verifier keeps a draft it scores at or above the threshold; a doubted draft
+  climbs to best-of-N (weighted, ``rpra.ladder.choose``), kept if its pick clears the threshold,
+  else deferred. Swept over the threshold.
 - **The allocation** (Snell et al. 2024): on the calibration split (train items; never the test
   items), ``rpra.ladder.allocate`` gives each difficulty bin of the pre-answer P(pass) the action
   (answer, best-of-N, revise, defer) with the best mean quality minus its price: device seconds
@@ -53,20 +54,23 @@ def ranked_points(pred: np.ndarray, local_q: np.ndarray, remote_q: np.ndarray, k
     return {"share": np.arange(n + 1) / n, "quality": local_q.mean() + steps, "local_s": kept_s.mean() + seconds}
 
 
-def ladder_outcome(threshold: float, drafted: np.ndarray, greedy_score: np.ndarray, kept_score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per request at ``threshold``: (kept the greedy draft, kept best-of-N's pick, climbed to best-of-N)."""
+def ladder_outcome(threshold: float, first: np.ndarray, greedy_score: np.ndarray, kept_score: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Per request at one ``threshold`` for all three points (the runtime's default, ``verify_threshold``
+    unset): (drafted, kept the greedy draft, kept best-of-N's pick, climbed to best-of-N)."""
+    drafted = ~defers(first, threshold)
     keep_greedy = drafted & ~defers(greedy_score, threshold)
     climbed = drafted & defers(greedy_score, threshold)
-    return keep_greedy, climbed & ~defers(kept_score, threshold), climbed
+    return drafted, keep_greedy, climbed & ~defers(kept_score, threshold), climbed
 
 
-def ladder_points(L: dict[str, np.ndarray], drafted: np.ndarray, remote_q: np.ndarray, thresholds: np.ndarray) -> dict:
+def ladder_points(L: dict[str, np.ndarray], first: np.ndarray, remote_q: np.ndarray, thresholds: np.ndarray) -> dict:
     """The ladder's operating points over ``thresholds`` (``ladder_outcome``); ``L``: per request
     ``greedy_q`` / ``kept_q`` (quality of the greedy draft / of best-of-N's pick), their scores
-    and seconds (``decide_s``, ``draft_s``, ``best_s``)."""
+    and seconds (``decide_s``, ``draft_s``, ``best_s``); ``first``: the probe's P(pass)."""
     share, quality, local_s = [], [], []
     for t in thresholds:
-        greedy, best, climbed = ladder_outcome(t, drafted, L["greedy_score"], L["kept_score"])
+        drafted, greedy, best, climbed = ladder_outcome(t, first, L["greedy_score"], L["kept_score"])
         q = np.where(greedy, L["greedy_q"], np.where(best, L["kept_q"], remote_q))
         s = np.where(drafted, L["draft_s"], L["decide_s"]) + np.where(climbed, L["best_s"], 0.0)
         share.append(1.0 - (greedy | best).mean())
@@ -138,31 +142,32 @@ def evaluate_policies(kept: list[dict], local_q: np.ndarray, remote_q: np.ndarra
     kept_s = ladder["draft_s"]
     policies = {
         "PA threshold routing (probe)": ranked_points(first, ladder["greedy_q"], remote_q, kept_s, ladder["decide_s"]),
+        # A kept request was drafted; a deferred one was drafted only if the first point kept it.
         "cascade: probe, then verifier": ranked_points(cascade_scores(first, draft, first_threshold), ladder["greedy_q"], remote_q,
-                                                       np.where(drafted, kept_s, ladder["decide_s"]), np.where(drafted, kept_s, ladder["decide_s"])),
+                                                       kept_s, np.where(drafted, kept_s, ladder["decide_s"])),
     }  # fmt: skip
-    scores = np.concatenate([ladder["greedy_score"], ladder["kept_score"]])
+    scores = np.concatenate([first, ladder["greedy_score"], ladder["kept_score"]])
     thresholds = np.unique(np.concatenate([[-np.inf], np.quantile(scores, np.linspace(0, 1, 101)), [threshold, np.inf]]))
     name = LADDER.format(n=n_best)
-    policies[name] = ladder_points(ladder, drafted, remote_q, thresholds)
+    policies[name] = ladder_points(ladder, first, remote_q, thresholds)
     rows = {}
 
     def ladder_apgr(*arrays):
         L = dict(zip(keys, arrays[:-3]))
-        d, lq_b, rq_b = arrays[-3].astype(bool), arrays[-2], arrays[-1]
-        pts = ladder_points(L, d, rq_b, thresholds)
+        f, lq_b, rq_b = arrays[-3], arrays[-2], arrays[-1]
+        pts = ladder_points(L, f, rq_b, thresholds)
         curve = M.policy_curve(pts["share"], pts["quality"], lq_b, rq_b)
         return M.curve_apgr(curve["share"], curve["quality"], lq_b, rq_b)
 
     keys = ["greedy_score", "kept_score", "greedy_q", "kept_q", "decide_s", "draft_s", "best_s"]
     row = _curve_metrics(policies[name], local_q, remote_q)
-    _, lo, hi = M.bootstrap(ladder_apgr, *[ladder[k] for k in keys], drafted.astype(float), local_q, remote_q, n_boot=n_boot, seed=seed)
+    _, lo, hi = M.bootstrap(ladder_apgr, *[ladder[k] for k in keys], first, local_q, remote_q, n_boot=n_boot, seed=seed)
     row["apgr"]["ci"] = [lo, hi]
-    greedy, best, climbed = ladder_outcome(threshold, drafted, ladder["greedy_score"], ladder["kept_score"])
-    row.update({"first_threshold": first_threshold, "drafted_share": float(drafted.mean()), "climbed_share": float(climbed.mean()),
+    at_drafted, greedy, best, climbed = ladder_outcome(threshold, first, ladder["greedy_score"], ladder["kept_score"])
+    row.update({"first_threshold": threshold, "drafted_share": float(at_drafted.mean()), "climbed_share": float(climbed.mean()),
                 "remote_share_at_threshold": float(1 - (greedy | best).mean()),
                 "quality_at_threshold": float(np.where(greedy, ladder["greedy_q"], np.where(best, ladder["kept_q"], remote_q)).mean()),
-                "local_s_per_request": float((np.where(drafted, kept_s, ladder["decide_s"]) + np.where(climbed, ladder["best_s"], 0)).mean())})  # fmt: skip
+                "local_s_per_request": float((np.where(at_drafted, kept_s, ladder["decide_s"]) + np.where(climbed, ladder["best_s"], 0)).mean())})  # fmt: skip
     rows[name] = row
 
     allocation = None
@@ -172,15 +177,25 @@ def evaluate_policies(kept: list[dict], local_q: np.ndarray, remote_q: np.ndarra
         best_key = next(a for a in cal["outcomes"] if a.startswith("best-of"))
         outcomes = {"answer": ladder["greedy_q"], best_key: ladder["kept_q"], "revise": quality_of(ladder["revised"].astype(bool)), "defer": remote_q}
         seconds = {"answer": kept_s, best_key: ladder["decide_s"] + ladder["best_s"], "revise": kept_s + ladder["revise_s"], "defer": ladder["decide_s"]}
-        sweep = []
+        sweep, per_item = [], []
         for price in REMOTE_PRICES:
             edges, actions, cal_share = allocation_policy(cal, price)
             deferred, q, s = allocation_outcome(first, edges, actions, outcomes, seconds)
+            per_item.append((deferred, q))
             sweep.append({"price": price, "edges": edges, "actions": actions, "calibration_share": cal_share,
                           "share": float(deferred.mean()), "quality": float(q.mean()), "local_s": float(s.mean())})  # fmt: skip
         policies[ALLOCATION] = {k: np.array([p[k] for p in sweep]) for k in ("share", "quality", "local_s")}
         chosen = next((p for p in sweep if p["calibration_share"] <= TARGET_SHARE + 1e-9), sweep[-1])
         row = _curve_metrics(policies[ALLOCATION], local_q, remote_q)
+
+        def allocation_apgr(deferred, q, lq_b, rq_b):  # items x prices, resampled by item
+            curve = M.policy_curve(deferred.mean(0), q.mean(0), lq_b, rq_b)
+            return M.curve_apgr(curve["share"], curve["quality"], lq_b, rq_b)
+
+        d_matrix = np.stack([d for d, _ in per_item], axis=1).astype(float)
+        q_matrix = np.stack([q for _, q in per_item], axis=1)
+        _, lo, hi = M.bootstrap(allocation_apgr, d_matrix, q_matrix, local_q, remote_q, n_boot=n_boot, seed=seed)
+        row["apgr"]["ci"] = [lo, hi]
         row.update({"remote_share_at_threshold": chosen["share"], "quality_at_threshold": chosen["quality"], "local_s_per_request": chosen["local_s"]})
         rows[ALLOCATION] = row
         allocation = {"chosen": chosen, "sweep": sweep, "local_price": LOCAL_PRICE, "bins": BINS, "target_share": TARGET_SHARE,

@@ -270,6 +270,8 @@ def _fmt(cell) -> str:
     if cell is None:
         return "-"
     if isinstance(cell, dict):
+        if cell.get("ci") is None:
+            return f"{cell['value']:.3f}"
         lo, hi = cell["ci"]
         return f"{cell['value']:.3f} [{lo:.2f}, {hi:.2f}]"
     return f"{cell:.3f}"
@@ -294,7 +296,7 @@ def table_rows(results: dict, columns=COLUMNS, *, short: bool = False) -> list[l
         if value is None or not short:
             return _fmt(value)
         if isinstance(value, dict):
-            if key == "apgr":
+            if key == "apgr" and value.get("ci") is not None:
                 lo, hi = value["ci"]
                 return f"{value['value']:.2f} [{lo:.2f}, {hi:.2f}]"
             value = value["value"]

@@ -156,6 +156,7 @@ def result_fields(result) -> dict:
         "draft_prediction": result.draft_prediction.to_dict() if result.draft_prediction else None,
         "draft_discarded": result.discarded_draft is not None,
         "rungs": result.rungs,  # the ladder's rungs taken (draft, best-of-N): each verdict and whether it was kept
+        "pool": result.pool,  # routing over a pool: the target, each target's P(right) and expected cost, the budget left, the cost
         "answered_by": result.answered_by,
         "model": result.model if result.answered_by == "local" else None,
         "fallback": result.fallback,

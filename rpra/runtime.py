@@ -92,6 +92,8 @@ class TurnResult:
             why += f" · cut at max_tokens ({self.max_tokens})"
         elif self.finish_reason == "context":
             why += " · cut: the device model's context is full"
+        if self.pool and self.pool.get("cost"):
+            why += f" · cost {self.pool['cost']:.2g}"
         if self.fallback:
             return f"local (remote failed: {self.remote_error}) · {why}"
         if self.answered_by == "remote":

@@ -117,6 +117,10 @@ class Metrics:
         )  # fmt: skip
         self.queue = Gauge("rpra_local_queue", "Requests waiting for or holding the local model.", registry=r)
         self.in_flight = Gauge("rpra_in_flight", "Requests in flight.", registry=r)
+        self.pool_turns = Counter("rpra_pool_turns", "Turns routed over the pool, by the target chosen.", ["target"], registry=r)
+        self.pool_spend = Counter("rpra_pool_spend", "What the pool's turns cost at its prices since start.", ["target"], registry=r)
+        self.pool_budget_left = Gauge("rpra_pool_budget_left", "What the pool may still spend (the tighter of its day and "
+                                      "month budgets); -1 without a budget.", registry=r)  # fmt: skip
         self._routes = {"local": 0, "remote": 0}
 
     def finished(self, result, seconds: float) -> None:
@@ -127,6 +131,9 @@ class Metrics:
             self.remote_errors.inc()
         self._routes[route] += 1
         self.deferral_share.set(self._routes["remote"] / sum(self._routes.values()))
+        if result.pool:
+            self.pool_turns.labels(result.pool["target"]).inc()
+            self.pool_spend.labels(result.pool["target"]).inc(result.pool.get("cost") or 0.0)
 
 
 class TurnWorker:
@@ -268,6 +275,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def prometheus() -> Response:
         metrics.queue.set(admission.local)
         metrics.in_flight.set(admission.in_flight)
+        if runtime.pool is not None:
+            left = runtime.budget_left()
+            metrics.pool_budget_left.set(-1.0 if left is None else left)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

@@ -108,3 +108,58 @@ def test_pool_routing_on_heads_that_know_the_targets_closes_the_gap_to_the_oracl
     saved = result["summary"]["pool: tolerance"]["at_equal_quality"]["saved"]
     assert saved == pytest.approx(1 - ((35 * 1.0 + 20 * 10.0) / 90) / 10.0)
     assert result["summary"]["two-model threshold (device head)"]["best_point"]["gap_closed"] == pytest.approx(0.0)
+
+
+def test_budget_left_is_the_tighter_of_the_day_and_the_month():
+    from datetime import datetime, timezone
+
+    from rpra.pool import budget_left, period_starts
+
+    pool = Pool((Target("device"),), budget_day=1.0, budget_month=10.0)
+    assert budget_left(pool, spent_day=0.25, spent_month=2.0) == pytest.approx(0.75)
+    assert budget_left(pool, spent_day=0.25, spent_month=9.5) == pytest.approx(0.5)
+    assert budget_left(pool, spent_day=3.0, spent_month=3.0) == 0.0
+    assert budget_left(Pool((Target("device"),)), spent_day=5.0, spent_month=5.0) is None
+    day, month = period_starts(datetime(2026, 12, 2, 17, 5, tzinfo=timezone.utc))
+    assert day == "2026-12-02T00:00:00.000+00:00" and month == "2026-12-01T00:00:00.000+00:00"
+
+
+@pytest.mark.slow
+def test_a_turn_over_the_pool_goes_to_the_chosen_target_and_its_cost_counts_against_the_budget(greedy_settings, model_path,
+                                                                                              remote_server, tmp_path):  # fmt: skip
+    """The real SmolLM2 as the device and its encoder, a real OpenAI-compatible remote on 127.0.0.1:
+    heads that expect the remote to be right send the turn there; the turn's cost is logged, and
+    once it has used the day's budget the next turn stays on the device."""
+    from rpra.local import LocalModel
+    from rpra.remote import RemoteModel
+    from rpra.runtime import Runtime
+    from rpra.store import LogStore
+
+    layer = 10
+    local = LocalModel(model_path, n_ctx=1024, n_threads=2, capture_layers=[layer])
+    n = local.n_embd
+    remote = RemoteModel(remote_server.url, model="stand-in")
+    pool = Pool((Target("device"), Target("big", url=remote_server.url, price_out=2_000.0)), tolerance=0.05, budget_day=0.01)
+    heads = PoolHeads(["device", "big"], np.zeros(n), np.ones(n), np.zeros((2, n)), np.array([-1.5, 2.0]), layer,
+                      {"encoder_sha256": None, "targets": {"big": {"tokens_out_mean": 4.0}}})  # fmt: skip
+    store = LogStore(tmp_path / "logs.db")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    try:
+        runtime = Runtime(greedy_settings(route_on="p_pass", threshold=0.5, max_tokens=8, log=True), local=local, store=store,
+                          pool=pool, pool_heads=heads, pool_remotes={"big": remote})  # fmt: skip
+        first = runtime.ask(question)
+        assert first.pool["target"] == "big" and first.answered_by == "remote" and first.decision.route == "remote"
+        assert first.pool["rewards"]["big"] == pytest.approx(1 / (1 + np.exp(-2.0)), abs=1e-4)
+        assert first.pool["expected_cost"]["big"] == pytest.approx(4.0 * 2_000.0 / 1e6)  # within the budget: 0.008 <= 0.01
+        assert first.pool["cost"] == pytest.approx(first.tokens["remote_completion"] * 2_000.0 / 1e6) and first.pool["cost"] > 0
+        assert store.get_turn(first.turn_id)["target"] == "big" and store.get_turn(first.turn_id)["cost"] == pytest.approx(first.pool["cost"])
+        assert runtime.budget_left() == pytest.approx(max(0.0, 0.01 - first.pool["cost"]))
+        second = runtime.ask(question)  # the day's budget no longer pays for the remote: the device answers
+        assert second.pool["target"] == "device" and second.answered_by == "local" and second.pool["budget_left"] < 0.008
+        assert "pool (within 0.05 of the best, the cheapest): device" in second.decision.reason
+        with pytest.raises(ConfigError, match="reward head each"):
+            Runtime(greedy_settings(), local=local, pool=pool, pool_heads=PoolHeads(["device"], heads.mean, heads.std, heads.weights[:1],
+                                                                                     heads.biases[:1], layer), pool_remotes={"big": remote})  # fmt: skip
+    finally:
+        local.close()
+        store.close()
