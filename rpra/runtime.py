@@ -475,9 +475,11 @@ class Runtime:
 
     def _checks_draft(self, mode: Mode, kept: str | None, result: TurnResult) -> bool:
         """Whether this local turn drafts unseen for the verifier: a verifier is set, the controller
-        decides (mode auto), the prediction kept it local, and a deferral could leave the device
-        (a remote, and privacy not never-defer): otherwise the check could change nothing."""
+        decides (mode auto) by the threshold (not an allocation's rung), the prediction kept it
+        local, and a deferral could leave the device (a remote, and privacy not never-defer):
+        otherwise the check could change nothing."""
         return (self.verifier is not None and mode == "auto" and kept is None and result.prediction is not None
+                and result.decision.action is None  # an allocation has decided already
                 and self.remote is not None and self.settings.privacy != "never-defer")
 
     def _draft_and_check(self, messages: list[dict], session: LocalSession, result: TurnResult, confirm: Confirm | None) -> Iterator[Event]:
