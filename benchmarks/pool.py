@@ -226,14 +226,91 @@ def run(pool_path: Path, *, encoder: str | None = None, heads_path: Path | None 
     return result
 
 
+def compare_encoders(pool_path: Path, encoders: list[str], *, progress: bool = True) -> dict:
+    """SharedTrunkNet's question, measured: do the reward heads need the target's own encoder?
+    For each encoder (the device model, another small model), a head per target fitted on the
+    same train records (those every encoder's slot read is cached for: nothing is read here for
+    training), at each encoder's layer-sweep layer; their CV AUROC side by side, each encoder's
+    read time per record (its layer sweep's), and the pool policies on the test items with each
+    encoder's heads (the test prompts are read where missing)."""
+    import time
+
+    from rpra.benchmarks.bench import draft_reads
+    from rpra.training.layer_sweep import cached_slot_states
+    from rpra.training.pool import records_source, shared_states, target_records
+    from rpra.training.probe import fit_logistic, sweep_layer
+
+    pool = load_pool(pool_path)
+    lead = next((t for t in pool.targets if t.is_device), pool.targets[0])
+    device = records_source(lead, encoders[0])[0]
+    per_target = {t.name: target_records(t, device) for t in pool.targets}
+    unique = list({r["id"]: r for rs in per_target.values() for r in rs}.values())
+    layers = {e: sweep_layer(e) for e in encoders}
+    states = {e: cached_slot_states(e, unique, layers[e]) for e in encoders}
+    common = set.intersection(*(set(found) for found in states.values()))
+    items, dropped = test_items(pool, device)
+    tokens_in = prompt_tokens(device, [it["prompt"] for it in items])
+    out = {"common_records": len(common), "encoders": {}}
+    for e in encoders:
+        sweep = json.loads((RESULTS / f"layer_sweep-{model_name(e)}.json").read_text())
+        heads, fits = None, {}
+        for t in pool.targets:
+            rs = [r for r in per_target[t.name] if r["id"] in common]
+            x = np.stack([states[e][r["id"]] for r in rs])
+            y = np.asarray([r["right"] for r in rs], int)
+            started = time.perf_counter()
+            head, fit = fit_logistic(x, y, layer=layers[e])
+            fits[t.name] = {"records": len(rs), "cv_auroc": fit["cv_auroc_pass"], "fit_s": round(time.perf_counter() - started, 2)}
+            if heads is None:
+                heads = PoolHeads([], head.mean, head.std, np.zeros((0, len(head.mean))), np.zeros(0), layers[e])
+            heads = heads.with_head(t.name, head.mean, head.std, head.weights, head.bias)
+        if e == device:
+            test_states = [np.asarray(r["slot"]) for r in draft_reads(items, Settings(model=e), layers[e], progress=progress)]
+        else:
+            found = shared_states(e, items, layers[e])
+            test_states = [found[it["id"]] for it in items]
+        result = evaluate(items, pool, [heads.rewards(v) for v in test_states], tokens_in)
+        out["encoders"][e] = {"layer": layers[e], "heads": fits, "read_s_per_record": sweep["feature_seconds"] / sweep["records"],
+                              "configured": result["configured"], "summary": result["summary"], "targets": result["targets"],
+                              "oracle": result["oracle"], "best_single": result["best_single"]}  # fmt: skip
+    out["test_items"], out["dropped"] = len(items), dropped
+    return out
+
+
+def comparison_markdown(result: dict) -> str:
+    encoders = list(result["encoders"])
+    targets = list(next(iter(result["encoders"].values()))["heads"])
+    lines = [f"# Pool heads by encoder: {', '.join(encoders)}", "",
+             f"Heads fitted on the same {result['common_records']} train records (cached for every encoder), each encoder at its "
+             f"layer sweep's layer; the policies on {result['test_items']} test items.", "",
+             "| encoder | layer | read s / record (its sweep) | " + " | ".join(f"CV AUROC: {t}" for t in targets)
+             + " | configured: right | gap closed | pool: net, cost saved at equal quality |",
+             "|---|---|---|" + "---|" * len(targets) + "---|---|---|"]  # fmt: skip
+    for e, v in result["encoders"].items():
+        saved = v["summary"]["pool: net"]["at_equal_quality"]
+        lines.append(f"| {e} | {v['layer']} | {v['read_s_per_record']:.2f} | " + " | ".join(f"{v['heads'][t]['cv_auroc']:.3f}" for t in targets)
+                     + f" | {v['configured']['quality']:.1%} | {_pct(v['configured']['gap_closed'])} | {'-' if saved is None else _pct(saved['saved'])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool", type=Path, required=True, help="The pool file (TOML; see rpra.pool).")
     parser.add_argument("--encoder", default=None, help="The device model whose slot state feeds the heads (default: the configured model).")
     parser.add_argument("--heads", type=Path, default=None, help="Default: next to the encoder (`rpra train pool`).")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--compare-encoders", default=None, metavar="A,B",
+                        help="Instead: heads fed by each of these encoders (the device model first) on the same records, side by side.")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
     args = parser.parse_args(argv)
+    if args.compare_encoders:
+        result = compare_encoders(args.pool, [e.strip() for e in args.compare_encoders.split(",")])
+        stem = "pool_encoders-" + "-vs-".join(model_name(e) for e in result["encoders"])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        (args.out / f"{stem}.md").write_text(comparison_markdown(result))
+        print(json.dumps(result, indent=1) if args.json else comparison_markdown(result))
+        return
     result = run(args.pool, encoder=args.encoder, heads_path=args.heads)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"pool-{model_name(result['encoder'])}"
