@@ -272,6 +272,8 @@ def compute_figure(result: dict):
     (one draft: the sequential time over N), best-of-N decoded one after another, and in one batch."""
     from matplotlib.figure import Figure
 
+    from rpra.benchmarks.report import finish_axes
+
     s, acc, n = result["speed"], result["all"], result["n"]
     points = [("greedy", s["sequential_s_median"] / n, acc["greedy"]),
               (f"best-of-{n}, one after another", s["sequential_s_median"], acc["weighted"]),
@@ -282,13 +284,8 @@ def compute_figure(result: dict):
         ax.scatter([x], [100 * y], s=60, zorder=5)
         ax.annotate(name, (x, 100 * y), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.axhline(100 * acc[f"any of {n}"], color="k", ls=":", lw=1, label=f"any of {n} right (the ceiling)")
-    ax.set_xlabel("local seconds per item (median)")
-    ax.set_ylabel("share of kept answers right (%)")
-    ax.set_title(f"Local compute vs accuracy: {result['model']}, {acc['items']} items")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return finish_axes(fig, ax, xlabel="local seconds per item (median)", ylabel="share of kept answers right (%)",
+                       title=f"Local compute vs accuracy: {result['model']}, {acc['items']} items")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,8 +23,9 @@ the cost it saves against always the dearest target at equal quality (the cheape
 above that target's quality).
 
     python -m rpra.benchmarks.pool --pool benchmarks/pool.toml
+    python -m rpra.benchmarks.pool --pool benchmarks/pool.toml --compare-encoders qwen2.5-coder-0.5b-instruct,smollm2-135m-instruct --limit 100
 
-Results: benchmarks/results/pool-<encoder>.{json,md,png}.
+Results: benchmarks/results/pool-<encoder>.{json,md,png}, pool_encoders-<a>-vs-<b>.{json,md}.
 """
 
 from __future__ import annotations
@@ -181,6 +182,8 @@ def figure(result: dict):
     """Share right against cost per request: each policy's sweep, each single target, the oracle."""
     from matplotlib.figure import Figure
 
+    from rpra.benchmarks.report import finish_axes
+
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
     for name, points in result["policies"].items():
@@ -189,13 +192,8 @@ def figure(result: dict):
     for name, v in result["targets"].items():
         ax.scatter([v["cost"]], [100 * v["quality"]], s=60, zorder=5, marker="s", label=f"always {name}")
     ax.scatter([result["oracle"]["cost"]], [100 * result["oracle"]["quality"]], s=80, marker="*", color="k", zorder=6, label="oracle")
-    ax.set_xlabel("cost per request (pool prices)")
-    ax.set_ylabel("share right (%)")
-    ax.set_title(f"Routing over a pool: {result['items']} test items")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return finish_axes(fig, ax, xlabel="cost per request (pool prices)", ylabel="share right (%)", legend_size=7,
+                       title=f"Routing over a pool: {result['items']} test items")
 
 
 def run(pool_path: Path, *, encoder: str | None = None, heads_path: Path | None = None, progress: bool = True) -> dict:
@@ -226,27 +224,37 @@ def run(pool_path: Path, *, encoder: str | None = None, heads_path: Path | None 
     return result
 
 
-def compare_encoders(pool_path: Path, encoders: list[str], *, progress: bool = True) -> dict:
+def compare_encoders(pool_path: Path, encoders: list[str], *, limit: int | None = None, threads: int | None = None,
+                     progress: bool = True) -> dict:  # fmt: skip
     """SharedTrunkNet's question, measured: do the reward heads need the target's own encoder?
     For each encoder (the device model, another small model), a head per target fitted on the
-    same train records (those every encoder's slot read is cached for: nothing is read here for
-    training), at each encoder's layer-sweep layer; their CV AUROC side by side, each encoder's
-    read time per record (its layer sweep's), and the pool policies on the test items with each
-    encoder's heads (the test prompts are read where missing)."""
+    same train records (``limit``: at most that many per target and suite, a seeded sample), at
+    each encoder's layer-sweep layer; their CV AUROC side by side, each encoder's read time per
+    record (its layer sweep's), and the pool policies on the test items with each encoder's
+    heads. Slot reads are cached; those missing are read once."""
+    import hashlib
     import time
 
     from rpra.benchmarks.bench import draft_reads
-    from rpra.training.layer_sweep import cached_slot_states
     from rpra.training.pool import records_source, shared_states, target_records
     from rpra.training.probe import fit_logistic, sweep_layer
 
     pool = load_pool(pool_path)
     lead = next((t for t in pool.targets if t.is_device), pool.targets[0])
     device = records_source(lead, encoders[0])[0]
-    per_target = {t.name: target_records(t, device) for t in pool.targets}
+
+    def sample(rs: list[dict]) -> list[dict]:
+        if limit is None:
+            return rs
+        by_suite: dict[str, list[dict]] = {}
+        for r in rs:
+            by_suite.setdefault(r["suite"], []).append(r)
+        return [r for group in by_suite.values() for r in sorted(group, key=lambda r: hashlib.sha256(f"0:{r['id']}".encode()).digest())[:limit]]
+
+    per_target = {t.name: sample(target_records(t, device)) for t in pool.targets}
     unique = list({r["id"]: r for rs in per_target.values() for r in rs}.values())
     layers = {e: sweep_layer(e) for e in encoders}
-    states = {e: cached_slot_states(e, unique, layers[e]) for e in encoders}
+    states = {e: shared_states(e, unique, layers[e], threads=threads) for e in encoders}
     common = set.intersection(*(set(found) for found in states.values()))
     items, dropped = test_items(pool, device)
     tokens_in = prompt_tokens(device, [it["prompt"] for it in items])
@@ -267,13 +275,13 @@ def compare_encoders(pool_path: Path, encoders: list[str], *, progress: bool = T
         if e == device:
             test_states = [np.asarray(r["slot"]) for r in draft_reads(items, Settings(model=e), layers[e], progress=progress)]
         else:
-            found = shared_states(e, items, layers[e])
+            found = shared_states(e, items, layers[e], threads=threads)
             test_states = [found[it["id"]] for it in items]
         result = evaluate(items, pool, [heads.rewards(v) for v in test_states], tokens_in)
         out["encoders"][e] = {"layer": layers[e], "heads": fits, "read_s_per_record": sweep["feature_seconds"] / sweep["records"],
                               "configured": result["configured"], "summary": result["summary"], "targets": result["targets"],
                               "oracle": result["oracle"], "best_single": result["best_single"]}  # fmt: skip
-    out["test_items"], out["dropped"] = len(items), dropped
+    out.update({"test_items": len(items), "dropped": dropped, "limit_per_suite": limit})
     return out
 
 
@@ -301,10 +309,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--compare-encoders", default=None, metavar="A,B",
                         help="Instead: heads fed by each of these encoders (the device model first) on the same records, side by side.")
+    parser.add_argument("--limit", type=int, default=None, help="--compare-encoders: at most this many train records per target and suite.")
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
     args = parser.parse_args(argv)
     if args.compare_encoders:
-        result = compare_encoders(args.pool, [e.strip() for e in args.compare_encoders.split(",")])
+        result = compare_encoders(args.pool, [e.strip() for e in args.compare_encoders.split(",")], limit=args.limit, threads=args.threads)
         stem = "pool_encoders-" + "-vs-".join(model_name(e) for e in result["encoders"])
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))

@@ -389,6 +389,17 @@ def policy_lines(results: dict) -> list[str]:
     return lines
 
 
+def finish_axes(fig, ax, *, xlabel: str, ylabel: str, title: str, legend_size: int = 8):
+    """The benchmark plots' common finish: labels, title, a light grid, the legend, tight layout."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    return fig
+
+
 def curve_figure(results: dict):
     """The matplotlib figure of quality vs remote-call share for every router, with always-local /
     always-remote marked; quality as ``shown_quality`` says."""
@@ -403,13 +414,8 @@ def curve_figure(results: dict):
             ax.plot(row["curve"]["share"], shown(row["curve"]["quality"]), style, label=f"{name} (APGR {row['apgr']['value']:.2f})")
     ax.scatter([0, 1], shown([results["mean_local_quality"], results["mean_remote_quality"]]), color="red", zorder=5,
                label="always local / always remote")  # fmt: skip
-    ax.set_xlabel("share of requests sent to the remote model")
-    ax.set_ylabel(label)
-    ax.set_title(f"Self-deferral: quality vs remote calls ({results['items']} items)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return finish_axes(fig, ax, xlabel="share of requests sent to the remote model", ylabel=label,
+                       title=f"Self-deferral: quality vs remote calls ({results['items']} items)")
 
 
 def plot_curves(results: dict, path: Path) -> Path:
@@ -441,13 +447,8 @@ def compute_figure(results: dict):
     ax.axhline(shown(results["mean_remote_quality"]), color="k", ls="--", lw=1, label="always remote")
     ax.axhline(shown(policies["target"]["quality"]), color="k", ls=":", lw=1, label="the ladder's target quality")
     ax.axhline(shown(results["mean_local_quality"]), color="r", ls=":", lw=1, label="always local")
-    ax.set_xlabel("device seconds per request (mean)")
-    ax.set_ylabel(label)
-    ax.set_title(f"Quality against device compute at a remote budget ({results['items']} items)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return finish_axes(fig, ax, xlabel="device seconds per request (mean)", ylabel=label, legend_size=7,
+                       title=f"Quality against device compute at a remote budget ({results['items']} items)")
 
 
 def write_reports(results: dict, out_dir: Path, *, agreement: dict | None = None) -> dict[str, Path]:
