@@ -148,6 +148,40 @@ def evaluate(items: list[dict], pool: Pool, rewards: list[dict[str, float]], tok
             "policies": policies, "summary": summary}  # fmt: skip
 
 
+def calibrated_setting(pool: Pool, encoder: str, heads: PoolHeads) -> dict | None:
+    """Each rule's setting chosen on train items, not on the test: the train items every target
+    has a verified answer for, each target's P(right) out of fold (its head refitted without the
+    item, ``training.probe.out_of_fold_p_pass``), and per rule the cheapest setting whose quality
+    there reaches the dearest target's. None without such items."""
+    from rpra.training.pool import shared_states, target_records
+    from rpra.training.probe import out_of_fold_p_pass
+
+    per_target = {t.name: target_records(t, encoder) for t in pool.targets}
+    states = shared_states(encoder, [r for rs in per_target.values() for r in rs], heads.layer)
+    oof = {}
+    for name, rs in per_target.items():
+        x = np.stack([states[r["id"]] for r in rs])
+        y = np.asarray([r["right"] for r in rs], int)
+        c = float((heads.meta.get("targets", {}).get(name) or {}).get("c", 0.003))  # the strength its head was fitted at
+        oof[name] = dict(zip((r["id"] for r in rs), out_of_fold_p_pass(x, y, c=c)))
+    by_id = {n: {r["id"]: r for r in rs} for n, rs in per_target.items()}
+    ids = sorted(set.intersection(*(set(v) for v in by_id.values())))
+    if len(ids) < 20:
+        return None
+    first = pool.names[0]
+    items = [{"id": i, "targets": {n: {"right": by_id[n][i]["right"], "tokens_out": int(by_id[n][i].get("tokens_out") or 0)} for n in pool.names}}
+             for i in ids]  # fmt: skip
+    tokens_in = prompt_tokens(encoder, [by_id[first][i]["prompt"] for i in ids])
+    result = evaluate(items, pool, [{n: float(oof[n][i]) for n in pool.names} for i in ids], tokens_in)
+    target = result["targets"][result["dearest"]]["quality"]
+    chosen = {}
+    for rule, key in (("tolerance", "pool: tolerance"), ("net", "pool: net")):
+        reached = [p for p in result["policies"][key] if p["quality"] >= target - 1e-12]
+        if reached:
+            chosen[rule] = min(reached, key=lambda p: p["cost"])["value"]
+    return {"items": len(ids), "suites": sorted({i.split(":")[0] for i in ids}), "dearest_quality": target, "chosen": chosen}
+
+
 def markdown(result: dict) -> str:
     s, t = result["summary"], result["targets"]
     lines = [f"# Routing over a pool: encoder {result['encoder']}", "",
@@ -171,6 +205,15 @@ def markdown(result: dict) -> str:
         b, e = v["best_point"], v["at_equal_quality"]
         lines.append(f"| {name} | {b['quality']:.1%} | {b['cost']:.2e} | {_pct(b['gap_closed'])} | "
                      f"{'-' if e is None else format(e['cost'], '.2e')} | {'-' if e is None else _pct(e['saved'])} |")  # fmt: skip
+    cal = result.get("calibrated")
+    if cal and cal.get("test"):
+        lines += ["", f"**Settings chosen on train** ({cal['items']} train items every target has an answer for, each head's P(right) "
+                      f"out of fold; the cheapest setting reaching the dearest target's quality there, {cal['dearest_quality']:.1%}), "
+                      "run on the test items:", "",
+                  "| rule | setting | share right | of the dearest's quality | cost / request | cost saved | gap closed |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for rule, v in cal["test"].items():
+            lines.append(f"| {rule} | {v['value']:g} | {v['quality']:.1%} | {_pct(v['quality_of_dearest'])} | {v['cost']:.2e} | "
+                         f"{_pct(v['cost_saved'])} | {_pct(v['gap_closed'])} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -217,7 +260,25 @@ def run(pool_path: Path, *, encoder: str | None = None, heads_path: Path | None 
         found = shared_states(encoder, items, heads.layer)
         states = [found[it["id"]] for it in items]
     rewards = [heads.rewards(state) for state in states]
-    result = evaluate(items, pool, rewards, prompt_tokens(encoder, [it["prompt"] for it in items]))
+    tokens_in = prompt_tokens(encoder, [it["prompt"] for it in items])
+    result = evaluate(items, pool, rewards, tokens_in)
+    calibration = calibrated_setting(pool, encoder, heads)
+    if calibration:  # the settings chosen on train, run on the test items
+        from dataclasses import replace
+
+        per_item_cost = [{t.name: t.cost(ti, it["targets"][t.name]["tokens_out"]) for t in pool.targets} for it, ti in zip(items, tokens_in)]
+        dearest = result["targets"][result["dearest"]]
+        gap = result["oracle"]["quality"] - result["targets"][result["best_single"]]["quality"]
+        for rule, value in calibration["chosen"].items():
+            p = replace(pool, rule=rule, **({"tolerance": value} if rule == "tolerance" else {"cost_weight": value}))
+            chosen = [pick(p, r, c) for r, c in zip(rewards, per_item_cost)]
+            q = float(np.mean([it["targets"][n]["right"] for it, n in zip(items, chosen)]))
+            cost = float(np.mean([c[n] for c, n in zip(per_item_cost, chosen)]))
+            calibration.setdefault("test", {})[rule] = {
+                "value": value, "quality": q, "cost": cost, "cost_saved": 1 - cost / dearest["cost"] if dearest["cost"] else None,
+                "quality_of_dearest": q / dearest["quality"] if dearest["quality"] else None,
+                "gap_closed": (q - result["targets"][result["best_single"]]["quality"]) / gap if gap > 0 else None}  # fmt: skip
+    result["calibrated"] = calibration
     result.update({"encoder": encoder, "dropped": dropped, "layer": heads.layer, "heads": heads.meta.get("targets", {}),
                    "pool": {"rule": pool.rule, "tolerance": pool.tolerance, "cost_weight": pool.cost_weight,
                             "targets": [t.__dict__ for t in pool.targets]}})  # fmt: skip
