@@ -163,3 +163,45 @@ def test_a_turn_over_the_pool_goes_to_the_chosen_target_and_its_cost_counts_agai
     finally:
         local.close()
         store.close()
+
+
+def test_the_pools_settings_are_chosen_on_train_items_with_out_of_fold_heads(isolated_home, model_path):
+    """Train records where the device is right when the slot state's first value is positive and
+    the dear target nearly always: the setting chosen is the cheapest that reaches the dear
+    target's quality on those items, and it sends the items the device gets right to the device."""
+    import json
+
+    from rpra.benchmarks.collection import model_name
+    from rpra.benchmarks.pool import calibrated_setting, evaluate, prompt_tokens
+    from rpra.models import file_sha256
+    from rpra.training.pool import target_records
+
+    encoder = str(model_path)
+    rng = np.random.default_rng(0)
+    folder = isolated_home / "collections" / f"{model_name(encoder)}--arithmetic--train"
+    folder.mkdir(parents=True)
+    features = isolated_home / "features" / file_sha256(model_path)[:16]
+    features.mkdir(parents=True)
+    records = []
+    for i in range(80):
+        state = rng.normal(size=4)
+        records.append({"id": f"arithmetic:{i}", "suite": "arithmetic", "prompt": f"What is {i} + 1?", "exact_local": float(state[0] > 0),
+                        "exact_remote": float(i % 10 != 0), "local_tokens": 5, "remote_tokens": 5})  # fmt: skip
+        np.savez(features / f"arithmetic_{i}.npz", slot=state[None, :].astype(np.float32))
+    folder.joinpath("records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pool = Pool((Target("device"), Target("big", url="http://127.0.0.1:9/v1", price_in=1.0, price_out=1.0, records=f"{encoder}:remote")))
+    heads = PoolHeads(["device", "big"], np.zeros(4), np.ones(4), np.zeros((2, 4)), np.zeros(2), layer=0,
+                      meta={"targets": {"device": {"c": 1.0}, "big": {"c": 1.0}}})  # fmt: skip
+    cal = calibrated_setting(pool, encoder, heads)
+    assert cal["items"] == 80 and cal["dearest_quality"] == pytest.approx(0.9)
+    assert set(cal["chosen"]) == {"tolerance", "net"}
+    # What the chosen net weight gets on those items: the dear target's quality, for less than its cost.
+    from rpra.training.probe import out_of_fold_p_pass
+
+    rs = {t.name: target_records(t, encoder) for t in pool.targets}
+    x = np.stack([np.load(features / f"arithmetic_{i}.npz")["slot"][0] for i in range(80)])
+    oof = {n: out_of_fold_p_pass(x, np.array([r["right"] for r in rs[n]], int), c=1.0) for n in pool.names}
+    items = [{"id": r["id"], "targets": {n: {"right": rs[n][i]["right"], "tokens_out": 5} for n in pool.names}} for i, r in enumerate(rs["device"])]
+    rewards = [{n: float(oof[n][i]) for n in pool.names} for i in range(80)]
+    result = evaluate(items, Pool(pool.targets, rule="net", cost_weight=cal["chosen"]["net"]), rewards, prompt_tokens(encoder, [r["prompt"] for r in records]))
+    assert result["configured"]["quality"] >= 0.9 - 1e-9 and result["configured"]["shares"]["device"] > 0.2
