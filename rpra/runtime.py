@@ -866,8 +866,8 @@ def _as_shown(text: str, answer_after_score: bool) -> str:
 
 def pool_from_settings(settings: Settings) -> tuple[Pool | None, PoolHeads | None, dict[str, RemoteModel]]:
     """The pool the settings name, its reward heads (checked against the device model) and a
-    client for each remote target; (None, None, {}) without one. Under privacy = never-defer no
-    client is made: nothing may leave the device."""
+    client for each remote target; (None, None, {}) without one. Under privacy = never-defer the
+    pool keeps only its device target and no client is made: nothing may leave the device."""
     if not settings.pool:
         return None, None, {}
     import os
@@ -880,14 +880,16 @@ def pool_from_settings(settings: Settings) -> tuple[Pool | None, PoolHeads | Non
     heads = PoolHeads.load(Path(settings.pool_heads).expanduser() if settings.pool_heads else default_pool_path(model))
     if heads.meta.get("encoder_sha256") not in (None, file_sha256(model)):
         raise ConfigError(f"The pool heads were fitted on another model than {settings.model}: refit them (`rpra train pool`).")
+    if settings.privacy == "never-defer":  # nothing may leave the device: the pool is its device target, if any
+        device = tuple(t for t in pool.targets if t.is_device)
+        return (dataclasses.replace(pool, targets=device) if device else None), (heads if device else None), {}
     remotes = {}
-    if settings.privacy != "never-defer":
-        for t in pool.targets:
-            if not t.is_device:
-                key = os.environ.get(t.api_key_env) if t.api_key_env else None
-                remotes[t.name] = RemoteModel(t.url, model=t.model, api_key=key, timeout=settings.remote_timeout,
-                                              connect_timeout=min(5.0, settings.remote_timeout), retries=settings.remote_retries,
-                                              first_token_timeout=settings.remote_first_token_timeout)  # fmt: skip
+    for t in pool.targets:
+        if not t.is_device:
+            key = os.environ.get(t.api_key_env) if t.api_key_env else None
+            remotes[t.name] = RemoteModel(t.url, model=t.model, api_key=key, timeout=settings.remote_timeout,
+                                          connect_timeout=min(5.0, settings.remote_timeout), retries=settings.remote_retries,
+                                          first_token_timeout=settings.remote_first_token_timeout)  # fmt: skip
     return pool, heads, remotes
 
 

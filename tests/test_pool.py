@@ -205,3 +205,32 @@ def test_the_pools_settings_are_chosen_on_train_items_with_out_of_fold_heads(iso
     rewards = [{n: float(oof[n][i]) for n in pool.names} for i in range(80)]
     result = evaluate(items, Pool(pool.targets, rule="net", cost_weight=cal["chosen"]["net"]), rewards, prompt_tokens(encoder, [r["prompt"] for r in records]))
     assert result["configured"]["quality"] >= 0.9 - 1e-9 and result["configured"]["shares"]["device"] > 0.2
+
+
+@pytest.mark.slow
+def test_rpra_ask_routes_over_a_pool_file_as_a_user_runs_it(rpra, model_path, isolated_home, tmp_path, remote_server):
+    """`rpra ask --json --set pool=FILE`: the pool file and heads are read, the remote target's
+    client made from the file, and the JSON shows the choice; under never-defer the pool keeps its
+    device target only."""
+    import json
+    import os
+
+    from rpra.local import LocalModel
+
+    width = LocalModel(model_path, n_ctx=64, n_threads=1).n_embd
+    heads = PoolHeads(["device", "big"], np.zeros(width), np.ones(width), np.zeros((2, width)), np.array([-2.0, 2.0]), 10,
+                      {"targets": {"big": {"tokens_out_mean": 6.0}}})  # fmt: skip
+    heads_path = heads.save(tmp_path / "heads.pool.npz")
+    pool_file = tmp_path / "pool.toml"
+    pool_file.write_text(f'[[target]]\nname = "device"\n\n[[target]]\nname = "big"\nurl = "{remote_server.url}"\nmodel = "stand-in"\n'
+                         'price_out = 1.0\n')  # fmt: skip
+    env = {**os.environ, "RPRA_MODEL": str(model_path), "RPRA_N_CTX": "1024", "RPRA_N_THREADS": "2", "RPRA_MAX_TOKENS": "8"}
+    asked = rpra("ask", "What is the capital of France?", "--json", "--set", f"pool={pool_file}", "--set", f"pool_heads={heads_path}", env=env)
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)
+    assert answer["pool"]["target"] == "big" and answer["answered_by"] == "remote" and answer["pool"]["cost"] > 0
+    assert "pool (within 0.05 of the best, the cheapest): big" in answer["decision"]["reason"]
+    offline = rpra("ask", "What is the capital of France?", "--json", "--set", f"pool={pool_file}", "--set", f"pool_heads={heads_path}",
+                   "--set", "privacy=never-defer", env=env)  # fmt: skip
+    assert offline.returncode == 0, offline.stderr
+    assert json.loads(offline.stdout)["pool"]["target"] == "device" and json.loads(offline.stdout)["answered_by"] == "local"
