@@ -362,6 +362,17 @@ def comparison_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(result: dict, out: Path) -> dict[str, Path]:
+    """The result as ``pool-<encoder>.{json,md,png}`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"pool-{model_name(result['encoder'])}"  # a model name holds dots: no with_suffix
+    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "plot": out / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(result, indent=1))
+    paths["markdown"].write_text(markdown(result))
+    figure(result).savefig(paths["plot"], dpi=120)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool", type=Path, required=True, help="The pool file (TOML; see rpra.pool).")
@@ -383,11 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result, indent=1) if args.json else comparison_markdown(result))
         return
     result = run(args.pool, encoder=args.encoder, heads_path=args.heads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"pool-{model_name(result['encoder'])}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    figure(result).savefig(args.out / f"{stem}.png", dpi=120)
+    write(result, args.out)
     print(json.dumps({k: v for k, v in result.items() if k != "policies"}, indent=1) if args.json else markdown(result))
 
 

@@ -532,7 +532,8 @@ class Runtime:
         spendable = self.budget_left()
         name = pick(pool, rewards, costs, spendable=spendable)
         result.pool = {"target": name, "rewards": {n: round(v, 4) for n, v in rewards.items()},
-                       "expected_cost": {n: round(c, 8) for n, c in costs.items()}, "budget_left": spendable, "cost": 0.0}  # fmt: skip
+                       "expected_cost": {n: round(c, 8) for n, c in costs.items()}, "latency_s": pool.target(name).latency_s,
+                       "budget_left": spendable, "cost": 0.0}  # fmt: skip
         rule = f"within {pool.tolerance:g} of the best, the cheapest" if pool.rule == "tolerance" else f"best reward - {pool.cost_weight:g} x cost"
         budget = "" if spendable is None else f"; budget left {spendable:.4g}"
         reason = f"pool ({rule}): {name}, P(right) {rewards[name]:.2f}, expected cost {costs[name]:.2g}{budget}"

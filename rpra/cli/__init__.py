@@ -5,7 +5,7 @@ The command tree, by what a user does with it (each group's commands live in its
     using the model     ask, chat, serve, serve-remote            rpra/cli/use.py
     managing            models list|pull|path, doctor, logs,      rpra/cli/manage.py
                         config show
-    measuring           collect, bench run|report,                rpra/cli/measure.py
+    measuring           collect, bench run|report|pool,                rpra/cli/measure.py
                         report-card build|show, calibrate
     training            train sft|probe|list|export               rpra/cli/train.py
 
@@ -77,6 +77,7 @@ app.command()(measure.collect)
 bench = _group("bench", "The deferral benchmark: how much quality is kept for how many remote calls.")
 bench.command("run")(measure.bench_run)
 bench.command("report")(measure.bench_report)
+bench.command("pool")(measure.bench_pool)
 cards = _group("report-card", "Report cards: the larger model's summary of the device model's strengths and weaknesses.")
 cards.command("build")(measure.card_build)
 cards.command("show")(measure.card_show)

@@ -7,6 +7,7 @@ commands.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -102,6 +103,28 @@ def bench_report(
 
     collection = Collection.load(settings.model, suite, split)
     _report(settings, collection.records, collection.folder, quality=quality, seed=seed, json_out=json_out)
+
+
+@settings_command()
+def bench_pool(
+    settings,
+    pool: Annotated[Path, typer.Option("--pool", help="The pool file (TOML): its targets, prices and rule (see `rpra.pool`).")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Where the report goes (default: benchmarks/results).")] = None,
+    json_out: BenchJsonOpt = False,
+) -> None:
+    """Evaluate routing over a pool on the rpra-mix test split: the pool's rules (its own setting, the settings chosen on
+    train items, and each rule swept) against always each target, two-model threshold routing, random and the oracle.
+    Needs each target's verified test records and the pool's heads (`rpra train pool`); the device model is the encoder."""
+    bench_module()
+    from rpra.benchmarks import pool as bench_pool_module
+
+    result = bench_pool_module.run(pool, encoder=settings.model)
+    paths = bench_pool_module.write(result, out_dir or bench_pool_module.RESULTS)
+    if json_out:
+        print(json.dumps({k: v for k, v in result.items() if k != "policies"} | {"files": {k: str(v) for k, v in paths.items()}}, indent=1))
+        return
+    out.print(bench_pool_module.markdown(result))
+    out.print(f"[dim]report {paths['markdown']} · plot {paths['plot']} · json {paths['json']}[/]")
 
 
 def _report(settings, records, out_dir, *, quality: str, seed: int, json_out: bool) -> None:
