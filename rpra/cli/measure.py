@@ -109,6 +109,7 @@ def bench_report(
 def bench_pool(
     settings,
     pool: Annotated[Path, typer.Option("--pool", help="The pool file (TOML): its targets, prices and rule (see `rpra.pool`).")],
+    heads: Annotated[Optional[Path], typer.Option("--heads", help="The pool's heads (default: next to the model, `rpra train pool`).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Where the report goes (default: benchmarks/results).")] = None,
     json_out: BenchJsonOpt = False,
 ) -> None:
@@ -118,7 +119,7 @@ def bench_pool(
     bench_module()
     from rpra.benchmarks import pool as bench_pool_module
 
-    result = bench_pool_module.run(pool, encoder=settings.model)
+    result = bench_pool_module.run(pool, encoder=settings.model, heads_path=heads)
     paths = bench_pool_module.write(result, out_dir or bench_pool_module.RESULTS)
     if json_out:
         print(json.dumps({k: v for k, v in result.items() if k != "policies"} | {"files": {k: str(v) for k, v in paths.items()}}, indent=1))
