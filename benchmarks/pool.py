@@ -294,11 +294,10 @@ def compare_encoders(pool_path: Path, encoders: list[str], *, limit: int | None 
     record (its layer sweep's), and the pool policies on the test items with each encoder's
     heads. Slot reads are cached; those missing are read once."""
     import hashlib
-    import time
 
     from rpra.benchmarks.bench import draft_reads
-    from rpra.training.pool import records_source, shared_states, target_records
-    from rpra.training.probe import fit_logistic, sweep_layer
+    from rpra.training.pool import fit_heads, records_source, shared_states, target_records
+    from rpra.training.probe import sweep_layer
 
     pool = load_pool(pool_path)
     lead = next((t for t in pool.targets if t.is_device), pool.targets[0])
@@ -322,17 +321,7 @@ def compare_encoders(pool_path: Path, encoders: list[str], *, limit: int | None 
     out = {"common_records": len(common), "encoders": {}}
     for e in encoders:
         sweep = json.loads((RESULTS / f"layer_sweep-{model_name(e)}.json").read_text())
-        heads, fits = None, {}
-        for t in pool.targets:
-            rs = [r for r in per_target[t.name] if r["id"] in common]
-            x = np.stack([states[e][r["id"]] for r in rs])
-            y = np.asarray([r["right"] for r in rs], int)
-            started = time.perf_counter()
-            head, fit = fit_logistic(x, y, layer=layers[e])
-            fits[t.name] = {"records": len(rs), "cv_auroc": fit["cv_auroc_pass"], "fit_s": round(time.perf_counter() - started, 2)}
-            if heads is None:
-                heads = PoolHeads([], head.mean, head.std, np.zeros((0, len(head.mean))), np.zeros(0), layers[e])
-            heads = heads.with_head(t.name, head.mean, head.std, head.weights, head.bias)
+        heads, fits = fit_heads({n: [r for r in rs if r["id"] in common] for n, rs in per_target.items()}, states[e], layers[e])
         if e == device:
             test_states = [np.asarray(r["slot"]) for r in draft_reads(items, Settings(model=e), layers[e], progress=progress)]
         else:

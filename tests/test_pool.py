@@ -234,3 +234,42 @@ def test_rpra_ask_routes_over_a_pool_file_as_a_user_runs_it(rpra, model_path, is
                    "--set", "privacy=never-defer", env=env)  # fmt: skip
     assert offline.returncode == 0, offline.stderr
     assert json.loads(offline.stdout)["pool"]["target"] == "device" and json.loads(offline.stdout)["answered_by"] == "local"
+
+
+def test_train_pool_fits_a_head_per_target_and_only_refits_the_one_asked(isolated_home, model_path):
+    """`rpra train pool`'s fit on the feature cache: one head per target on its own records; with
+    ``only`` one head is refitted and the others are kept as they were (adding a target)."""
+    import json
+
+    from rpra.benchmarks.collection import model_name
+    from rpra.config import Settings
+    from rpra.models import file_sha256
+    from rpra.training.pool import train_pool
+
+    encoder = str(model_path)
+    rng = np.random.default_rng(1)
+    folder = isolated_home / "collections" / f"{model_name(encoder)}--arithmetic--train"
+    folder.mkdir(parents=True)
+    features = isolated_home / "features" / file_sha256(model_path)[:16]
+    features.mkdir(parents=True)
+    records = []
+    for i in range(60):
+        state = rng.normal(size=3)
+        records.append({"id": f"arithmetic:{i}", "suite": "arithmetic", "prompt": f"{i}?", "exact_local": float(state[0] > 0),
+                        "exact_remote": float(state[1] > 0), "local_tokens": 3, "remote_tokens": 7})  # fmt: skip
+        np.savez(features / f"arithmetic_{i}.npz", slot=state[None, :].astype(np.float32))
+    folder.joinpath("records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pool = Pool((Target("device"), Target("big", url="http://127.0.0.1:9/v1", records=f"{encoder}:remote")))
+    out = isolated_home / "m.pool.npz"
+    path, report = train_pool(Settings(model=encoder), pool, output=out, layer=0, folds=3)
+    heads = PoolHeads.load(path)
+    assert heads.names == ["device", "big"] and report["device"]["records"] == 60 and report["big"]["tokens_out_mean"] == 7.0
+    assert report["device"]["cv_auroc"] > 0.8 and report["big"]["cv_auroc"] > 0.8  # each head learns its own target
+    up = heads.rewards(np.array([3.0, -3.0, 0.0]))
+    assert up["device"] > 0.8 and up["big"] < 0.2
+    device_weights = heads.weights[heads.names.index("device")].copy()
+    _, again = train_pool(Settings(model=encoder), pool, output=out, only=["big"], layer=0, folds=3)
+    refit = PoolHeads.load(out)
+    assert list(again) == ["big"] and np.allclose(refit.weights[refit.names.index("device")], device_weights)
+    with pytest.raises(ConfigError, match="another encoder or layer"):
+        train_pool(Settings(model=encoder), pool, output=out, only=["big"], layer=1, folds=3)

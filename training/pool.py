@@ -90,7 +90,7 @@ def train_pool(settings: Settings, pool: Pool, *, output: Path | None = None, on
     heads and keep the others of an existing file (adding a target to a pool). Returns the path
     and a report per target: records, right share, CV AUROC, seconds to fit."""
     from rpra.models import file_sha256, resolve
-    from rpra.training.probe import fit_logistic, sweep_layer
+    from rpra.training.probe import sweep_layer
 
     encoder = settings.model
     model_path = resolve(encoder)
@@ -110,21 +110,31 @@ def train_pool(settings: Settings, pool: Pool, *, output: Path | None = None, on
     per_target = {n: target_records(pool.target(n), encoder) for n in names}
     every = [r for rs in per_target.values() for r in rs]
     states = shared_states(encoder, every, layer, threads=settings.n_threads, progress=progress(len({r["id"] for r in every})))
+    heads, report = fit_heads(per_target, states, layer, heads=heads, folds=folds,
+                              meta={"encoder": encoder, "encoder_sha256": file_sha256(model_path), "targets": {}})  # fmt: skip
+    return heads.save(output), report
+
+
+def fit_heads(per_target: dict[str, list[dict]], states: dict[str, np.ndarray], layer: int, *, heads: PoolHeads | None = None,
+              folds: int = 5, meta: dict | None = None) -> tuple[PoolHeads, dict]:  # fmt: skip
+    """One logistic head per target (``training.probe.fit_logistic``) on its records' ``states``
+    (by record id), added to ``heads`` (or to new ones with ``meta``), each re-expressed on the
+    shared standardisation. Returns the heads and per target: records, right share, CV AUROC,
+    strength, seconds to fit, mean answer length."""
+    from rpra.training.probe import fit_logistic
+
     report = {}
-    for name in names:
-        rs = per_target[name]
+    for name, rs in per_target.items():
         started = time.perf_counter()
         x = np.stack([states[r["id"]] for r in rs])
         y = np.asarray([r["right"] for r in rs], int)
-        head, fit = fit_logistic(x, y, folds=folds, layer=layer, scale_max=settings.scale_max)
+        head, fit = fit_logistic(x, y, folds=folds, layer=layer)
         if heads is None:
-            heads = PoolHeads([], head.mean, head.std, np.zeros((0, len(head.mean))), np.zeros(0), layer,
-                              {"encoder": encoder, "encoder_sha256": file_sha256(model_path), "targets": {}})  # fmt: skip
+            heads = PoolHeads([], head.mean, head.std, np.zeros((0, len(head.mean))), np.zeros(0), layer, dict(meta or {}))
         heads = heads.with_head(name, head.mean, head.std, head.weights, head.bias)
-        seconds = time.perf_counter() - started
         tokens = [r["tokens_out"] for r in rs if r.get("tokens_out")]
         report[name] = {"records": len(rs), "right_share": float(y.mean()), "cv_auroc": fit["cv_auroc_pass"], "c": fit["c"],
-                        "fit_s": round(seconds, 3), "tokens_out_mean": float(np.mean(tokens)) if tokens else None,
+                        "fit_s": round(time.perf_counter() - started, 3), "tokens_out_mean": float(np.mean(tokens)) if tokens else None,
                         "suites": sorted({r["suite"] for r in rs})}  # fmt: skip
         heads.meta.setdefault("targets", {})[name] = {k: v for k, v in report[name].items() if k != "suites"}
-    return heads.save(output), report
+    return heads, report

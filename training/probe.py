@@ -253,19 +253,12 @@ def _states(local: LocalModel, records: list[dict], settings: Settings, layer: i
     once with every layer captured (``layer_sweep.features``) and added to it, so a refit, a
     remote head or a probe at another layer costs no prefill again. The final state is read
     with a prefill (``slot_states``)."""
-    from rpra.training.layer_sweep import cached_slot_states, features
+    from rpra.training.pool import shared_states
 
     if layer is None:
         return slot_states(local, [r["prompt"] for r in records], settings, layer=None, progress=advance)
-    cached = cached_slot_states(settings.model, records, layer)
-    for _ in cached:
-        advance()
-    missing = [r for r in records if r["id"] not in cached]
-    fresh = {}
-    if missing:
-        slot, _, _ = features(settings.model, missing, progress=advance, threads=settings.n_threads, self_check=False)
-        fresh = dict(zip((r["id"] for r in missing), slot[layer]))
-    return np.stack([cached[r["id"]] if r["id"] in cached else fresh[r["id"]] for r in records])
+    found = shared_states(settings.model, records, layer, threads=settings.n_threads, progress=advance)
+    return np.stack([found[r["id"]] for r in records])
 
 
 def train_probe(settings: Settings, *, suite: str, split: str = "train", folds: int = 5, output: Path | None = None,
