@@ -110,6 +110,17 @@ def policy_action(score: float, edges: Sequence[float], actions: Sequence[str]) 
     return actions[bisect.bisect_right(list(edges), score)]
 
 
+def best_of_n(action: str | None) -> int:
+    """N of an allocation's "best-of-N" action; 0 for any other action."""
+    match = _ACTION.fullmatch(action or "")
+    return int(match.group(1)) if match and match.group(1) else 0
+
+
+def drafts_first(action: str | None) -> bool:
+    """Whether an allocation's action drafts unseen before an answer is shown (best-of-N, revise)."""
+    return action == "revise" or best_of_n(action) > 0
+
+
 @dataclass(frozen=True)
 class Allocation:
     """``allocate``'s policy, as the device runs it (``--set allocation=FILE``): bin edges on the
@@ -136,12 +147,12 @@ class Allocation:
     @property
     def best_of(self) -> int:
         """The largest N of its best-of-N actions (1 without one): the sequences the model must decode at once."""
-        return max([int(a.split("-")[-1]) for a in self.actions if a.startswith("best-of-")] or [1])
+        return max([best_of_n(a) for a in self.actions] + [1])
 
     @property
     def drafts(self) -> bool:
         """Whether an action reads the verifier (best-of-N picks by it; revise revises what it doubts)."""
-        return any(a == "revise" or a.startswith("best-of-") for a in self.actions)
+        return any(drafts_first(a) for a in self.actions)
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

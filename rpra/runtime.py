@@ -27,7 +27,7 @@ from rpra import prompts
 from rpra.config import Mode, Settings
 from rpra.controller import Controller, Decision
 from rpra.errors import ConfigError, InputError, PrivacyError, PromptTooLongError, RemoteError, RpraError
-from rpra.ladder import Allocation
+from rpra.ladder import Allocation, best_of_n, drafts_first
 from rpra.pool import Pool, PoolHeads, budget_left, period_starts, pick
 from rpra.local import Generated, LocalModel, LocalSession, sequence_seed
 from rpra.prediction import Prediction
@@ -456,7 +456,7 @@ class Runtime:
             raise
         result.timings_ms["decision"] = _ms(start)
 
-        if result.decision.route == "local" and kept is None and _climbs(result.decision.action):
+        if result.decision.route == "local" and kept is None and drafts_first(result.decision.action):
             yield from self._allocated_rung(messages, session, result)
         elif result.decision.route == "local" and self._checks_draft(mode, kept, result):
             yield from self._draft_and_check(messages, session, result, confirm)
@@ -498,7 +498,8 @@ class Runtime:
             result.rungs.append({"rung": "draft", "p_pass": round(result.draft_prediction.p_pass, 4), "kept": checked.route == "local"})
             if checked.route == "remote" and self.settings.best_of > 1:  # the ladder's next rung before deferring
                 yield Notice(f"the draft was doubted; drawing {self.settings.best_of} more in one batch")
-                text, verdict = self._best_of(session, result, slot, "".join(e.text for e in shown), result.draft_prediction)
+                text, verdict = self._best_of(session, result, slot, self.settings.best_of, p_remote=result.draft_prediction.p_remote,
+                                              first=("".join(e.text for e in shown), result.draft_prediction))  # fmt: skip
                 result.draft_prediction = verdict
                 checked = self.controller.check(result.decision, verdict)
                 result.rungs.append({"rung": f"best-of-{self.settings.best_of}", "p_pass": round(verdict.p_pass, 4), "kept": checked.route == "local"})
@@ -555,7 +556,7 @@ class Runtime:
         the route; nothing defers here). best-of-N: N drafts in one batch (the first greedy), the
         verifier's weighted best shown. revise: a draft, and where the verifier doubts it
         (``ladder.REVISE_BELOW``) the device's revision, shown if the verifier scores it higher."""
-        from rpra.ladder import REVISE_BELOW, choose
+        from rpra.ladder import REVISE_BELOW
 
         s, action = self.settings, result.decision.action
         started = time.perf_counter()
@@ -564,21 +565,10 @@ class Runtime:
         holding = True
         try:  # the lock is held from the first decision: release it even if the consumer stops listening here
             slot = session.layer_states("last")[layer]
-            if action.startswith("best-of-"):
-                n = int(action.split("-")[-1])
+            if n := best_of_n(action):
                 yield Notice(f"drawing {n} drafts in one batch (the allocation's rung for this request)")
-                session.rewind(session.slot_at)
-                drafts = session.sample_many(n, s.max_tokens, temperature=s.sample_temperature, repeat_penalty=s.repeat_penalty,
-                                             greedy_first=True, watch=True)  # fmt: skip
-                texts = [_as_shown(d.text, s.answer_after_score) for d in drafts]
-                verdicts = [self.verifier.verify(slot, d.states[layer], d.logprobs, pass_mark=s.pass_mark, p_remote=p_remote) for d in drafts]
-                best = choose(texts, [v.p_pass for v in verdicts], rule="weighted")
-                result.answered_by = "local"
-                result.tokens["local_answer"] = sum(d.tokens for d in drafts)
-                result.finish_reason = drafts[best].finish_reason
-                result.draft_prediction = verdicts[best]
-                result.rungs.append({"rung": action, "p_pass": round(verdicts[best].p_pass, 4), "kept": True})
-                text = texts[best]
+                text, result.draft_prediction = self._best_of(session, result, slot, n, p_remote=p_remote)
+                result.rungs.append({"rung": action, "p_pass": round(result.draft_prediction.p_pass, 4), "kept": True})
             else:  # revise
                 yield Notice("checking the local draft, to revise it if the verifier doubts it (the allocation's rung)")
                 text = "".join(e.text for e in self._answer_locally(session, result, watch=True) if isinstance(e, Text))
@@ -604,25 +594,28 @@ class Runtime:
         if text:
             yield Text(text, "local")
 
-    def _best_of(self, session: LocalSession, result: TurnResult, slot: np.ndarray, draft: str, verdict: Prediction) -> tuple[str, Prediction]:
-        """Best-of-N's rung: ``best_of`` more drafts, sampled as parallel sequences in one batch
-        (``LocalSession.sample_many``), scored by the verifier with the first draft, and the
-        weighted best kept (``ladder.choose``). Returns its text, as it would be shown, and verdict."""
+    def _best_of(self, session: LocalSession, result: TurnResult, slot: np.ndarray, n: int, *, p_remote: float | None,
+                 first: tuple[str, Prediction] | None = None) -> tuple[str, Prediction]:  # fmt: skip
+        """Best-of-N: ``n`` drafts sampled as parallel sequences in one batch (``LocalSession.sample_many``),
+        scored by the verifier, the weighted best kept (``ladder.choose``). ``first``: a draft
+        already made and its verdict (the cascade's doubted one), which competes with the ``n``
+        samples; without one the first sequence is the greedy draft. Returns the kept text, as it
+        would be shown, and its verdict."""
         from rpra.ladder import choose
 
         s = self.settings
         session.rewind(session.slot_at)
-        drafts = session.sample_many(s.best_of, s.max_tokens, temperature=s.sample_temperature, repeat_penalty=s.repeat_penalty,
-                                     greedy_first=False, watch=True)  # fmt: skip
-        texts, verdicts = [draft], [verdict]
+        drafts = session.sample_many(n, s.max_tokens, temperature=s.sample_temperature, repeat_penalty=s.repeat_penalty,
+                                     greedy_first=first is None, watch=True)  # fmt: skip
+        texts, verdicts = ([first[0]], [first[1]]) if first else ([], [])
         for d in drafts:
             texts.append(_as_shown(d.text, s.answer_after_score))
-            verdicts.append(self.verifier.verify(slot, d.states[self.verifier.layer], d.logprobs, pass_mark=s.pass_mark,
-                                                 p_remote=verdict.p_remote))  # fmt: skip
+            verdicts.append(self.verifier.verify(slot, d.states[self.verifier.layer], d.logprobs, pass_mark=s.pass_mark, p_remote=p_remote))
+        result.answered_by = "local"
         result.tokens["local_answer"] = result.tokens.get("local_answer", 0) + sum(d.tokens for d in drafts)
         best = choose(texts, [v.p_pass for v in verdicts], rule="weighted")
-        if best:
-            result.finish_reason = drafts[best - 1].finish_reason
+        if best >= len(texts) - len(drafts):  # one of the samples, not the draft passed in
+            result.finish_reason = drafts[best - (len(texts) - len(drafts))].finish_reason
         return texts[best], verdicts[best]
 
     @staticmethod
@@ -849,11 +842,6 @@ class Runtime:
             return resumed
         # remote-only mode: no prediction was made, so answer in the PA layout without one.
         return self._open_session(messages, result, opening=prompts.SLOT_OPEN["pa"])
-
-
-def _climbs(action: str | None) -> bool:
-    """Whether an allocation's action drafts unseen before it shows an answer (best-of-N, revise)."""
-    return action == "revise" or (action or "").startswith("best-of-")
 
 
 def _as_shown(text: str, answer_after_score: bool) -> str:
