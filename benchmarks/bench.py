@@ -385,13 +385,14 @@ def add_ladder_outcomes(records: list[dict], settings: Settings, *, log: Callabl
     return bool(records) and len(held) == len(records)
 
 
-def ladder_calibration(settings: Settings, *, quality_of: Callable[[bool], float], results: Path | None = None) -> dict | None:
+def ladder_calibration(settings: Settings, *, results: Path | None = None) -> dict | None:
     """The allocation's calibration split: the train items with best-of-N rows (``best_of_n
     --split train``: those whose records hold the remote's verdict), each action's quality
-    (``quality_of(right)``) and device seconds, and the pre-answer probe's P(pass) as a probe
+    (``report.exact_quality``) and device seconds, and the pre-answer probe's P(pass) as a probe
     fitted without the item gives it (``training.probe.out_of_fold_p_pass``, on the slot reads of
     every labelled train record of the probe's suites: cached, and read once where missing). None
     without rows or a probe."""
+    from rpra.benchmarks.report import exact_quality as quality_of
     from rpra.probe import Probe, default_probe_path
     from rpra.training.pool import shared_states
     from rpra.training.probe import out_of_fold_p_pass
@@ -485,13 +486,11 @@ def report(records: list[dict], settings: Settings, out_dir: Path, *, quality: s
     from rpra.benchmarks.judge import agreement
     from rpra.benchmarks.report import evaluate, write_reports
 
-    from rpra.benchmarks.report import EXACT_CORRECT, EXACT_WRONG
-
     add_trained_predictions(records, settings, log=log)
     add_baselines(records, settings, log=log, provenance=provenance)
     calibration = None
     if quality == "exact" and add_ladder_outcomes(records, settings, log=log):
-        calibration = ladder_calibration(settings, quality_of=lambda right: EXACT_CORRECT if right else EXACT_WRONG)
+        calibration = ladder_calibration(settings)
         if calibration is None:
             log("no best-of-N rows on the calibration split (`python -m rpra.benchmarks.best_of_n --split train`): no allocation row")
     results = evaluate(records, quality=quality, pass_mark=settings.pass_mark, threshold=settings.threshold, route_on=settings.route_on,

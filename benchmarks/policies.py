@@ -54,29 +54,26 @@ def ranked_points(pred: np.ndarray, local_q: np.ndarray, remote_q: np.ndarray, k
     return {"share": np.arange(n + 1) / n, "quality": local_q.mean() + steps, "local_s": kept_s.mean() + seconds}
 
 
-def ladder_outcome(threshold: float, first: np.ndarray, greedy_score: np.ndarray, kept_score: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def ladder_outcome(threshold: float, first: np.ndarray, L: dict[str, np.ndarray], remote_q: np.ndarray) -> dict[str, np.ndarray]:
     """Per request at one ``threshold`` for all three points (the runtime's default, ``verify_threshold``
-    unset): (drafted, kept the greedy draft, kept best-of-N's pick, climbed to best-of-N)."""
+    unset): whether it was drafted, climbed to best-of-N and deferred, the quality the user got and
+    the device seconds spent. ``first``: the probe's P(pass); ``L``: per request ``greedy_q`` /
+    ``kept_q`` (the quality of the greedy draft / of best-of-N's pick), their scores
+    (``greedy_score``, ``kept_score``) and seconds (``decide_s``, ``draft_s``, ``best_s``)."""
     drafted = ~defers(first, threshold)
-    keep_greedy = drafted & ~defers(greedy_score, threshold)
-    climbed = drafted & defers(greedy_score, threshold)
-    return drafted, keep_greedy, climbed & ~defers(kept_score, threshold), climbed
+    keep_greedy = drafted & ~defers(L["greedy_score"], threshold)
+    climbed = drafted & defers(L["greedy_score"], threshold)
+    keep_best = climbed & ~defers(L["kept_score"], threshold)
+    return {"drafted": drafted, "climbed": climbed, "deferred": ~(keep_greedy | keep_best),
+            "quality": np.where(keep_greedy, L["greedy_q"], np.where(keep_best, L["kept_q"], remote_q)),
+            "local_s": np.where(drafted, L["draft_s"], L["decide_s"]) + np.where(climbed, L["best_s"], 0.0)}  # fmt: skip
 
 
 def ladder_points(L: dict[str, np.ndarray], first: np.ndarray, remote_q: np.ndarray, thresholds: np.ndarray) -> dict:
-    """The ladder's operating points over ``thresholds`` (``ladder_outcome``); ``L``: per request
-    ``greedy_q`` / ``kept_q`` (quality of the greedy draft / of best-of-N's pick), their scores
-    and seconds (``decide_s``, ``draft_s``, ``best_s``); ``first``: the probe's P(pass)."""
-    share, quality, local_s = [], [], []
-    for t in thresholds:
-        drafted, greedy, best, climbed = ladder_outcome(t, first, L["greedy_score"], L["kept_score"])
-        q = np.where(greedy, L["greedy_q"], np.where(best, L["kept_q"], remote_q))
-        s = np.where(drafted, L["draft_s"], L["decide_s"]) + np.where(climbed, L["best_s"], 0.0)
-        share.append(1.0 - (greedy | best).mean())
-        quality.append(q.mean())
-        local_s.append(s.mean())
-    return {"share": np.array(share), "quality": np.array(quality), "local_s": np.array(local_s), "threshold": np.asarray(thresholds)}
+    """The ladder's operating points over ``thresholds`` (``ladder_outcome``'s means)."""
+    outcomes = [ladder_outcome(t, first, L, remote_q) for t in thresholds]
+    return {"share": np.array([o["deferred"].mean() for o in outcomes]), "quality": np.array([o["quality"].mean() for o in outcomes]),
+            "local_s": np.array([o["local_s"].mean() for o in outcomes]), "threshold": np.asarray(thresholds)}  # fmt: skip
 
 
 def allocation_policy(calibration: dict, price: float) -> tuple[list[float], list[str], float]:
@@ -87,6 +84,12 @@ def allocation_policy(calibration: dict, price: float) -> tuple[list[float], lis
     edges, actions = allocate(calibration["p_pass"], calibration["outcomes"], costs, bins=BINS, price=1.0)
     share = float(np.mean([policy_action(p, edges, actions) == "defer" for p in calibration["p_pass"]]))
     return edges, actions, share
+
+
+def within_share(sweep: list[dict], share: float = TARGET_SHARE) -> dict:
+    """The operating point of a price sweep (ascending prices) the calibration split picks: the
+    lowest price whose calibration share deferred is at most ``share`` (else the dearest)."""
+    return next((p for p in sweep if p["calibration_share"] <= share + 1e-9), sweep[-1])
 
 
 def allocation_outcome(p_pass: np.ndarray, edges: list[float], actions: list[str], outcomes: dict[str, np.ndarray],
@@ -163,29 +166,26 @@ def evaluate_policies(kept: list[dict], local_q: np.ndarray, remote_q: np.ndarra
     row = _curve_metrics(policies[name], local_q, remote_q)
     _, lo, hi = M.bootstrap(ladder_apgr, *[ladder[k] for k in keys], first, local_q, remote_q, n_boot=n_boot, seed=seed)
     row["apgr"]["ci"] = [lo, hi]
-    at_drafted, greedy, best, climbed = ladder_outcome(threshold, first, ladder["greedy_score"], ladder["kept_score"])
-    row.update({"first_threshold": threshold, "drafted_share": float(at_drafted.mean()), "climbed_share": float(climbed.mean()),
-                "remote_share_at_threshold": float(1 - (greedy | best).mean()),
-                "quality_at_threshold": float(np.where(greedy, ladder["greedy_q"], np.where(best, ladder["kept_q"], remote_q)).mean()),
-                "local_s_per_request": float((np.where(at_drafted, kept_s, ladder["decide_s"]) + np.where(climbed, ladder["best_s"], 0)).mean())})  # fmt: skip
+    at = ladder_outcome(threshold, first, ladder, remote_q)
+    row.update({"first_threshold": threshold, "drafted_share": float(at["drafted"].mean()), "climbed_share": float(at["climbed"].mean()),
+                "remote_share_at_threshold": float(at["deferred"].mean()), "quality_at_threshold": float(at["quality"].mean()),
+                "local_s_per_request": float(at["local_s"].mean())})  # fmt: skip
     rows[name] = row
 
     allocation = None
     if calibration:
-        cal = {"p_pass": np.asarray(calibration["p_pass"], float), "outcomes": {a: np.asarray(v, float) for a, v in calibration["outcomes"].items()},
-               "seconds": {a: np.asarray(v, float) for a, v in calibration["seconds"].items()}}  # fmt: skip
-        best_key = next(a for a in cal["outcomes"] if a.startswith("best-of"))
+        best_key = next(a for a in calibration["outcomes"] if a.startswith("best-of"))
         outcomes = {"answer": ladder["greedy_q"], best_key: ladder["kept_q"], "revise": quality_of(ladder["revised"].astype(bool)), "defer": remote_q}
         seconds = {"answer": kept_s, best_key: ladder["decide_s"] + ladder["best_s"], "revise": kept_s + ladder["revise_s"], "defer": ladder["decide_s"]}
         sweep, per_item = [], []
         for price in REMOTE_PRICES:
-            edges, actions, cal_share = allocation_policy(cal, price)
+            edges, actions, cal_share = allocation_policy(calibration, price)
             deferred, q, s = allocation_outcome(first, edges, actions, outcomes, seconds)
             per_item.append((deferred, q))
             sweep.append({"price": price, "edges": edges, "actions": actions, "calibration_share": cal_share,
                           "share": float(deferred.mean()), "quality": float(q.mean()), "local_s": float(s.mean())})  # fmt: skip
         policies[ALLOCATION] = {k: np.array([p[k] for p in sweep]) for k in ("share", "quality", "local_s")}
-        chosen = next((p for p in sweep if p["calibration_share"] <= TARGET_SHARE + 1e-9), sweep[-1])
+        chosen = within_share(sweep)
         row = _curve_metrics(policies[ALLOCATION], local_q, remote_q)
 
         def allocation_apgr(deferred, q, lq_b, rq_b):  # items x prices, resampled by item
@@ -200,8 +200,8 @@ def evaluate_policies(kept: list[dict], local_q: np.ndarray, remote_q: np.ndarra
         rows[ALLOCATION] = row
         allocation = {"chosen": chosen, "sweep": sweep, "local_price": LOCAL_PRICE, "bins": BINS, "target_share": TARGET_SHARE,
                       "calibration": {"items": calibration.get("items"), "suites": calibration.get("suites"), "fit_on": calibration.get("fit_on"),
-                                      "mean_quality": {a: float(v.mean()) for a, v in cal["outcomes"].items()},
-                                      "mean_seconds": {a: float(v.mean()) for a, v in cal["seconds"].items()}}}  # fmt: skip
+                                      "mean_quality": {a: float(np.mean(v)) for a, v in calibration["outcomes"].items()},
+                                      "mean_seconds": {a: float(np.mean(v)) for a, v in calibration["seconds"].items()}}}  # fmt: skip
     remote_mean = float(remote_q.mean())
     a, b = float(shown(1.0) - shown(0.0)), float(shown(0.0))  # shown(q) = a q + b
     quality_target = (QUALITY_OF_REMOTE * float(shown(remote_mean)) - b) / a

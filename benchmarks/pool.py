@@ -266,18 +266,14 @@ def run(pool_path: Path, *, encoder: str | None = None, heads_path: Path | None 
     if calibration:  # the settings chosen on train, run on the test items
         from dataclasses import replace
 
-        per_item_cost = [{t.name: t.cost(ti, it["targets"][t.name]["tokens_out"]) for t in pool.targets} for it, ti in zip(items, tokens_in)]
         dearest = result["targets"][result["dearest"]]
-        gap = result["oracle"]["quality"] - result["targets"][result["best_single"]]["quality"]
         for rule, value in calibration["chosen"].items():
-            p = replace(pool, rule=rule, **({"tolerance": value} if rule == "tolerance" else {"cost_weight": value}))
-            chosen = [pick(p, r, c) for r, c in zip(rewards, per_item_cost)]
-            q = float(np.mean([it["targets"][n]["right"] for it, n in zip(items, chosen)]))
-            cost = float(np.mean([c[n] for c, n in zip(per_item_cost, chosen)]))
+            setting = {"tolerance": value} if rule == "tolerance" else {"cost_weight": value}
+            at = evaluate(items, replace(pool, rule=rule, **setting), rewards, tokens_in)["configured"]
             calibration.setdefault("test", {})[rule] = {
-                "value": value, "quality": q, "cost": cost, "cost_saved": 1 - cost / dearest["cost"] if dearest["cost"] else None,
-                "quality_of_dearest": q / dearest["quality"] if dearest["quality"] else None,
-                "gap_closed": (q - result["targets"][result["best_single"]]["quality"]) / gap if gap > 0 else None}  # fmt: skip
+                "value": value, "quality": at["quality"], "cost": at["cost"], "gap_closed": at["gap_closed"],
+                "cost_saved": 1 - at["cost"] / dearest["cost"] if dearest["cost"] else None,
+                "quality_of_dearest": at["quality"] / dearest["quality"] if dearest["quality"] else None}  # fmt: skip
     result["calibrated"] = calibration
     result.update({"encoder": encoder, "dropped": dropped, "layer": heads.layer, "heads": heads.meta.get("targets", {}),
                    "pool": {"rule": pool.rule, "tolerance": pool.tolerance, "cost_weight": pool.cost_weight,

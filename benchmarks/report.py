@@ -23,6 +23,12 @@ from rpra.controller import cascade_scores, defers, routed_score
 # sources share every metric.
 EXACT_CORRECT, EXACT_WRONG = 10.0, 1.0
 
+
+def exact_quality(right):
+    """An answer's quality under exact verifiers, from right / wrong (a bool or an array of them)."""
+    return np.where(right, EXACT_CORRECT, EXACT_WRONG)
+
+
 # Record fields holding a prediction dict, and the predictor each stands for.
 PREDICTORS = {"pa": "zero-shot PA", "rpra": "zero-shot RPRA", "card_pa": "report card PA", "sft_pa": "SFT PA", "sft_rpra": "SFT RPRA",
               "probe_pa": "probe (PA slot)", "prior": "category prior (train)",
@@ -222,7 +228,7 @@ def evaluate(records: list[dict], *, quality: str = "llm", pass_mark: int = 7, t
         from rpra.benchmarks.policies import evaluate_policies
 
         at = verify_threshold if verify_threshold is not None else (threshold if plain_on == "p_pass" else 0.5)
-        policies = evaluate_policies(a.kept, lq, rq, quality_of=lambda right: np.where(right, EXACT_CORRECT, EXACT_WRONG),
+        policies = evaluate_policies(a.kept, lq, rq, quality_of=exact_quality,
                                      shown=shown_quality({"quality": quality})[1], first_threshold=CASCADE_FIRST["p_pass"], threshold=at,
                                      calibration=calibration, n_boot=n_boot, seed=seed)  # fmt: skip
         rows.update(policies.pop("rows"))
@@ -425,9 +431,9 @@ def plot_curves(results: dict, path: Path) -> Path:
 
 
 def compute_figure(results: dict):
-    """Quality against device seconds per request (as Snell et al. draw test-time compute), each
-    policy's operating points at or under each remote budget of ``policies.SHARES``: what more
-    device compute buys at a fixed remote share."""
+    """Quality against device seconds per request (as Snell et al. draw test-time compute): each
+    policy's best point at or under each remote budget of ``policies.SHARES`` (the side-by-side
+    table's): what more device compute buys at a fixed remote share."""
     from matplotlib.figure import Figure
 
     from rpra.benchmarks.policies import SHARES
@@ -436,13 +442,10 @@ def compute_figure(results: dict):
     policies = results["policies"]
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
-    for k, (name, points) in enumerate(policies["points"].items()):
-        share, quality, local_s = (np.asarray(points[key], float) for key in ("share", "quality", "local_s"))
+    for k, (name, cells) in enumerate(policies["side_by_side"].items()):
         for budget, marker in zip(SHARES, ("o", "s")):
-            held = share <= budget + 1e-9
-            if held.any():
-                i = np.flatnonzero(held)[np.argmax(quality[held])]
-                ax.scatter([local_s[i]], [shown(quality[i])], marker=marker, s=70, color=f"C{k}", zorder=5,
+            if p := cells.get(f"at_share_{budget:g}"):
+                ax.scatter([p["local_s"]], [shown(p["quality"])], marker=marker, s=70, color=f"C{k}", zorder=5,
                            label=f"{name} (<= {budget:.0%} remote)")  # fmt: skip
     ax.axhline(shown(results["mean_remote_quality"]), color="k", ls="--", lw=1, label="always remote")
     ax.axhline(shown(policies["target"]["quality"]), color="k", ls=":", lw=1, label="the ladder's target quality")

@@ -21,25 +21,26 @@ def fit_allocation(settings: Settings, *, remote_share: float | None = None, pri
                    output: Path | None = None) -> tuple[Path, Allocation]:  # fmt: skip
     """Calibrate the allocation and save it (by default next to the model, ``<model>.ladder.json``)."""
     from rpra.benchmarks.bench import bench_settings, ladder_calibration
-    from rpra.benchmarks.policies import BINS, LOCAL_PRICE, REMOTE_PRICES, TARGET_SHARE, allocation_policy
-    from rpra.benchmarks.report import EXACT_CORRECT, EXACT_WRONG
+    from rpra.benchmarks.policies import BINS, LOCAL_PRICE, REMOTE_PRICES, TARGET_SHARE, allocation_policy, within_share
     from rpra.models import file_sha256, resolve
 
     settings = bench_settings(settings)
-    calibration = ladder_calibration(settings, quality_of=lambda right: EXACT_CORRECT if right else EXACT_WRONG)
+    calibration = ladder_calibration(settings)
     if calibration is None:
         raise RpraError(f"No calibration split for {settings.model}: it needs the probe (`rpra train probe`) and best-of-N rows on "
                         f"train items (`python -m rpra.benchmarks.best_of_n --model {settings.model} --split train`).")  # fmt: skip
     share = TARGET_SHARE if remote_share is None else remote_share
+    asked = None if price is not None else share  # what the price was chosen for (none when a price was given)
     if price is None:
-        swept = [(p, *allocation_policy(calibration, p)) for p in REMOTE_PRICES]
-        price, edges, actions, cal_share = next((s for s in swept if s[3] <= share + 1e-9), swept[-1])
+        swept = [dict(zip(("price", "edges", "actions", "calibration_share"), (p, *allocation_policy(calibration, p)))) for p in REMOTE_PRICES]
+        chosen = within_share(swept, share)
+        price, edges, actions, cal_share = chosen["price"], chosen["edges"], chosen["actions"], chosen["calibration_share"]
     else:
         edges, actions, cal_share = allocation_policy(calibration, price)
     model_path = resolve(settings.model)
     allocation = Allocation(tuple(edges), tuple(actions), {
         "model": settings.model, "model_sha256": file_sha256(model_path), "remote_price": price, "local_price": LOCAL_PRICE,
         "bins": BINS, "calibration_share": cal_share, "calibration_items": calibration["items"],
-        "calibration_suites": calibration["suites"], "remote_share_asked": None if remote_share is None and price is not None else share,
+        "calibration_suites": calibration["suites"], "remote_share_asked": asked,
     })  # fmt: skip
     return allocation.save(output or default_allocation_path(model_path)), allocation
