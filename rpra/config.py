@@ -199,6 +199,8 @@ class Settings:
                               f"got {self.best_of} and {self.sample_temperature}.")
         if self.best_of > 1 and not self.verifier:
             raise ConfigError("best_of picks among drafts by the verifier's scores: set verifier (`rpra train verifier`).")
+        if self.allocation and self.pool:
+            raise ConfigError("allocation and pool both choose where a request goes: set one of them.")
         if self.allocation and self.predictor != "probe":
             raise ConfigError("An allocation's bins lie on the probe's P(pass): use it with predictor = probe.")
         if self.verifier and self.protocol != "pa":

@@ -266,10 +266,12 @@ def test_an_allocation_routes_each_bin_to_its_rung_instead_of_the_threshold(tmp_
         Allocation.load(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="No allocation file"):
         Allocation.load(tmp_path / "absent.json")
-    with pytest.raises(ConfigError, match="predictor = probe"):
-        from rpra.config import Settings
+    from rpra.config import Settings
 
+    with pytest.raises(ConfigError, match="predictor = probe"):
         Settings(allocation="a.json")
+    with pytest.raises(ConfigError, match="set one of them"):
+        Settings(allocation="a.json", predictor="probe", pool="pool.toml")
 
 
 @pytest.mark.slow
