@@ -169,26 +169,13 @@ def test_the_pools_settings_are_chosen_on_train_items_with_out_of_fold_heads(iso
     """Train records where the device is right when the slot state's first value is positive and
     the dear target nearly always: the setting chosen is the cheapest that reaches the dear
     target's quality on those items, and it sends the items the device gets right to the device."""
-    import json
-
-    from rpra.benchmarks.collection import model_name
     from rpra.benchmarks.pool import calibrated_setting, evaluate, prompt_tokens
-    from rpra.models import file_sha256
     from rpra.training.pool import target_records
 
     encoder = str(model_path)
-    rng = np.random.default_rng(0)
-    folder = isolated_home / "collections" / f"{model_name(encoder)}--arithmetic--train"
-    folder.mkdir(parents=True)
-    features = isolated_home / "features" / file_sha256(model_path)[:16]
-    features.mkdir(parents=True)
-    records = []
-    for i in range(80):
-        state = rng.normal(size=4)
-        records.append({"id": f"arithmetic:{i}", "suite": "arithmetic", "prompt": f"What is {i} + 1?", "exact_local": float(state[0] > 0),
-                        "exact_remote": float(i % 10 != 0), "local_tokens": 5, "remote_tokens": 5})  # fmt: skip
-        np.savez(features / f"arithmetic_{i}.npz", slot=state[None, :].astype(np.float32))
-    folder.joinpath("records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    records, features = _train_records(isolated_home, model_path, np.random.default_rng(0).normal(size=(80, 4)),
+                                       lambda i, state: {"exact_local": float(state[0] > 0), "exact_remote": float(i % 10 != 0),
+                                                         "local_tokens": 5, "remote_tokens": 5})  # fmt: skip
     pool = Pool((Target("device"), Target("big", url="http://127.0.0.1:9/v1", price_in=1.0, price_out=1.0, records=f"{encoder}:remote")))
     heads = PoolHeads(["device", "big"], np.zeros(4), np.ones(4), np.zeros((2, 4)), np.zeros(2), layer=0,
                       meta={"targets": {"device": {"c": 1.0}, "big": {"c": 1.0}}})  # fmt: skip
@@ -239,26 +226,13 @@ def test_rpra_ask_routes_over_a_pool_file_as_a_user_runs_it(rpra, model_path, is
 def test_train_pool_fits_a_head_per_target_and_only_refits_the_one_asked(isolated_home, model_path):
     """`rpra train pool`'s fit on the feature cache: one head per target on its own records; with
     ``only`` one head is refitted and the others are kept as they were (adding a target)."""
-    import json
-
-    from rpra.benchmarks.collection import model_name
     from rpra.config import Settings
-    from rpra.models import file_sha256
     from rpra.training.pool import train_pool
 
     encoder = str(model_path)
-    rng = np.random.default_rng(1)
-    folder = isolated_home / "collections" / f"{model_name(encoder)}--arithmetic--train"
-    folder.mkdir(parents=True)
-    features = isolated_home / "features" / file_sha256(model_path)[:16]
-    features.mkdir(parents=True)
-    records = []
-    for i in range(60):
-        state = rng.normal(size=3)
-        records.append({"id": f"arithmetic:{i}", "suite": "arithmetic", "prompt": f"{i}?", "exact_local": float(state[0] > 0),
-                        "exact_remote": float(state[1] > 0), "local_tokens": 3, "remote_tokens": 7})  # fmt: skip
-        np.savez(features / f"arithmetic_{i}.npz", slot=state[None, :].astype(np.float32))
-    folder.joinpath("records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _train_records(isolated_home, model_path, np.random.default_rng(1).normal(size=(60, 3)),
+                   lambda i, state: {"exact_local": float(state[0] > 0), "exact_remote": float(state[1] > 0),
+                                     "local_tokens": 3, "remote_tokens": 7})  # fmt: skip
     pool = Pool((Target("device"), Target("big", url="http://127.0.0.1:9/v1", records=f"{encoder}:remote")))
     out = isolated_home / "m.pool.npz"
     path, report = train_pool(Settings(model=encoder), pool, output=out, layer=0, folds=3)
@@ -273,3 +247,23 @@ def test_train_pool_fits_a_head_per_target_and_only_refits_the_one_asked(isolate
     assert list(again) == ["big"] and np.allclose(refit.weights[refit.names.index("device")], device_weights)
     with pytest.raises(ConfigError, match="another encoder or layer"):
         train_pool(Settings(model=encoder), pool, output=out, only=["big"], layer=1, folds=3)
+
+
+def _train_records(home, model_path, states, rows) -> tuple[list[dict], Path]:
+    """A train collection of arithmetic records (``rows(i, state)`` gives each one's fields) and
+    the encoder's cached slot read of each (``states``: one row per record), in ``home``."""
+    import json
+
+    from rpra.benchmarks.collection import model_name
+    from rpra.models import file_sha256
+
+    folder = home / "collections" / f"{model_name(str(model_path))}--arithmetic--train"
+    folder.mkdir(parents=True)
+    features = home / "features" / file_sha256(model_path)[:16]
+    features.mkdir(parents=True)
+    records = []
+    for i, state in enumerate(states):
+        records.append({"id": f"arithmetic:{i}", "suite": "arithmetic", "prompt": f"What is {i} + 1?", **rows(i, state)})
+        np.savez(features / f"arithmetic_{i}.npz", slot=state[None, :].astype(np.float32))
+    folder.joinpath("records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records, features
